@@ -1,0 +1,1 @@
+"""Evaluation metrics shared by the StyleMetrics node, the trainer's perceptual losses and `stylora eval`."""

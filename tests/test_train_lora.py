@@ -1,0 +1,228 @@
+"""The style-LoRA trainer on a tiny SD1.5-shaped model: it learns, it writes a standard file, it resumes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from stylora.trainer.checkpoint import checkpoint_root
+from stylora.trainer.config import LoraTrainConfig
+from stylora.trainer.lora import train_lora
+from stylora.trainer.lora_file import kohya_modules, read_lora
+
+TRAIN = dict(resolution=64, batch_size=2, learning_rate=1e-3, warmup_steps=0, log_every=5, seed=0, min_images=4)
+
+
+def _pipe(tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_model["diffusers"]), safety_checker=None,
+                                                   requires_safety_checker=False)
+
+
+def _fixed_batch(pipe, style_folder, n=4, seed=123):
+    """Latents of the training images with fixed noise and timesteps: a loss that does not jitter."""
+    from stylora.trainer.dataset import load_style_dataset
+
+    ds = load_style_dataset(style_folder, resolution=64, min_images=1)
+    x = torch.stack(ds.pixels[:n]).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([""] * n, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        cond = pipe.text_encoder(ids)[0]
+    noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(50, 950, (n,), generator=g)
+    return latents, noise, t, cond
+
+
+def _denoise_loss(pipe, batch):
+    from diffusers import DDPMScheduler
+
+    latents, noise, t, cond = batch
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pred = pipe.unet(sched.add_noise(latents, noise, t), t, cond).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """A LoRA trained for 20 steps on six texture 'paintings'."""
+    from conftest import skimage_textures
+
+    root = tmp_path_factory.mktemp("trained")
+    style = root / "style"
+    style.mkdir()
+    for name, arr in skimage_textures().items():
+        Image.fromarray(arr).resize((96, 96), Image.Resampling.LANCZOS).save(style / f"{name}.png")
+    # A high constant learning rate: 20 steps must move a random tiny UNet measurably.
+    cfg = LoraTrainConfig(data=str(style), output=str(root / "style.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=20, checkpoint_every=0,
+                          **{**TRAIN, "learning_rate": 1e-2, "lr_scheduler": "constant"})
+    result = train_lora(cfg, progress=False)
+    return {"cfg": cfg, "result": result, "style": style, "path": root / "style.safetensors"}
+
+
+def test_twenty_steps_lower_the_loss(trained, tiny_model):
+    pipe = _pipe(tiny_model)
+    batch = _fixed_batch(pipe, trained["style"])
+    before = _denoise_loss(pipe, batch)
+    pipe.load_lora_weights(str(trained["path"]), adapter_name="style")
+    after = _denoise_loss(pipe, batch)
+    assert after < before * 0.98, (before, after)
+    assert trained["result"].steps == 20 and len(trained["result"].losses) == 20
+
+
+def test_lora_changes_output_and_scale_zero_restores_base(trained, tiny_model):
+    pipe = _pipe(tiny_model)
+    latents, noise, t, cond = _fixed_batch(pipe, trained["style"], n=2)
+    with torch.no_grad():
+        base = pipe.unet(latents, t, cond).sample
+        pipe.load_lora_weights(str(trained["path"]), adapter_name="style")
+        styled = pipe.unet(latents, t, cond).sample
+        pipe.set_adapters(["style"], adapter_weights=[0.0])
+        zero = pipe.unet(latents, t, cond).sample
+    assert (styled - base).abs().max() > 1e-3
+    torch.testing.assert_close(zero, base, rtol=0, atol=1e-6)
+
+
+def test_kohya_file_round_trips_through_diffusers_with_every_key_used(trained, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    state, meta = read_lora(trained["path"])
+    modules = kohya_modules(state)
+    assert len(modules) == 128  # 16 transformer blocks x 2 attentions x (q, k, v, out)
+    assert all(k.startswith("lora_unet_") for k in state)
+    assert all(set(m) == {"down", "up", "alpha"} for m in modules.values())
+    converted, alphas = StableDiffusionPipeline.lora_state_dict(str(trained["path"]))
+    assert len(converted) == 2 * len(modules)  # every down/up pair converted, nothing dropped
+
+    pipe = _pipe(tiny_model)
+    pipe.load_lora_weights(str(trained["path"]), adapter_name="style")
+    loaded = {name: m for name, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "style" in m.lora_A}
+    assert len(loaded) == len(modules)
+    for name, module in loaded.items():
+        file_module = modules["lora_unet_" + name.replace(".", "_")]
+        rank = file_module["down"].shape[0]
+        expected = file_module["up"].float() @ file_module["down"].float() * (file_module["alpha"].float() / rank)
+        got = module.lora_B["style"].weight @ module.lora_A["style"].weight * module.scaling["style"]
+        torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_metadata_describes_the_file(trained, tiny_model):
+    from stylora.trainer.lora_file import describe
+
+    _, meta = read_lora(trained["path"])
+    assert meta["stylora.base_model"] == str(tiny_model["diffusers"])
+    assert len(meta["stylora.base_model_sha256"]) == 64
+    assert meta["stylora.rank"] == "4" and meta["stylora.alpha"] == "4.0"
+    assert meta["stylora.resolution"] == "64" and meta["stylora.steps"] == "20"
+    assert meta["stylora.dataset_size"] == "6" and len(meta["stylora.dataset_fingerprint"]) == 64
+    assert json.loads(meta["stylora.loss_weights"])["mse"] == 1.0
+    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(meta["stylora.config"])["steps"] == 20
+    assert "stylora.version" in meta and "stylora.trigger" in meta
+    text = describe(trained["path"])
+    assert "128 modules, rank 4" in text and "stylora.base_model_sha256" in text
+    assert trained["path"].stat().st_size < 1_000_000
+
+
+def test_single_file_base_model_trains(tiny_model, style_folder, tmp_path):
+    from stylora.trainer.base_model import file_sha256
+
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "sf.safetensors"),
+                          base_model=str(tiny_model["single_file"]), base_config=str(tiny_model["config"]),
+                          steps=2, checkpoint_every=0, **TRAIN)
+    train_lora(cfg, progress=False)
+    _, meta = read_lora(tmp_path / "sf.safetensors")
+    assert meta["stylora.base_model_sha256"] == file_sha256(tiny_model["single_file"])
+    assert len(meta["ss_sd_model_hash"]) == 8
+
+
+def test_broken_files_are_reported_and_training_goes_on(tiny_model, style_folder, tmp_path):
+    buf = io.BytesIO()
+    Image.new("RGB", (96, 96), (9, 9, 9)).save(buf, "JPEG")
+    (style_folder / "truncated.jpg").write_bytes(buf.getvalue()[:150])
+    Image.new("CMYK", (96, 96), (0, 255, 0, 0)).save(style_folder / "magenta.tif")
+    (style_folder / "readme.doc").write_bytes(b"\0\1")
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "b.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=2, checkpoint_every=0, **TRAIN)
+    result = train_lora(cfg, progress=False)
+    assert {s.path for s in result.skipped} == {"truncated.jpg", "readme.doc"}
+    assert read_lora(tmp_path / "b.safetensors")[1]["stylora.dataset_size"] == "7"  # 6 textures + the CMYK TIFF
+
+
+def test_all_broken_folder_fails_clearly(tiny_model, tmp_path):
+    data = tmp_path / "broken"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    cfg = LoraTrainConfig(data=str(data), output=str(tmp_path / "x.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=2, **TRAIN)
+    with pytest.raises(ValueError, match=r"only 0 usable image\(s\), at least 4 needed \(3 skipped: 0.jpg"):
+        train_lora(cfg, progress=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_existing_output_is_not_overwritten(trained):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_lora(trained["cfg"], progress=False)
+
+
+def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, style_folder, tmp_path):
+    """kill -9 a real training process after its step-10 checkpoint, resume, compare with an unbroken run."""
+    steps = 40
+    args = ["--data", str(style_folder), "--base-model", str(tiny_model["diffusers"]), "--steps", str(steps),
+            "--resolution", "64", "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0",
+            "--checkpoint-every", "10", "--seed", "0", "--min-images", "4", "--no-progress"]
+    out = tmp_path / "killed.safetensors"
+    cmd = [sys.executable, "-m", "stylora.trainer.cli", "train", "lora", *args, "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    marker = checkpoint_root(out) / "step-00000010" / "COMPLETE"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    # A half-written checkpoint from the crash must be skipped, not loaded.
+    (checkpoint_root(out) / "step-00000039").mkdir()
+
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),
+                          steps=steps, checkpoint_every=10, **TRAIN)
+    resumed = train_lora(cfg, resume=True, progress=False)
+    assert resumed.resumed_from >= 10 and resumed.resumed_from % 10 == 0
+    assert resumed.steps == steps
+    assert read_lora(out)[1]["stylora.steps"] == str(steps)
+
+    whole = train_lora(LoraTrainConfig(**{**cfg.to_dict(), "target_modules": cfg.target_modules,
+                                          "output": str(tmp_path / "whole.safetensors"), "checkpoint_every": 0}),
+                       progress=False)
+    assert whole.steps == steps
+    a, _ = read_lora(out)
+    b, _ = read_lora(tmp_path / "whole.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4)
+    rows = (tmp_path / "killed.train_log.csv").read_text().splitlines()
+    assert rows[-1].startswith(f"{steps},")
+
+
+def test_resume_refuses_changed_settings(tiny_model, style_folder, tmp_path):
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "r.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=4, checkpoint_every=2, **TRAIN)
+    train_lora(cfg, progress=False)
+    changed = LoraTrainConfig(**{**cfg.to_dict(), "target_modules": cfg.target_modules, "rank": 8, "steps": 4})
+    with pytest.raises(ValueError, match="rank: 4 -> 8"):
+        train_lora(changed, resume=True, progress=False)

@@ -1,0 +1,207 @@
+"""Stable Diffusion 1.x base models: found from a hub id, a diffusers folder or a single-file
+checkpoint, checked to really be SD1.x, hashed, and loaded as diffusers components."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_SD15_CONFIG = Path(__file__).parent / "sd15"
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# A key every SD1.x single-file checkpoint has; its second dimension is the text embedding width
+# (768 for SD1.x, 1024 for SD2.x). SDXL has no such key at this position in the same shape.
+_SD1_PROBE = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@dataclass
+class BaseModel:
+    """The frozen parts of an SD1.x pipeline, as diffusers/transformers modules, plus provenance."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    scheduler_config: dict[str, Any]  # the pipeline's scheduler config (beta schedule, prediction type)
+    source: str  # what the user passed
+    name: str  # a short human name (file stem or hub id)
+    sha256: str  # full sha256 of the single file, or of the UNet weights file of a folder
+    legacy_hash: str  # A1111/kohya "model hash": 8 hex chars of sha256 of 64 KiB at 1 MiB
+
+
+def classify_source(source: str) -> str:
+    """'single_file', 'diffusers_dir' or 'hub'. Raises for a path that does not exist or is pickled."""
+    p = Path(source).expanduser()
+    if p.is_file():
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            raise ValueError(
+                f"--base-model {source}: pickled checkpoints ({p.suffix}) can run code when loaded and are refused; "
+                "use the .safetensors version of the model"
+            )
+        if p.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            got = p.suffix or "no extension"
+            raise ValueError(f"--base-model {source}: expected a .safetensors checkpoint, got {got!r}")
+        return "single_file"
+    if p.is_dir():
+        if not (p / "model_index.json").is_file() and not (p / "unet").is_dir():
+            raise ValueError(f"--base-model {source}: folder is not a diffusers pipeline (no model_index.json)")
+        return "diffusers_dir"
+    looks_like_path = source.startswith((".", "/", "~")) or "\\" in source \
+        or source.lower().endswith(SINGLE_FILE_SUFFIXES + PICKLE_SUFFIXES)
+    if looks_like_path or source.count("/") != 1:
+        raise FileNotFoundError(
+            f"--base-model {source}: no such file or folder, and not a hub id of the form 'owner/name'"
+        )
+    return "hub"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """The short hash A1111 and kohya's `ss_sd_model_hash` use: sha256 of 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def check_sd1_single_file(path: str | Path, cross_attention_dim: int = 768) -> None:
+    """Refuse a single file that is not an SD1.x checkpoint, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            shape = tuple(f.get_slice(_SD1_PROBE).get_shape()) if _SD1_PROBE in keys else None
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ValueError(f"--base-model {path}: not a readable safetensors file ({e})") from e
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ValueError(f"--base-model {path}: this is an SDXL checkpoint; Stylora trains on SD1.x (e.g. SD1.5)")
+    if shape is None:
+        raise ValueError(f"--base-model {path}: no SD1.x UNet found (key {_SD1_PROBE} missing); "
+                         "is it a full checkpoint?")
+    if shape[1] != cross_attention_dim:
+        kind = "an SD2.x" if shape[1] == 1024 else f"a {shape[1]}-wide text-embedding"
+        raise ValueError(f"--base-model {path}: {kind} checkpoint; Stylora trains on SD1.x "
+                         "(768-wide CLIP text embeddings)")
+
+
+def _download_hub(repo_id: str) -> Path:
+    """Local snapshot of a hub pipeline (the HF cache first; the network only if needed)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "unet/*.safetensors",
+                "vae/*.safetensors", "text_encoder/*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise RuntimeError(
+            f"--base-model {repo_id}: not in the Hugging Face cache and the hub is unreachable ({type(e).__name__}). "
+            "Pass a local diffusers folder or a single-file SD1.5 checkpoint (e.g. ComfyUI's "
+            "models/checkpoints/v1-5-pruned-emaonly.safetensors) instead."
+        ) from e
+
+
+def load_base_model(source: str, config_dir: str | Path | None = None, dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load an SD1.x base model from a hub id, a diffusers folder or a single `.safetensors` file.
+
+    A single file is read with the configs in `config_dir` (default: the SD1.5 configs shipped with the
+    pack), so it works without network. Weights are returned on CPU in `dtype`, frozen, in eval mode.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    kind = classify_source(source)
+    if kind == "single_file":
+        config_dir = Path(config_dir) if config_dir else SHIPPED_SD15_CONFIG
+        unet_cfg = json.loads((config_dir / "unet" / "config.json").read_text())
+        check_sd1_single_file(source, int(unet_cfg["cross_attention_dim"]))
+        logger.info("loading single-file checkpoint %s (configs: %s)", source, config_dir)
+        pipe = StableDiffusionPipeline.from_single_file(
+            source, config=str(config_dir), local_files_only=True, dtype=dtype,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        sha, legacy, name = file_sha256(source), legacy_model_hash(source), Path(source).stem
+    else:
+        folder = Path(source) if kind == "diffusers_dir" else _download_hub(source)
+        logger.info("loading diffusers pipeline %s", folder)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), dtype=dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, local_files_only=True,
+        )
+        width = int(pipe.unet.config.cross_attention_dim)
+        if width != 768 and kind == "hub":
+            raise ValueError(f"--base-model {source}: cross_attention_dim {width}; not an SD1.x pipeline")
+        weights = sorted((folder / "unet").glob("diffusion_pytorch_model*"))
+        weight_file = next((w for w in weights if w.is_file() and w.suffix != ".json"), None)
+        sha = file_sha256(weight_file) if weight_file else ""
+        legacy = legacy_model_hash(weight_file) if weight_file else ""
+        name = source if kind == "hub" else folder.name
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
+                     source, name, sha, legacy)
+
+
+def build_random_pipeline(config_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An SD1.x-shaped `StableDiffusionPipeline` with random weights from the configs in `config_dir`.
+
+    For tests (tiny configs) and timing (the full SD1.5 configs: same cost as real weights).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    config_dir = Path(config_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
+    tok_dir = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else SHIPPED_SD15_CONFIG / "tokenizer"
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    scheduler = DDIMScheduler.from_config(json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text()))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = torch.float16,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write the pipeline as one original-layout SD1.x `.safetensors` checkpoint (atomically)."""
+    from safetensors.torch import save_file
+
+    from .files import atomic_write
+    from .ldm_layout import pipeline_to_ldm
+
+    sd = pipeline_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, dtype=dtype)
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata or {}))
+
+
+def copy_config_folder(src: str | Path, dst: str | Path) -> Path:
+    """Copy a diffusers config folder (json and tokenizer files only, no weights)."""
+    src, dst = Path(src), Path(dst)
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".txt"):
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst / f.relative_to(src))
+    return dst

@@ -1,0 +1,161 @@
+"""The `stylora` command. A thin layer: arguments in, library calls, printed results out.
+
+    stylora train lora --data DIR --output FILE.safetensors [options]
+    stylora lora info FILE.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import logging
+import os
+import re
+import sys
+import types
+import typing
+
+from .config import LoraTrainConfig, read_config_file
+
+EXIT_USAGE = 2
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the flag's help text."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _float_or_none(text: str) -> float | None:
+    return None if text.lower() in ("none", "off") else float(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field (`batch_size` -> `--batch-size`), defaults left to the dataclass."""
+    helps = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = helps.get(f.name, "")
+        if default is not None and f.name not in ("data", "output"):
+            help_text += f" (default: {list(default) if isinstance(default, tuple) else default})"
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif origin is tuple:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = str
+        elif origin in (typing.Union, types.UnionType) and type(None) in args:
+            inner = next(a for a in args if a is not type(None))
+            kwargs["type"] = _float_or_none if inner is float else inner
+            kwargs["metavar"] = "DIR" if inner is str else inner.__name__.upper()
+        else:
+            kwargs["type"] = hint
+        parser.add_argument(flag, **kwargs)
+
+
+def build_config(cls: type, args: argparse.Namespace) -> object:
+    """Dataclass defaults < --config file < command-line flags."""
+    values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ValueError(f"missing required setting(s): {', '.join(missing)} (on the command line or in --config)")
+    return cls(**values)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
+    parser.add_argument("--version", action="version", version=f"stylora {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a style")
+    train_sub = train.add_subparsers(dest="what", required=True)
+    lora = train_sub.add_parser("lora", help="train a style LoRA from a folder of paintings",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lora.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    lora.add_argument("--resume", action="store_true",
+                      help="continue from the newest complete checkpoint next to --output")
+    lora.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
+    lora.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_config_arguments(lora, LoraTrainConfig)
+
+    info = sub.add_parser("lora", help="inspect LoRA files")
+    info_sub = info.add_subparsers(dest="what", required=True)
+    show = info_sub.add_parser("info", help="print a LoRA file's metadata and shape")
+    show.add_argument("file", nargs="+", help=".safetensors LoRA file(s)")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    # transformers warns about torchvision on import; diffusers/transformers print loading bars.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def cmd_train_lora(args: argparse.Namespace) -> int:
+    from .lora import train_lora
+
+    cfg = build_config(LoraTrainConfig, args)
+    result = train_lora(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if result.skipped:
+        print(f"Skipped {len(result.skipped)} file(s):")
+        for s in result.skipped:
+            print(f"  {s.path}: {s.reason}")
+    if result.resumed_from:
+        print(f"Resumed from step {result.resumed_from}; finished at step {result.steps}.")
+    size = result.output.stat().st_size / 1e6
+    print(f"Wrote {result.output} ({size:.2f} MB) after {result.steps} steps in {result.seconds:.0f} s; "
+          f"final loss {result.final_loss:.4f}")
+    return 0
+
+
+def cmd_lora_info(args: argparse.Namespace) -> int:
+    from .lora_file import describe
+
+    for f in args.file:
+        print(describe(f))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info}
+    try:
+        return handlers[(args.command, args.what)](args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
+        if args.verbose:
+            raise
+        print(f"stylora: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("stylora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Training configurations: one frozen dataclass per trainer, shared by the CLI, the nodes and the
+metadata saved in every LoRA file (the pattern of whisper's `DecodingOptions` and peft's `LoraConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The attention projections of every UNet transformer block (self- and cross-attention): the plan's
+# style-LoRA target, as in diffusers' train_text_to_image_lora.py.
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class LoraTrainConfig:
+    """Everything that decides what `stylora train lora` produces. Saved into the LoRA's metadata."""
+
+    # --- data and model ---
+    data: str  # folder of style images (searched recursively); `name.txt` beside an image is its caption
+    output: str  # path of the .safetensors LoRA to write
+    base_model: str = DEFAULT_BASE_MODEL  # hub id, diffusers folder, or single-file SD1.x checkpoint
+    base_config: str | None = None  # diffusers config folder for a single-file checkpoint; None = shipped SD1.5 configs
+    trigger: str = ""  # optional trigger phrase; "" trains against the empty prompt (promptless style)
+    use_captions: bool = True  # read per-image caption .txt files when present (trigger is prepended)
+    min_images: int = 5  # fewer usable images than this is an error
+    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs (width*height)
+
+    # --- image preparation ---
+    resolution: int = 512  # training side length in pixels (square crops) or bucket area = resolution**2
+    crop: Literal["center", "buckets"] = "center"  # square center crop, or aspect-ratio buckets (multiples of 64)
+    flip: bool = False  # also train on horizontally mirrored copies (off: strokes and signatures have a direction)
+    cache_latents: bool = True  # encode every image with the VAE once, before training
+
+    # --- LoRA ---
+    rank: int = 4  # LoRA rank r
+    alpha: float | None = None  # LoRA alpha; None = rank (scale alpha/r = 1)
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS  # UNet Linear layers that get adapters
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # dtype of the weights in the written file
+
+    # --- optimisation ---
+    steps: int = 6000  # optimizer steps (the plan: 5000-8000)
+    batch_size: int = 2  # images per micro-batch (the plan: 2-4)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-4  # AdamW learning rate for the LoRA weights
+    lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 100  # linear warm-up steps of the LR schedule
+    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit when installed (CUDA only)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype; frozen weights are stored in it
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
+    seed: int = 0  # seeds LoRA init, data order, noise and timesteps: same seed, same run
+
+    # --- loss: alpha * MSE(noise) + beta * LPIPS + gamma * Gram style loss ---
+    mse_weight: float = 1.0  # alpha: weight of the denoising MSE
+    lpips_weight: float = 0.0  # beta: LPIPS(predicted clean image, training image), low-noise steps only
+    style_weight: float = 0.0  # gamma: Gram-matrix style loss (Gatys et al. 2016) on the predicted clean image
+    perceptual_max_timestep: int = 200  # perceptual terms only for t below this, where the x0 prediction is meaningful
+    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None disables
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0.05-0.1 helps very dark/bright styles
+
+    # --- bookkeeping ---
+    checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 3  # complete checkpoints kept; older ones are deleted
+    log_every: int = 10  # CSV (and TensorBoard) log interval in steps
+    log_with: Literal["csv", "tensorboard"] = "csv"  # tensorboard also writes CSV
+    preview_every: int = 0  # stylise --preview-content images every N steps (0: never)
+    preview_content: str | None = None  # folder of content photos for previews
+    preview_strength: float = 0.6  # img2img denoise of the previews
+    preview_steps: int = 20  # sampler steps of the previews
+
+    def __post_init__(self) -> None:
+        positive = ("resolution", "rank", "steps", "batch_size", "grad_accum", "min_images", "preview_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.resolution % 64:
+            raise ValueError(f"resolution must be a multiple of 64 (VAE+UNet downsample 64x), got {self.resolution}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("mse_weight", "lpips_weight", "style_weight", "noise_offset", "warmup_steps",
+                     "checkpoint_every", "log_every", "preview_every", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.crop not in ("center", "buckets"):
+            raise ValueError(f"crop must be 'center' or 'buckets', got {self.crop!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.save_dtype not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"save_dtype must be 'fp16', 'bf16' or 'fp32', got {self.save_dtype!r}")
+        if not 0 < self.preview_strength <= 1:
+            raise ValueError(f"preview_strength must be in (0, 1], got {self.preview_strength}")
+        if self.preview_every and not self.preview_content:
+            raise ValueError("preview_every needs preview_content: a folder of content photos to stylise")
+        if not str(self.output).endswith(".safetensors"):
+            raise ValueError(f"output must be a .safetensors file, got {self.output!r}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a JSON or TOML file of config fields (CLI flags override it). Unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot parse ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    known = config_fields(cls)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return values
+

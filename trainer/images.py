@@ -1,0 +1,115 @@
+"""Loading untrusted image files into plain 8-bit RGB, or a reason why not.
+
+Paintings scraped from the web come as CMYK JPEGs, 16-bit TIFFs, palette PNGs with transparency,
+phone photos with EXIF rotation and the occasional truncated download. Each is converted the way a
+person looking at it would expect, or refused with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+# Extensions we try to open. Anything else in a data folder is reported as "not an image",
+# except these sidecar files, which are ours or the user's notes.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"}
+SIDECAR_EXTENSIONS = {".txt", ".json", ".csv", ".md", ".toml", ".yaml", ".yml"}
+
+
+class ImageLoadError(ValueError):
+    """An image file that cannot be used; `reason` is a short phrase for per-file reports."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _to_8bit(arr: np.ndarray) -> np.ndarray:
+    """Scale a high-bit-depth greyscale array to uint8 by its type's range (16-bit: /257)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if np.issubdtype(arr.dtype, np.floating):
+        top = 1.0 if float(np.nanmax(arr)) <= 1.0 else 255.0
+        return np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # 16-bit data may arrive as uint16 or int32 (Pillow mode "I"); values above 255 mean a 16-bit range.
+    top = 65535.0 if arr.max(initial=0) > 255 or arr.dtype == np.uint16 else 255.0
+    return np.clip(arr.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: ICC profiles to sRGB, alpha composited on white."""
+    icc = img.info.get("icc_profile")
+    if icc and img.mode in ("CMYK", "RGB", "RGBA"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            out_mode = "RGBA" if img.mode == "RGBA" else "RGB"
+            img = ImageCms.profileToProfile(img, src, dst, outputMode=out_mode)
+        except (ImageCms.PyCMSError, OSError) as e:  # a broken profile: fall back to the plain conversion
+            logger.debug("ignoring unusable ICC profile: %s", e)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = Image.fromarray(_to_8bit(np.asarray(img)), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int = 100_000_000) -> Image.Image:
+    """Open `path` as an upright 8-bit RGB image.
+
+    Raises ImageLoadError with a reason for: files that are not images, truncated or corrupt data,
+    images over `max_pixels` (width*height; refused before decoding, so a decompression bomb costs
+    nothing) and pixel formats that cannot be converted.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"refused: decompression bomb ({e})") from None
+    except OSError as e:
+        raise ImageLoadError(path, f"cannot be read ({e})") from None
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise ImageLoadError(path, f"refused: {w}x{h} is over the {max_pixels:,}-pixel limit (decompression bomb?)")
+        try:
+            img.seek(0)  # animated GIF/WebP: the first frame
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            reason = "truncated or corrupt" if "truncat" in str(e).lower() or isinstance(e, OSError) else "corrupt"
+            raise ImageLoadError(path, f"{reason} ({e})") from None
+        try:
+            img = ImageOps.exif_transpose(img) or img
+        except (OSError, ValueError, KeyError) as e:  # broken EXIF: keep the pixels as stored
+            logger.debug("%s: ignoring unreadable EXIF orientation: %s", path, e)
+        try:
+            return to_rgb(img)
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(path, f"unsupported pixel format {img.mode!r} ({e})") from None
+
+
+def resize_cover(img: Image.Image, width: int, height: int) -> Image.Image:
+    """Scale so the image covers width x height (aspect kept), then crop the centre. LANCZOS resampling."""
+    w, h = img.size
+    scale = max(width / w, height / h)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return img.crop((left, top, left + width, top + height))

@@ -1,0 +1,466 @@
+"""`train_lora`: a folder of paintings in, a style LoRA for SD1.x out.
+
+The recipe is the plan's (and diffusers' train_text_to_image_lora.py's): rank-4 LoRA on the UNet's
+attention projections, AdamW at 1e-4 with a cosine schedule, epsilon-prediction MSE with min-SNR
+weighting, trained against one fixed prompt (empty by default) so that the style needs no prompt.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import checkpoint_root, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import LoraTrainConfig
+from .dataset import Skipped, StyleDataset, batch_at, load_style_dataset
+from .lora_file import DTYPES, peft_to_kohya, save_lora
+
+logger = logging.getLogger(__name__)
+
+# Settings that must not change between a run and its resumption (they change what is being trained).
+RESUME_INVARIANTS = ("data", "base_model", "base_config", "trigger", "use_captions", "resolution", "crop", "flip",
+                     "rank", "alpha", "target_modules", "batch_size", "grad_accum", "seed", "steps",
+                     "learning_rate", "lr_scheduler", "warmup_steps")
+
+
+@dataclass
+class TrainResult:
+    output: Path  # the written LoRA file
+    steps: int  # optimizer steps completed in total (including resumed ones)
+    resumed_from: int  # step the run resumed from (0: fresh start)
+    final_loss: float  # mean loss over the last logging window
+    losses: list[float] = field(default_factory=list)  # per-step loss of this process's run
+    skipped: list[Skipped] = field(default_factory=list)  # data files not used, with reasons
+    seconds: float = 0.0  # wall time of this run
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step of this run
+
+
+def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = False,
+               progress: bool = True) -> TrainResult:
+    """Train a style LoRA as `cfg` says and write it to `cfg.output`. See LoraTrainConfig for every knob."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    output = Path(cfg.output)
+    ckpt_root = checkpoint_root(output)
+
+    # 1. Decide between a fresh run and a resumption; never silently overwrite earlier work.
+    if cfg.lpips_weight > 0 or cfg.style_weight > 0:
+        raise ValueError("lpips_weight/style_weight need the evaluation module's LPIPS and Gram losses, "
+                         "which are not part of this version yet; set them to 0")
+    resume_from = latest_checkpoint(ckpt_root) if resume else None
+    if not resume:
+        if output.exists() and not overwrite:
+            raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+        if complete_checkpoints(ckpt_root) and not overwrite:
+            raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
+                                  "or --overwrite to start again")
+    elif resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s, starting from step 0", ckpt_root)
+
+    # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    show = progress and accelerator.is_local_main_process
+
+    # 3. Scan the style images: every file either used or reported with a reason.
+    dataset = load_style_dataset(cfg.data, cfg.resolution, cfg.crop, cfg.trigger, cfg.use_captions,
+                                 cfg.min_images, cfg.max_image_pixels, progress=show)
+    logger.info("%d usable images in %d bucket(s), %d skipped", len(dataset), len(dataset.buckets),
+                len(dataset.skipped))
+
+    # 4. Load the frozen base model; frozen weights live in the mixed-precision dtype.
+    from .base_model import load_base_model
+
+    base = load_base_model(cfg.base_model, cfg.base_config)
+    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+    prediction_type = noise_scheduler.config.prediction_type
+    vae.to(device, dtype=torch.float32)  # the SD1.5 VAE overflows in fp16; it runs once per image when caching
+    text_encoder.to(device, dtype=weight_dtype)
+    unet.to(device, dtype=weight_dtype)
+
+    # 5. LoRA adapters on the attention projections; trainable weights stay fp32 (diffusers' recipe).
+    torch.manual_seed(cfg.seed)
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                target_modules=list(cfg.target_modules)))
+    if cfg.mixed_precision != "no":
+        cast_training_params(unet, dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    if not lora_params:
+        raise ValueError(f"target_modules {list(cfg.target_modules)} matched no UNet layer")
+
+    # 6. Conditioning and latents, computed once: the text encoder and VAE are frozen.
+    prompts = sorted(set(dataset.captions))
+    with torch.no_grad():
+        prompt_embeds = {p: _encode_prompt(base.tokenizer, text_encoder, p, device) for p in prompts}
+    cond = torch.stack([prompt_embeds[c] for c in dataset.captions])  # [N, 77, D]
+    if cfg.preview_every == 0:
+        text_encoder.to("cpu")
+    latent_cache = _encode_latents(vae, dataset, cfg.flip, device, show) if cfg.cache_latents else None
+    scaling = float(vae.config.scaling_factor)
+
+    # 7. Optimizer and learning-rate schedule.
+    optimizer = _make_optimizer(cfg, lora_params)
+    lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
+                                num_training_steps=cfg.steps * accelerator.num_processes)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+
+    # 8. Resume: adapter weights, optimizer moments and schedule position from the newest complete checkpoint.
+    start_step = 0
+    if resume_from is not None:
+        step0, folder = resume_from
+        adapter, state, info = load_checkpoint(folder)
+        _check_resumable(cfg, info, dataset, folder)
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), adapter)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_scheduler"])
+        start_step = step0
+        logger.info("resumed from step %d (%s)", start_step, folder)
+        if show:
+            tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
+
+    log = _TrainLog(output, cfg.log_with, start_step, enabled=accelerator.is_main_process)
+    info = {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint}
+
+    def checkpoint(step: int) -> None:
+        if accelerator.is_main_process:
+            save_checkpoint(ckpt_root, step, get_peft_model_state_dict(accelerator.unwrap_model(unet)),
+                            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict()},
+                            info, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    # 9. The training loop. Noise, timesteps and batches are drawn from generators seeded by the
+    #    micro-step index, so a resumed run continues exactly as the uninterrupted one would have.
+    unet.train()
+    losses: list[float] = []
+    step = start_step
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="Training style LoRA", unit="step", disable=not show)
+    window: list[float] = []
+    step_seconds: list[float] = []
+    t_loop = time.time()
+    try:
+        while step < cfg.steps:
+            t_step = time.perf_counter()
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
+                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+                ids = batch_at(dataset, cfg.batch_size, cfg.seed, index)
+                with accelerator.accumulate(unet):
+                    # 9a. Clean latents z0 ~ q(z|x) of the batch (cached mean/std, or a fresh VAE encode).
+                    latents = _batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
+                    latents = (latents * scaling).to(device, weight_dtype)
+
+                    # 9b. Forward diffusion: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}.
+                    noise = torch.randn(latents.shape, generator=g)
+                    if cfg.noise_offset:
+                        noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
+                    noise = noise.to(device, weight_dtype)
+                    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),), generator=g)
+                    t = t.to(device)
+                    noisy = noise_scheduler.add_noise(latents, noise, t)
+                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
+
+                    # 9c. Predict and weigh: per-sample MSE, min-SNR-gamma weights (Hang et al. 2023).
+                    encoder_states = cond[ids].to(device, weight_dtype)
+                    pred = unet(noisy, t, encoder_states, return_dict=False)[0]
+                    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    if cfg.min_snr_gamma:
+                        snr = compute_snr(noise_scheduler, t)
+                        denominator = snr if prediction_type == "epsilon" else snr + 1
+                        mse = mse * torch.clamp(snr, max=cfg.min_snr_gamma) / denominator
+                    loss = cfg.mse_weight * mse.mean()
+
+                    # 9d. Backward and (on the last micro-batch) the optimizer step.
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().item() / cfg.grad_accum
+            step += 1
+            step_seconds.append(time.perf_counter() - t_step)
+            losses.append(step_loss)
+            window.append(step_loss)
+            rate = (step - start_step) / max(time.time() - t_loop, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                log.write(step, sum(window) / len(window), lr_schedule.get_last_lr()[0], rate, time.time() - t_start)
+                window = []
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                checkpoint(step)
+            if cfg.preview_every and step % cfg.preview_every == 0 and accelerator.is_main_process:
+                _save_preview(cfg, base, accelerator.unwrap_model(unet), output, step)
+    except KeyboardInterrupt:
+        bar.close()
+        if step > start_step:
+            checkpoint(step)
+            logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+        raise
+    finally:
+        bar.close()
+        log.close()
+
+    # 10. Write the LoRA in kohya layout with its metadata, then a last checkpoint for reference.
+    accelerator.wait_for_everyone()
+    final_unet = accelerator.unwrap_model(unet)
+    adapter = get_peft_model_state_dict(final_unet)
+    if accelerator.is_main_process:
+        meta = lora_metadata(cfg, base, dataset, step, time.time() - t_start)
+        save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
+        if cfg.checkpoint_every:
+            checkpoint(step)
+        logger.info("wrote %s (%d steps)", output, step)
+    final = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:])) if losses else float("nan")
+    return TrainResult(output, step, start_step, final, losses, dataset.skipped, time.time() - t_start, step_seconds)
+
+
+def _encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
+    """CLIP last hidden state [77, D] of `prompt` ("" for the unconditional/promptless embedding)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0][0].float().cpu()
+
+
+def _batch_latents(ids: list[int], dataset: StyleDataset, cache, vae, flip: bool, g: torch.Generator,
+                   device: torch.device) -> torch.Tensor:
+    """Unscaled latents [B, 4, H/8, W/8] sampled from the VAE posterior of images `ids` (mirrored at random)."""
+    if cache is not None:
+        mirrored = torch.randint(0, 2, (len(ids),), generator=g) if flip else torch.zeros(len(ids), dtype=torch.long)
+        mean = torch.stack([cache[int(m)][0][i] for i, m in zip(ids, mirrored)])
+        std = torch.stack([cache[int(m)][1][i] for i, m in zip(ids, mirrored)])
+        return mean + std * torch.randn(mean.shape, generator=g)
+    pixels = torch.stack([dataset.pixels[i] for i in ids])
+    if flip and torch.rand((), generator=g) < 0.5:
+        pixels = pixels.flip(-1)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(device, torch.float32) / 127.5 - 1).latent_dist
+    return dist.mean.cpu() + dist.std.cpu() * torch.randn(dist.mean.shape, generator=g)
+
+
+def _encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device, show: bool
+                    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """VAE posterior (mean, std) per image, [4, H/8, W/8] each; index 1 holds the mirrored images."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for mirrored in ([False, True] if flip else [False]):
+        means, stds = [], []
+        for px in tqdm(dataset.pixels, desc="Encoding latents" + (" (mirrored)" if mirrored else ""),
+                       unit="img", disable=not show):
+            x = px.flip(-1) if mirrored else px
+            with torch.no_grad():
+                dist = vae.encode(x[None].to(device, torch.float32) / 127.5 - 1).latent_dist
+            means.append(dist.mean[0].cpu())
+            stds.append(dist.std[0].cpu())
+        out.append((means, stds))
+    return out
+
+
+def _make_optimizer(cfg: LoraTrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+        except ImportError:
+            logger.warning("use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+
+
+def _check_resumable(cfg: LoraTrainConfig, info: dict[str, Any], dataset: StyleDataset, folder: Path) -> None:
+    saved = info.get("config", {})
+    now = cfg.to_dict()
+    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"--resume: settings differ from the run in {folder} ({detail}); "
+                         "use the same settings, or start a new run with --overwrite")
+    if info.get("dataset_fingerprint") != dataset.fingerprint:
+        raise ValueError(f"--resume: the images in {cfg.data} changed since {folder} was written; "
+                         "restore them or start a new run with --overwrite")
+
+
+def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int, seconds: float) -> dict[str, str]:
+    """The header of a style-LoRA file: our keys, kohya's `ss_*` and the SAI `modelspec.*` keys that apply."""
+    from .. import __version__
+
+    now = datetime.now(timezone.utc)
+    res = f"{cfg.resolution}x{cfg.resolution}"
+    loss_weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "style_gram": cfg.style_weight,
+                    "min_snr_gamma": cfg.min_snr_gamma, "noise_offset": cfg.noise_offset}
+    tag_frequency: dict[str, int] = {}
+    for caption in dataset.captions:
+        for tag in (t.strip() for t in caption.split(",")):
+            if tag:
+                tag_frequency[tag] = tag_frequency.get(tag, 0) + 1
+    meta: dict[str, Any] = {
+        "stylora.version": __version__,
+        "stylora.kind": "style_lora",
+        "stylora.base_model": base.source,
+        "stylora.base_model_sha256": base.sha256,
+        "stylora.trigger": cfg.trigger,
+        "stylora.rank": str(cfg.rank),
+        "stylora.alpha": str(cfg.lora_alpha),
+        "stylora.resolution": str(cfg.resolution),
+        "stylora.steps": str(steps),
+        "stylora.loss_weights": loss_weights,
+        "stylora.dataset_size": str(len(dataset)),
+        "stylora.dataset_fingerprint": dataset.fingerprint,
+        "stylora.suggested_strength": "1.0",
+        "stylora.suggested_denoise": "0.6",
+        "stylora.train_seconds": f"{seconds:.1f}",
+        "stylora.config": cfg.to_dict(),
+        # kohya sd-scripts keys, read by A1111's and ComfyUI-Manager's LoRA browsers.
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.rank),
+        "ss_network_alpha": str(cfg.lora_alpha),
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_sd_model_name": base.name,
+        "ss_sd_model_hash": base.legacy_hash,
+        "ss_new_sd_model_hash": base.sha256,
+        "ss_resolution": f"({cfg.resolution}, {cfg.resolution})",
+        "ss_max_train_steps": str(cfg.steps),
+        "ss_steps": str(steps),
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_unet_lr": str(cfg.learning_rate),
+        "ss_text_encoder_lr": "0",
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": str(cfg.warmup_steps),
+        "ss_optimizer": "bitsandbytes.optim.AdamW8bit" if cfg.use_8bit_adam else "torch.optim.AdamW",
+        "ss_batch_size_per_device": str(cfg.batch_size),
+        "ss_gradient_accumulation_steps": str(cfg.grad_accum),
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.gradient_checkpointing),
+        "ss_min_snr_gamma": str(cfg.min_snr_gamma),
+        "ss_noise_offset": str(cfg.noise_offset),
+        "ss_seed": str(cfg.seed),
+        "ss_num_train_images": str(len(dataset)),
+        "ss_cache_latents": str(cfg.cache_latents),
+        "ss_enable_bucket": str(cfg.crop == "buckets"),
+        "ss_flip_aug": str(cfg.flip),
+        "ss_output_name": Path(cfg.output).stem,
+        "ss_training_started_at": str(int(now.timestamp() - seconds)),
+        "ss_training_finished_at": str(int(now.timestamp())),
+        "ss_tag_frequency": {Path(cfg.data).name: tag_frequency},
+        "ss_training_comment": f"Stylora {__version__} style LoRA; trigger: {cfg.trigger or '(none, promptless)'}",
+        # Stability AI model spec 1.0.0.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": Path(cfg.output).stem,
+        "modelspec.date": now.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.resolution": res,
+        "modelspec.prediction_type": "epsilon",
+        "modelspec.trigger_phrase": cfg.trigger,
+        "modelspec.usage_hint": "Style LoRA: apply at strength ~1.0 with img2img denoise ~0.6; "
+                                + (f"add '{cfg.trigger}' to the prompt" if cfg.trigger else "no prompt needed"),
+    }
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+class _TrainLog:
+    """`<output stem>.train_log.csv` (step, loss, lr, steps/s, elapsed), and TensorBoard when asked for."""
+
+    FIELDS = ("step", "loss", "lr", "steps_per_s", "elapsed_s")
+
+    def __init__(self, output: Path, log_with: str, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.path = output.parent / f"{output.stem}.train_log.csv"
+        self.tb = None
+        if not enabled:
+            return
+        kept = []
+        if start_step and self.path.is_file():  # a resumed run: keep the rows up to the resumed step
+            with open(self.path, newline="", encoding="utf-8") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.file.flush()
+        if log_with == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output.parent / f"{output.stem}.tensorboard"))
+            except ImportError:
+                logger.warning("log_with=tensorboard: the tensorboard package is not installed; logging CSV only")
+
+    def write(self, step: int, loss: float, lr: float, rate: float, elapsed: float) -> None:
+        if not self.enabled:
+            return
+        self.writer.writerow({"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.3e}", "steps_per_s": f"{rate:.4f}",
+                              "elapsed_s": f"{elapsed:.1f}"})
+        self.file.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        if self.enabled and not self.file.closed:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _save_preview(cfg: LoraTrainConfig, base, unet, output: Path, step: int) -> None:
+    """Stylise the preview content photos with the LoRA as trained so far (img2img), saved as one PNG row."""
+    import numpy as np
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from PIL import Image
+
+    from .dataset import scan_folder
+    from .files import atomic_write
+    from .images import ImageLoadError, load_image, resize_cover
+
+    paths, _ = scan_folder(Path(cfg.preview_content))
+    images = []
+    for p in paths[:4]:
+        try:
+            images.append(resize_cover(load_image(p), cfg.resolution, cfg.resolution))
+        except ImageLoadError as e:
+            logger.warning("preview: %s", e)
+    if not images:
+        logger.warning("preview: no usable images in %s", cfg.preview_content)
+        return
+    was_training = unet.training
+    unet.eval()
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=base.vae, text_encoder=base.text_encoder.to(unet.device), tokenizer=base.tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler_config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = pipe(prompt=[cfg.trigger] * len(images), image=images, strength=cfg.preview_strength,
+                   num_inference_steps=cfg.preview_steps, guidance_scale=1.0,
+                   generator=torch.Generator().manual_seed(cfg.seed)).images
+    unet.train(was_training)
+    row = np.concatenate([np.concatenate([np.asarray(a), np.asarray(b)], axis=0) for a, b in zip(images, out)], axis=1)
+    path = output.parent / f"{output.stem}.previews" / f"step-{step:08d}.png"
+    atomic_write(path, lambda tmp: Image.fromarray(row).save(tmp, format="PNG"))
+    logger.info("preview written to %s", path)

@@ -1,0 +1,119 @@
+"""Style-LoRA files: kohya/A1111 key layout in safetensors, with self-describing metadata.
+
+Layout (what kohya's sd-scripts writes for SD1.x, read by ComfyUI's LoraLoader, A1111 and
+diffusers' `load_lora_weights`), one triple per adapted module:
+
+    lora_unet_<diffusers module path with '.' -> '_'>.lora_down.weight   [rank, in]
+    lora_unet_<...>.lora_up.weight                                        [out, rank]
+    lora_unet_<...>.alpha                                                 scalar; scale = alpha / rank
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def kohya_name(module_path: str) -> str:
+    """`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0` -> `lora_unet_down_blocks_0_..._to_out_0`."""
+    return KOHYA_UNET_PREFIX + module_path.replace(".", "_")
+
+
+def peft_to_kohya(peft_state: dict[str, torch.Tensor], alpha: float, dtype: torch.dtype = torch.float16
+                  ) -> dict[str, torch.Tensor]:
+    """Convert a peft UNet adapter state dict (`<module>.lora_A.weight`, `<module>.lora_B.weight`) to kohya keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in peft_state.items():
+        for src, dst in ((".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight")):
+            if key.endswith(src):
+                module = key[: -len(src)]
+                out[kohya_name(module) + dst] = value.detach().to("cpu", dtype).contiguous()
+                out[kohya_name(module) + ".alpha"] = torch.tensor(float(alpha), dtype=dtype)
+                break
+        else:
+            raise KeyError(f"unexpected adapter key {key!r} (expected peft lora_A/lora_B weights)")
+    return out
+
+
+def kohya_modules(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a kohya state dict by module name: {name: {"down", "up", "alpha"?}}."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        name, _, part = key.partition(".")
+        slot = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(part)
+        if slot is None:
+            raise KeyError(f"unexpected LoRA key {key!r}")
+        modules.setdefault(name, {})[slot] = value
+    return modules
+
+
+def save_lora(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
+    """Write a kohya-layout LoRA atomically. Metadata values are stored as strings (JSON for non-strings)."""
+    from safetensors.torch import save_file
+
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a LoRA file's tensors and metadata. Only safetensors: pickled formats can run code."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors LoRA files are read (pickled .ckpt/.pt/.bin can run code)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such LoRA file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors has its own exception types for corrupt headers
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return state, meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def describe(path: str | Path) -> str:
+    """A readable summary of a LoRA file: what it was trained on and how, for `stylora lora info`."""
+    state, meta = read_lora(path)
+    modules = kohya_modules(state) if all(k.startswith(("lora_unet_", "lora_te")) for k in state) else {}
+    ranks = sorted({int(m["down"].shape[0]) for m in modules.values() if "down" in m})
+    n_params = sum(t.numel() for t in state.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values()})
+    size_mb = Path(path).stat().st_size / 1e6
+    lines = [f"{Path(path).name}: {len(modules)} modules, rank {'/'.join(map(str, ranks)) or '?'}, "
+             f"{n_params:,} parameters ({', '.join(dtypes)}), {size_mb:.2f} MB"]
+    order = ["stylora.version", "stylora.base_model", "stylora.base_model_sha256", "ss_base_model_version",
+             "stylora.trigger", "stylora.rank", "stylora.alpha", "stylora.resolution", "stylora.steps",
+             "stylora.loss_weights", "stylora.dataset_size", "stylora.dataset_fingerprint",
+             "stylora.suggested_strength", "stylora.suggested_denoise", "modelspec.architecture",
+             "modelspec.title", "modelspec.date"]
+    width = max((len(k) for k in meta), default=0)
+    for key in order + sorted(k for k in meta if k not in order and k != "stylora.config"):
+        if key in meta:
+            lines.append(f"  {key:<{width}}  {meta[key]}")
+    if "stylora.config" in meta:
+        lines.append("  stylora.config (training settings):")
+        for k, v in json.loads(meta["stylora.config"]).items():
+            lines.append(f"    {k}: {v}")
+    if not meta:
+        lines.append("  (no metadata)")
+    return "\n".join(lines)
