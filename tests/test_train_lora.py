@@ -226,3 +226,16 @@ def test_resume_refuses_changed_settings(tiny_model, style_folder, tmp_path):
     changed = LoraTrainConfig(**{**cfg.to_dict(), "target_modules": cfg.target_modules, "rank": 8, "steps": 4})
     with pytest.raises(ValueError, match="rank: 4 -> 8"):
         train_lora(changed, resume=True, progress=False)
+
+
+def test_overwrite_clears_the_replaced_runs_checkpoints(tiny_model, style_folder, tmp_path):
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "o.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=4, checkpoint_every=2, **TRAIN)
+    train_lora(cfg, progress=False)
+    assert (checkpoint_root(cfg.output) / "step-00000004").is_dir()
+    shorter = LoraTrainConfig(**{**cfg.to_dict(), "target_modules": cfg.target_modules, "steps": 2,
+                                 "checkpoint_every": 0})
+    train_lora(shorter, overwrite=True, progress=False)
+    assert not (checkpoint_root(cfg.output) / "step-00000004").exists()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_lora(cfg, progress=False)

@@ -104,8 +104,9 @@ def _download_hub(repo_id: str) -> Path:
     """Local snapshot of a hub pipeline (the HF cache first; the network only if needed)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "unet/*.safetensors",
-                "vae/*.safetensors", "text_encoder/*.safetensors"]
+    patterns = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
+                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except Exception:
@@ -149,8 +150,8 @@ def load_base_model(source: str, config_dir: str | Path | None = None, dtype: to
         width = int(pipe.unet.config.cross_attention_dim)
         if width != 768 and kind == "hub":
             raise ValueError(f"--base-model {source}: cross_attention_dim {width}; not an SD1.x pipeline")
-        weights = sorted((folder / "unet").glob("diffusion_pytorch_model*"))
-        weight_file = next((w for w in weights if w.is_file() and w.suffix != ".json"), None)
+        weight_file = next((w for w in (folder / "unet" / "diffusion_pytorch_model.safetensors",
+                                        folder / "unet" / "diffusion_pytorch_model.bin") if w.is_file()), None)
         sha = file_sha256(weight_file) if weight_file else ""
         legacy = legacy_model_hash(weight_file) if weight_file else ""
         name = source if kind == "hub" else folder.name

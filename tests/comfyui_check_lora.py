@@ -1,0 +1,49 @@
+"""Run with ComfyUI's python, in COMFYUI_DIR: load an SD1.5 checkpoint and a LoRA exactly as the stock
+LoraLoader node does (comfy.sd.load_lora_for_models) and report what ComfyUI mapped and what it did not.
+
+    python tests/comfyui_check_lora.py CHECKPOINT LORA   ->  prints one JSON line
+"""
+
+import json
+import logging
+import os
+import sys
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def main(ckpt: str, lora: str) -> None:
+    # comfy.cli_args reads sys.argv at import; a CPU-only host needs --cpu, a GPU host can set COMFYUI_ARGS="".
+    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split()]
+    handler = Collect()
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+
+    model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
+    lora_sd = comfy.utils.load_torch_file(lora, safe_load=True)
+    model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora_sd, 1.0, 1.0)
+    unmapped = [m for m in handler.messages if "lora key not loaded" in m or "NOT LOADED" in m]
+    print(json.dumps({
+        "is_sd15": isinstance(model.model.model_config, comfy.supported_models.SD15),
+        "lora_tensors": len(lora_sd),
+        "patched_unet_weights": len(model_lora.patches),
+        "patched_clip_weights": len(clip_lora.patcher.patches),
+        "unmapped": unmapped,
+    }))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
