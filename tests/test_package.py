@@ -59,3 +59,19 @@ def test_shipped_sd15_configs_are_installed_package_data():
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
     globs = meta["tool"]["setuptools"]["package-data"]["stylora.trainer"]
     assert "sd15/*/*.txt" in globs and "sd15/*/*.json" in globs
+
+
+def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
+    import os
+
+    import pytest
+    from stylora.trainer.files import atomic_write, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "a.txt", "old")
+    with pytest.raises(RuntimeError):
+        atomic_write(target, lambda tmp: (open(tmp, "w").write("half"), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temp file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
