@@ -239,3 +239,45 @@ def test_overwrite_clears_the_replaced_runs_checkpoints(tiny_model, style_folder
     assert not (checkpoint_root(cfg.output) / "step-00000004").exists()
     with pytest.raises(FileExistsError, match="--overwrite"):
         train_lora(cfg, progress=False)
+
+
+def test_buckets_flip_uncached_latents_accumulation_and_bf16(tiny_model, tmp_path):
+    """The less-travelled options together: aspect buckets, mirrored copies, per-step VAE encoding,
+    gradient accumulation and bf16 autocast."""
+    from conftest import skimage_photos
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i, (name, arr) in enumerate(skimage_photos().items()):
+        img = Image.fromarray(arr)
+        size = (160, 96) if i % 2 else (96, 160)  # landscape and portrait
+        img.resize(size, Image.Resampling.LANCZOS).save(data / f"{name}.png")
+        img.resize(size[::-1], Image.Resampling.LANCZOS).save(data / f"{name}-turned.png")
+    cfg = LoraTrainConfig(data=str(data), output=str(tmp_path / "m.safetensors"),
+                          base_model=str(tiny_model["diffusers"]),
+                          steps=3, checkpoint_every=0, crop="buckets", flip=True, cache_latents=False, grad_accum=2,
+                          mixed_precision="bf16", **{**TRAIN, "resolution": 192})
+    result = train_lora(cfg, progress=False)
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    from stylora.trainer.dataset import load_style_dataset
+
+    buckets = load_style_dataset(data, 192, crop="buckets", min_images=1).buckets
+    assert len(buckets) == 2 and all(h != w for h, w in buckets)
+    _, meta = read_lora(tmp_path / "m.safetensors")
+    assert meta["ss_enable_bucket"] == "True" and meta["ss_mixed_precision"] == "bf16"
+
+
+def test_previews_are_written_during_training(tiny_model, style_folder, tmp_path):
+    from conftest import skimage_photos
+
+    content = tmp_path / "content"
+    content.mkdir()
+    for name, arr in list(skimage_photos().items())[:2]:
+        Image.fromarray(arr).save(content / f"{name}.png")
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "p.safetensors"),
+                          base_model=str(tiny_model["diffusers"]), steps=2, checkpoint_every=0, preview_every=2,
+                          preview_content=str(content), preview_steps=2, **TRAIN)
+    train_lora(cfg, progress=False)
+    preview = tmp_path / "p.previews" / "step-00000002.png"
+    assert preview.is_file()
+    assert Image.open(preview).size == (2 * 64, 2 * 64)  # two columns of (content over styled)

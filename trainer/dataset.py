@@ -52,7 +52,7 @@ def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> li
     """(height, width) pairs, multiples of `step`, with area <= resolution**2 and aspect <= max_aspect."""
     area = resolution * resolution
     sizes = set()
-    for w in range(step * 4, int(resolution * math.sqrt(max_aspect)) + 1, step):
+    for w in range(step, int(resolution * math.sqrt(max_aspect)) + 1, step):
         h = (area // w) // step * step
         if h >= step and max(w / h, h / w) <= max_aspect:
             sizes.add((h, w))

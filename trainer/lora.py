@@ -77,6 +77,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         logger.warning("--resume: no complete checkpoint in %s, starting from step 0", ckpt_root)
 
     # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
+    _release_accelerator_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -235,11 +236,22 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     if accelerator.is_main_process:
         meta = lora_metadata(cfg, base, dataset, step, time.time() - t_start)
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
-        if cfg.checkpoint_every:
-            checkpoint(step)
         logger.info("wrote %s (%d steps)", output, step)
+    if cfg.checkpoint_every:
+        checkpoint(step)  # every process: it ends on a barrier
     final = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:])) if losses else float("nan")
     return TrainResult(output, step, start_step, final, losses, dataset.skipped, time.time() - t_start, step_seconds)
+
+
+def _release_accelerator_state() -> None:
+    """Forget the accelerator settings of an earlier `train_lora` in this process (a second style, a ComfyUI
+    session), so this run may choose another mixed precision. accelerate keeps them in class-level singletons
+    that refuse a changed setting; its own test-suite clears them the same way between runs. The distributed
+    process state (PartialState) is kept."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
