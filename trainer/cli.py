@@ -2,6 +2,7 @@
 
     stylora train lora --data DIR --output FILE.safetensors [options]
     stylora lora info FILE.safetensors
+    stylora eval --content DIR --styled DIR [DIR ...] --style DIR --out DIR
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import Path
 
 from .config import LoraTrainConfig, read_config_file
 
@@ -58,7 +60,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif origin in (typing.Union, types.UnionType) and type(None) in args:
             inner = next(a for a in args if a is not type(None))
             kwargs["type"] = _float_or_none if inner is float else inner
-            kwargs["metavar"] = "DIR" if inner is str else inner.__name__.upper()
+            kwargs["metavar"] = f.name.upper()
         else:
             kwargs["type"] = hint
         parser.add_argument(flag, **kwargs)
@@ -97,6 +99,15 @@ def make_parser() -> argparse.ArgumentParser:
     lora.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_arguments(lora, LoraTrainConfig)
 
+    ev = sub.add_parser("eval", help="score stylised images: SSIM, LPIPS, content and Gram losses, FID/KID/ArtFID",
+                        description="Pairs each image in --styled with the --content photo of the same file stem "
+                                    "and writes report.json, report.csv, report.md, plots and grid.png to --out. "
+                                    "Several --styled folders are compared side by side.")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    from ..eval.report import EvalConfig
+
+    add_config_arguments(ev, EvalConfig)
+
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
     show = info_sub.add_parser("info", help="print a LoRA file's metadata and shape")
@@ -128,6 +139,19 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..eval.report import EvalConfig, evaluate
+
+    cfg = build_config(EvalConfig, args)
+    report = evaluate(cfg, progress=not args.no_progress)
+    markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8")
+    print("\n".join(line for line in markdown.splitlines() if line.startswith("|")))
+    for metric, reason in report["unavailable"].items():
+        print(f"unavailable: {metric}: {reason}")
+    print(f"Report written to {cfg.out} (report.md, report.json, report.csv, plots, grid.png)")
+    return 0
+
+
 def cmd_lora_info(args: argparse.Namespace) -> int:
     from .lora_file import describe
 
@@ -144,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info}
+    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval}
     try:
-        return handlers[(args.command, args.what)](args)
+        return handlers[(args.command, getattr(args, "what", None))](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
         if args.verbose:
             raise
