@@ -88,8 +88,8 @@ class LPIPS(nn.Module):
         if net not in self.TAPS:
             raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
         self.net = net
-        self.features = backbones.alexnet_features() if net == "alex" else backbones.vgg_features(backbones.VGG16_LAYOUT)
-        self.features = self.features[: self.TAPS[net][-1] + 1]
+        full = backbones.alexnet_features() if net == "alex" else backbones.vgg_features(backbones.VGG16_LAYOUT)
+        self.features = full[: self.TAPS[net][-1] + 1]
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS[net])
         # LPIPS' input scaling layer: inputs in -1..1 mapped to ImageNet-normalised values.
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
@@ -224,16 +224,18 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017)."""
-    from scipy import linalg
+    """Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Heusel et al. 2017).
 
+    Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2): the symmetric form needs only eigendecompositions of
+    symmetric matrices, which is several times faster than scipy's sqrtm on 2048x2048 covariances and stays
+    stable when a small set makes them rank-deficient.
+    """
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
-        offset = np.eye(sigma1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    w1, v1 = np.linalg.eigh(sigma1)
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    middle = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
 def fid(features1: np.ndarray, features2: np.ndarray) -> float:

@@ -213,7 +213,7 @@ def _index(folder: Path, flag: str) -> dict[str, Path]:
         if f.parent != folder:
             continue
         if f.stem in index:
-            logger.warning("%s: %s and %s share the stem %r; using the first", folder, index[f.stem].name, f.name, f.stem)
+            logger.warning("%s: %s and %s share a stem; using the first", folder, index[f.stem].name, f.name)
             continue
         index[f.stem] = f
     return index
@@ -360,7 +360,8 @@ def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]
                 cells.append("unavailable")
             elif k in SET_METRICS:
                 v = m.set_metrics.get(k)
-                cells.append(_fmt(v) + (f" ± {_fmt(m.set_metrics.get('kid_std'))}" if k == "kid" and v is not None else ""))
+                spread = f" ± {_fmt(m.set_metrics.get('kid_std'))}" if k == "kid" and v is not None else ""
+                cells.append(_fmt(v) + spread)
             else:
                 cells.append(_fmt(m.mean(k)))
         lines.append("| " + " | ".join(cells) + " |")

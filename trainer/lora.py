@@ -45,9 +45,13 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step of this run
 
 
-def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = False,
-               progress: bool = True) -> TrainResult:
-    """Train a style LoRA as `cfg` says and write it to `cfg.output`. See LoraTrainConfig for every knob."""
+def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+               perceptual: torch.nn.Module | None = None) -> TrainResult:
+    """Train a style LoRA as `cfg` says and write it to `cfg.output`. See LoraTrainConfig for every knob.
+
+    `perceptual` may supply the LPIPS + Gram loss network (eval.metrics.PerceptualLoss) used when
+    cfg.lpips_weight or cfg.style_weight > 0; by default it is built from the published weights.
+    """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -61,9 +65,6 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     ckpt_root = checkpoint_root(output)
 
     # 1. Decide between a fresh run and a resumption; never silently overwrite earlier work.
-    if cfg.lpips_weight > 0 or cfg.style_weight > 0:
-        raise ValueError("lpips_weight/style_weight need the evaluation module's LPIPS and Gram losses, "
-                         "which are not part of this version yet; set them to 0")
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if not resume:
         if output.exists() and not overwrite:
@@ -111,6 +112,11 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     if not lora_params:
         raise ValueError(f"target_modules {list(cfg.target_modules)} matched no UNet layer")
+    use_perceptual = cfg.lpips_weight > 0 or cfg.style_weight > 0
+    if use_perceptual:
+        perceptual = _perceptual_net(perceptual).to(device)
+        if cfg.gradient_checkpointing:
+            vae.enable_gradient_checkpointing()
 
     # 6. Conditioning and latents, computed once: the text encoder and VAE are frozen.
     prompts = sorted(set(dataset.captions))
@@ -120,7 +126,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     if cfg.preview_every == 0:
         text_encoder.to("cpu")
     latent_cache = _encode_latents(vae, dataset, cfg.flip, device, show) if cfg.cache_latents else None
-    if latent_cache is not None and cfg.preview_every == 0:
+    if latent_cache is not None and cfg.preview_every == 0 and not use_perceptual:
         vae.to("cpu")  # not needed on the GPU again: frees ~330 MB for the UNet's activations
     scaling = float(vae.config.scaling_factor)
 
@@ -174,7 +180,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                 ids = batch_at(dataset, cfg.batch_size, cfg.seed, index)
                 with accelerator.accumulate(unet):
                     # 9a. Clean latents z0 ~ q(z|x) of the batch (cached mean/std, or a fresh VAE encode).
-                    latents = _batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
+                    latents, mirrored = _batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
                     latents = (latents * scaling).to(device, weight_dtype)
 
                     # 9b. Forward diffusion: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}.
@@ -197,7 +203,16 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                         mse = mse * torch.clamp(snr, max=cfg.min_snr_gamma) / denominator
                     loss = cfg.mse_weight * mse.mean()
 
-                    # 9d. Backward and (on the last micro-batch) the optimizer step.
+                    # 9d. Perceptual terms on the decoded x0 prediction, low-noise samples only.
+                    low_noise = t < cfg.perceptual_max_timestep
+                    if use_perceptual and low_noise.any():
+                        target_px = torch.stack([dataset.pixels[i].flip(-1) if m else dataset.pixels[i]
+                                                 for i, m in zip(ids, mirrored)])[low_noise.cpu()]
+                        lp, gram = perceptual_terms(noise_scheduler, vae, perceptual, noisy[low_noise],
+                                                    pred[low_noise], t[low_noise], target_px.to(device), scaling)
+                        loss = loss + (cfg.lpips_weight * lp.sum() + cfg.style_weight * gram.sum()) / len(ids)
+
+                    # 9e. Backward and (on the last micro-batch) the optimizer step.
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
@@ -262,19 +277,54 @@ def _encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -
 
 
 def _batch_latents(ids: list[int], dataset: StyleDataset, cache, vae, flip: bool, g: torch.Generator,
-                   device: torch.device) -> torch.Tensor:
-    """Unscaled latents [B, 4, H/8, W/8] sampled from the VAE posterior of images `ids` (mirrored at random)."""
+                   device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+    """Unscaled latents [B, 4, H/8, W/8] sampled from the VAE posterior of images `ids`, mirrored at random
+    when `flip`; also returns which images were mirrored."""
     if cache is not None:
-        mirrored = torch.randint(0, 2, (len(ids),), generator=g) if flip else torch.zeros(len(ids), dtype=torch.long)
+        mirrored = (torch.randint(0, 2, (len(ids),), generator=g) if flip else torch.zeros(len(ids))).bool().tolist()
         mean = torch.stack([cache[int(m)][0][i] for i, m in zip(ids, mirrored)])
         std = torch.stack([cache[int(m)][1][i] for i, m in zip(ids, mirrored)])
-        return mean + std * torch.randn(mean.shape, generator=g)
+        return mean + std * torch.randn(mean.shape, generator=g), mirrored
     pixels = torch.stack([dataset.pixels[i] for i in ids])
-    if flip and torch.rand((), generator=g) < 0.5:
+    mirror = bool(flip and torch.rand((), generator=g) < 0.5)
+    if mirror:
         pixels = pixels.flip(-1)
     with torch.no_grad():
         dist = vae.encode(pixels.to(device, torch.float32) / 127.5 - 1).latent_dist
-    return dist.mean.cpu() + dist.std.cpu() * torch.randn(dist.mean.shape, generator=g)
+    return dist.mean.cpu() + dist.std.cpu() * torch.randn(dist.mean.shape, generator=g), [mirror] * len(ids)
+
+
+def _perceptual_net(given: torch.nn.Module | None) -> torch.nn.Module:
+    if given is not None:
+        return given
+    from ..eval.metrics import PerceptualLoss
+    from ..eval.weights import WeightsUnavailable
+
+    try:
+        return PerceptualLoss()
+    except WeightsUnavailable as e:  # the run must not quietly drop a loss term the user asked for
+        raise ValueError(f"lpips_weight/style_weight need pretrained feature networks: {e}") from e
+
+
+def perceptual_terms(noise_scheduler, vae, perceptual: torch.nn.Module, noisy: torch.Tensor, pred: torch.Tensor,
+                     t: torch.Tensor, target_pixels: torch.Tensor, scaling: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LPIPS and Gram losses [B] between the decoded x0 prediction and the training images.
+
+    x0 = (z_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t) for epsilon prediction, sqrt(abar_t) z_t - sqrt(1 - abar_t) v
+    for v-prediction (Salimans & Ho 2022). Only meaningful at low noise, where that prediction is sharp; the
+    caller selects those samples. Gradients reach `pred` (and so the LoRA weights) through the frozen VAE
+    decoder and feature networks. target_pixels: uint8 [B, 3, H, W].
+    """
+    abar = noise_scheduler.alphas_cumprod.to(pred.device)[t].view(-1, 1, 1, 1).float()
+    z_t, out = noisy.float(), pred.float()
+    if noise_scheduler.config.prediction_type == "epsilon":
+        x0 = (z_t - (1 - abar).sqrt() * out) / abar.sqrt()
+    else:
+        x0 = abar.sqrt() * z_t - (1 - abar).sqrt() * out
+    decoded = vae.decode(x0 / scaling).sample  # [-1, 1], fp32: the SD VAE overflows in fp16
+    image = (decoded / 2 + 0.5).clamp(0, 1)
+    return perceptual(image, target_pixels.float() / 255)
 
 
 def _encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device, show: bool
