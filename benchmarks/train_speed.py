@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,21 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "tests" / "fixtures" / "tiny_sd15"
-
-
-def peak_memory_mb(device: str) -> float:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    # VmHWM is this address space's peak RSS; ru_maxrss would carry the parent's peak across execve on Linux.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def prepare(workdir: Path, cases: list[tuple[str, int]]) -> dict[str, str]:
@@ -80,6 +64,7 @@ def load_components(model: str, paths: dict[str, str]):
 
 def worker_stylora(model: str, res: int, args, paths: dict[str, str]) -> dict:
     import torch
+    from stylora.eval.cost import peak_memory_mb
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
 
@@ -99,6 +84,7 @@ def worker_reference(model: str, res: int, args, paths: dict[str, str]) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
+    from stylora.eval.cost import peak_memory_mb
     from stylora.trainer.dataset import load_style_dataset
 
     device = torch.device(args.device)

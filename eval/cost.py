@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ import torch
 
 
 def process_peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux VmHWM; ru_maxrss elsewhere)."""
+    """Peak resident memory of this process in MiB.
+
+    Linux: VmHWM, the peak of this address space. ru_maxrss would carry a parent's peak across execve.
+    """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -20,7 +24,7 @@ def process_peak_rss_mb() -> float:
     except OSError:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1024 if rss > 1 << 20 else rss / 1024  # KiB on Linux, bytes on macOS (rare here)
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def peak_memory_mb(device: torch.device | str | None = None) -> float:

@@ -43,6 +43,7 @@ class TrainResult:
     skipped: list[Skipped] = field(default_factory=list)  # data files not used, with reasons
     seconds: float = 0.0  # wall time of this run
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step of this run
+    peak_memory_mb: float = 0.0  # CUDA peak allocated, or the process's peak RSS on CPU
 
 
 def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
@@ -248,14 +249,19 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
     adapter = get_peft_model_state_dict(final_unet)
+    from ..eval.cost import peak_memory_mb
+
+    peak_mb = peak_memory_mb(device)
     if accelerator.is_main_process:
         meta = lora_metadata(cfg, base, dataset, step, time.time() - t_start)
+        meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoint(step)  # every process: it ends on a barrier
     final = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:])) if losses else float("nan")
-    return TrainResult(output, step, start_step, final, losses, dataset.skipped, time.time() - t_start, step_seconds)
+    return TrainResult(output, step, start_step, final, losses, dataset.skipped, time.time() - t_start, step_seconds,
+                       peak_mb)
 
 
 def _release_accelerator_state() -> None:
