@@ -120,3 +120,13 @@ def test_epoch_batches_deterministic_and_cover_everything(style_folder):
     assert a == epoch_batches(ds, 4, seed=3, epoch=2)
     assert sorted(i for b in a for i in b) == list(range(len(ds)))
     assert a != epoch_batches(ds, 4, seed=3, epoch=3) or len(ds) < 3
+
+
+def test_batch_order_continues_across_epochs(style_folder):
+    from stylora.trainer.dataset import BatchOrder
+
+    ds = load_style_dataset(style_folder, resolution=64, min_images=1)
+    order = BatchOrder(ds, 4, seed=5)
+    assert order.per_epoch == 2  # six images: 4 + 2
+    assert [order[k] for k in (0, 1, 2, 3)] == epoch_batches(ds, 4, 5, 0) + epoch_batches(ds, 4, 5, 1)
+    assert BatchOrder(ds, 4, seed=5)[3] == order[3]  # a fresh (resumed) sequence agrees

@@ -167,8 +167,17 @@ def epoch_batches(dataset: StyleDataset, batch_size: int, seed: int, epoch: int)
     return [batches[i] for i in order]
 
 
-def batch_at(dataset: StyleDataset, batch_size: int, seed: int, index: int) -> list[int]:
-    """The `index`-th batch of the endless epoch sequence."""
-    per_epoch = len(epoch_batches(dataset, batch_size, seed, 0))
-    epoch, i = divmod(index, per_epoch)
-    return epoch_batches(dataset, batch_size, seed, epoch)[i]
+class BatchOrder:
+    """The endless sequence of batches, epoch after epoch: `order[k]` is the k-th batch of every run with this
+    seed, so a resumed run picks up exactly where the interrupted one was. Keeps the current epoch's order."""
+
+    def __init__(self, dataset: StyleDataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.per_epoch = len(epoch_batches(dataset, batch_size, seed, 0))
+        self._epoch, self._batches = -1, []
+
+    def __getitem__(self, index: int) -> list[int]:
+        epoch, i = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(self.dataset, self.batch_size, self.seed, epoch)
+        return self._batches[i]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import checkpoint_root, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoraTrainConfig
-from .dataset import Skipped, StyleDataset, batch_at, load_style_dataset
+from .dataset import BatchOrder, Skipped, StyleDataset, load_style_dataset
 from .lora_file import DTYPES, peft_to_kohya, save_lora
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     bar = tqdm(total=cfg.steps, initial=start_step, desc="Training style LoRA", unit="step", disable=not show)
     window: list[float] = []
     step_seconds: list[float] = []
+    batches = BatchOrder(dataset, cfg.batch_size, cfg.seed)
     t_loop = time.time()
     try:
         while step < cfg.steps:
@@ -178,7 +179,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-                ids = batch_at(dataset, cfg.batch_size, cfg.seed, index)
+                ids = batches[index]
                 with accelerator.accumulate(unet):
                     # 9a. Clean latents z0 ~ q(z|x) of the batch (cached mean/std, or a fresh VAE encode).
                     latents, mirrored = _batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
@@ -205,7 +206,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                     loss = cfg.mse_weight * mse.mean()
 
                     # 9d. Perceptual terms on the decoded x0 prediction, low-noise samples only.
-                    low_noise = t < cfg.perceptual_max_timestep
+                    low_noise = t < cfg.perceptual_max_timestep if use_perceptual else None
                     if use_perceptual and low_noise.any():
                         target_px = torch.stack([dataset.pixels[i].flip(-1) if m else dataset.pixels[i]
                                                  for i, m in zip(ids, mirrored)])[low_noise.cpu()]
