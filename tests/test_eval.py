@@ -273,3 +273,19 @@ def test_training_with_perceptual_terms_needs_weights(tiny_model, style_folder, 
                           style_weight=1.0)
     with pytest.raises(ValueError, match="style_weight need pretrained feature networks.*vgg19|alexnet"):
         train_lora(cfg, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg16", "vgg19"])
+def test_backbones_match_torchvision_where_installed(arch):
+    """Same weights in, same activations out: our torchvision-free definitions load torchvision's state dicts."""
+    tv_models = pytest.importorskip("torchvision.models")
+    from stylora.eval import backbones
+
+    torch.manual_seed(0)
+    reference = getattr(tv_models, arch)(weights=None).eval()
+    ours = (backbones.alexnet_features() if arch == "alexnet"
+            else backbones.vgg_features(backbones.VGG16_LAYOUT if arch == "vgg16" else backbones.VGG19_LAYOUT))
+    backbones.load_features(ours, reference.state_dict())
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), reference.features(x))
