@@ -3,6 +3,9 @@
     stylora train lora --data DIR --output FILE.safetensors [options]
     stylora lora info FILE.safetensors
     stylora eval --content DIR --styled DIR [DIR ...] --style DIR --out DIR
+    stylora prepare wikiart --source DIR --style NAME [--artist NAME] --count N --out DIR
+    stylora prepare coco --source DIR --count N --out DIR
+    stylora prepare stats DIR ... [--out DIR]
 """
 
 from __future__ import annotations
@@ -37,11 +40,13 @@ def _float_or_none(text: str) -> float | None:
     return None if text.lower() in ("none", "off") else float(text)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
     """One flag per config field (`batch_size` -> `--batch-size`), defaults left to the dataclass."""
     helps = _field_comments(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -108,6 +113,22 @@ def make_parser() -> argparse.ArgumentParser:
 
     add_config_arguments(ev, EvalConfig)
 
+    prep = sub.add_parser("prepare", help="prepare WikiArt style folders and COCO content sets; dataset statistics")
+    prep_sub = prep.add_subparsers(dest="what", required=True)
+    from .prepare import PrepareConfig
+
+    wiki = prep_sub.add_parser("wikiart", help="select, de-duplicate and crop one WikiArt style for training",
+                               description="Reads the Kaggle layout (<root>/<Style>/<artist>_<title>.jpg) or the "
+                                           "Hugging Face parquet layout (style/artist/genre labels).")
+    coco = prep_sub.add_parser("coco", help="select and crop COCO 2017 val photos as the evaluation content set")
+    for p in (wiki, coco):
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_config_arguments(wiki, PrepareConfig)
+    add_config_arguments(coco, PrepareConfig, exclude=("style", "artist"))
+    stats = prep_sub.add_parser("stats", help="counts per style, size/aspect histograms, sample grid, summary.md")
+    stats.add_argument("folders", nargs="+", metavar="DIR", help="image folders (prepared or not)")
+    stats.add_argument("--out", default="dataset-stats", help="folder for the plots and summary (default: %(default)s)")
+
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
     show = info_sub.add_parser("info", help="print a LoRA file's metadata and shape")
@@ -152,6 +173,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .prepare import PrepareConfig, dataset_stats, prepare
+
+    if args.what == "stats":
+        summary = dataset_stats(args.folders, args.out)
+        print(f"{summary['images']} images; per style: {summary['per_style']}")
+        print(f"Wrote {args.out}/summary.md, style_counts.png, size_hist.png, aspect_hist.png, sample_grid.png")
+        return 0
+    cfg = build_config(PrepareConfig, args)
+    manifest = prepare(cfg, args.what, progress=not args.no_progress)
+    print(f"Kept {manifest['count']} of {manifest['candidates']} candidate images in {cfg.out} "
+          f"({len(manifest['skipped'])} skipped; see manifest.json)")
+    return 0
+
+
 def cmd_lora_info(args: argparse.Namespace) -> int:
     from .lora_file import describe
 
@@ -168,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval}
+    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval,
+                **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:

@@ -67,18 +67,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = 100_000_000) -> Image.Image:
-    """Open `path` as an upright 8-bit RGB image.
+def load_image(path: str | Path | bytes, max_pixels: int = 100_000_000, name: str | None = None) -> Image.Image:
+    """Open `path` (a file, or the encoded bytes of one, e.g. from a parquet column) as an upright 8-bit RGB image.
 
     Raises ImageLoadError with a reason for: files that are not images, truncated or corrupt data,
     images over `max_pixels` (width*height; refused before decoding, so a decompression bomb costs
     nothing) and pixel formats that cannot be converted.
     """
-    path = Path(path)
+    source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
+    path = name or ("<bytes>" if isinstance(path, bytes) else source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
