@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
@@ -64,3 +65,29 @@ def measure(device: torch.device | str | None = None):
             torch.cuda.synchronize(dev)
         result.seconds = time.perf_counter() - start
         result.peak_mb = peak_memory_mb(dev)
+
+
+def write_resource_record(output: str | Path, record: dict) -> Path:
+    """`<output stem>.resources.json` beside a trained artifact: what it cost to make (time, memory, size)."""
+    from ..trainer.files import atomic_write_text
+
+    output = Path(output)
+    record = {"artifact": output.name, "bytes": output.stat().st_size if output.exists() else None, **record}
+    path = output.parent / f"{output.stem}.resources.json"
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return path
+
+
+def cost_table(records: list[dict]) -> str:
+    """A Markdown table comparing resource records (e.g. a LoRA style against its DreamBooth baseline)."""
+    head = "| artifact | kind | steps | train time | s/step | peak memory | file size | device |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        steps = int(r.get("steps") or 0)
+        secs = float(r.get("train_seconds") or 0)
+        size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") is not None else "n/a"
+        per_step = f"{secs / steps:.2f}" if steps else "n/a"
+        peak = float(r.get("peak_memory_mb") or 0)
+        lines.append(f"| {r.get('artifact', '?')} | {r.get('kind', '?')} | {steps} | {secs / 60:.1f} min | "
+                     f"{per_step} | {peak:.0f} MB | {size} | {r.get('device', '?')} |")
+    return "\n".join(lines) + "\n"

@@ -2,7 +2,7 @@
 
 <output stem>.checkpoints/
     step-00000500/         complete: renamed into place only after every file and COMPLETE were written
-        adapter.safetensors   the LoRA weights (peft keys)
+        trainable.safetensors   the trained weights: LoRA adapters (peft keys) or a whole UNet
         state.pt              optimizer and LR-schedule state (loaded with weights_only=True)
         info.json             step, config, dataset fingerprint
         COMPLETE              marker
@@ -64,7 +64,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], state: dict[str, Any],
+def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
                     info: dict[str, Any], keep: int = 3) -> Path:
     """Write checkpoint `step` into a temporary folder, mark it complete, rename it into place, prune old ones."""
     from safetensors.torch import save_file
@@ -74,7 +74,7 @@ def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], sta
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter.items()}, str(tmp / "adapter.safetensors"))
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
     torch.save(state, tmp / "state.pt")
     (tmp / "info.json").write_text(json.dumps({"step": step, **info}, indent=2), encoding="utf-8")
     for f in tmp.iterdir():
@@ -93,12 +93,12 @@ def save_checkpoint(root: Path, step: int, adapter: dict[str, torch.Tensor], sta
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """(adapter weights, optimizer/schedule state, info) of a complete checkpoint folder."""
+    """(trained weights, optimizer/schedule state, info) of a complete checkpoint folder."""
     from safetensors.torch import load_file
 
     if not (folder / MARKER).is_file():
         raise ValueError(f"{folder}: incomplete checkpoint (no {MARKER} marker)")
-    adapter = load_file(str(folder / "adapter.safetensors"))
+    weights = load_file(str(folder / "trainable.safetensors"))
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
-    return adapter, state, info
+    return weights, state, info

@@ -1,6 +1,8 @@
 """The `stylora` command. A thin layer: arguments in, library calls, printed results out.
 
     stylora train lora --data DIR --output FILE.safetensors [options]
+    stylora train dreambooth --data DIR --output FILE.safetensors [options]
+    stylora costs A.resources.json B.resources.json
     stylora lora info FILE.safetensors
     stylora eval --content DIR --styled DIR [DIR ...] --style DIR --out DIR
     stylora prepare wikiart --source DIR --style NAME [--artist NAME] --count N --out DIR
@@ -21,7 +23,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import LoraTrainConfig, read_config_file
+from .config import DreamBoothConfig, LoraTrainConfig, read_config_file
 
 EXIT_USAGE = 2
 
@@ -103,6 +105,18 @@ def make_parser() -> argparse.ArgumentParser:
     lora.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
     lora.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_arguments(lora, LoraTrainConfig)
+    db = train_sub.add_parser("dreambooth", help="DreamBooth with prior preservation (the comparison baseline)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Writes a single-file SD1.x checkpoint (or, with --lora, a DreamBooth-LoRA) "
+                                          "and <output>.resources.json with its training cost.")
+    db.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    db.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    db.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
+    db.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_config_arguments(db, DreamBoothConfig)
+    costs = sub.add_parser("costs", help="compare training costs from <output>.resources.json records")
+    costs.add_argument("records", nargs="+", metavar="FILE", help="*.resources.json written by the trainers")
+    costs.add_argument("--out", help="also write the table to this Markdown file")
 
     ev = sub.add_parser("eval", help="score stylised images: SSIM, LPIPS, content and Gram losses, FID/KID/ArtFID",
                         description="Pairs each image in --styled with the --content photo of the same file stem "
@@ -160,6 +174,40 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_dreambooth(args: argparse.Namespace) -> int:
+    from .dreambooth import train_dreambooth
+
+    cfg = build_config(DreamBoothConfig, args)
+    result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    for s in result.skipped:
+        print(f"  skipped {s.path}: {s.reason}")
+    if result.resumed_from:
+        print(f"Resumed from step {result.resumed_from}; finished at step {result.steps}.")
+    size = result.output.stat().st_size / 1e6
+    print(f"Wrote {result.output} ({size:.1f} MB) after {result.steps} steps in {result.seconds:.0f} s "
+          f"(peak memory {result.peak_memory_mb:.0f} MB); cost record: {result.output.stem}.resources.json")
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    import json
+
+    from ..eval.cost import cost_table
+    from .files import atomic_write_text
+
+    records = []
+    for f in args.records:
+        try:
+            records.append(json.loads(Path(f).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f}: not a readable resource record ({e})") from e
+    table = cost_table(records)
+    print(table, end="")
+    if args.out:
+        atomic_write_text(args.out, "# Training cost\n\n" + table)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.report import EvalConfig, evaluate
 
@@ -204,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {("train", "lora"): cmd_train_lora, ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval,
+    handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
+                ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

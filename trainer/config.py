@@ -135,3 +135,82 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
         values["target_modules"] = tuple(values["target_modules"])
     return values
 
+
+
+@dataclass(frozen=True)
+class DreamBoothConfig:
+    """Everything that decides what `stylora train dreambooth` produces (Ruiz et al. 2023, with prior
+    preservation). Saved into the checkpoint's metadata."""
+
+    # --- data and model ---
+    data: str  # folder of instance (style) images
+    output: str  # the .safetensors to write: a full SD1.x checkpoint, or a LoRA with lora=True
+    base_model: str = DEFAULT_BASE_MODEL  # hub id, diffusers folder, or single-file SD1.x checkpoint
+    base_config: str | None = None  # diffusers config folder for a single-file checkpoint; None = shipped SD1.5
+    instance_prompt: str = "sks style painting"  # prompt of the instance images, with a rare token
+    class_prompt: str = "painting"  # prompt of the prior-preservation class images
+    class_data: str | None = None  # folder of class images; None generates them with the base model
+    class_images_dir: str | None = None  # where generated class images are kept; None = <output>.class_images
+    num_class_images: int = 100  # class images to generate (or use from class_data)
+    class_sample_steps: int = 30  # sampler steps per generated class image
+    class_guidance: float = 7.5  # classifier-free guidance scale of class-image generation
+    prior_loss_weight: float = 1.0  # weight of the class (prior-preservation) loss
+    min_images: int = 3  # fewer usable instance images than this is an error
+    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+
+    # --- what is trained ---
+    train_text_encoder: bool = False  # also fine-tune the CLIP text encoder (full fine-tune only)
+    lora: bool = False  # DreamBooth-LoRA: LoRA adapters with prior preservation (like-for-like with style LoRAs)
+    rank: int = 4  # LoRA rank (lora=True)
+    alpha: float | None = None  # LoRA alpha; None = rank
+    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS  # LoRA target layers (lora=True)
+
+    # --- optimisation ---
+    resolution: int = 512  # training side length (square centre crops)
+    steps: int = 1000  # optimizer steps (the plan: 800-1200)
+    batch_size: int = 1  # instance images per micro-batch (as many class images join it)
+    grad_accum: int = 2  # micro-batches per optimizer step
+    learning_rate: float | None = None  # None: 5e-6 for a full fine-tune, 1e-4 with lora=True
+    lr_scheduler: str = "constant"  # diffusers.optimization scheduler name (DreamBooth's default: constant)
+    warmup_steps: int = 0  # linear warm-up steps
+    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
+    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit when installed (CUDA); else torch AdamW
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype (fp16 on a T4)
+    gradient_checkpointing: bool = True  # recompute activations in backward: a full UNet fine-tune needs it on 16 GB
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # dtype of the written weights
+    seed: int = 0  # seeds class images, data order, noise, timesteps
+
+    # --- bookkeeping ---
+    checkpoint_every: int = 250  # resumable checkpoint interval in steps (0: none)
+    keep_checkpoints: int = 1  # complete checkpoints kept (a full UNet checkpoint with optimizer is ~10 GB)
+    log_every: int = 10  # CSV log interval in steps
+
+    def __post_init__(self) -> None:
+        for name in ("resolution", "steps", "batch_size", "grad_accum", "rank", "num_class_images",
+                     "class_sample_steps", "min_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.resolution % 64:
+            raise ValueError(f"resolution must be a multiple of 64, got {self.resolution}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        if self.lora and self.train_text_encoder:
+            raise ValueError("train_text_encoder is for the full fine-tune; with lora=True only the UNet gets adapters")
+        if not str(self.output).endswith(".safetensors"):
+            raise ValueError(f"output must be a .safetensors file, got {self.output!r}")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or (1e-4 if self.lora else 5e-6)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d

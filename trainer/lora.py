@@ -56,7 +56,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
@@ -66,20 +66,10 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     ckpt_root = checkpoint_root(output)
 
     # 1. Decide between a fresh run and a resumption; never silently overwrite earlier work.
-    resume_from = latest_checkpoint(ckpt_root) if resume else None
-    if not resume:
-        if output.exists() and not overwrite:
-            raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
-        if complete_checkpoints(ckpt_root) and not overwrite:
-            raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
-                                  "or --overwrite to start again")
-        if overwrite and ckpt_root.is_dir():  # a later --resume must not pick up the replaced run's steps
-            shutil.rmtree(ckpt_root)
-    elif resume_from is None:
-        logger.warning("--resume: no complete checkpoint in %s, starting from step 0", ckpt_root)
+    resume_from = start_or_resume(output, resume, overwrite)
 
     # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
-    _release_accelerator_state()
+    release_accelerator_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
@@ -97,7 +87,6 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     base = load_base_model(cfg.base_model, cfg.base_config)
     unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
     noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    prediction_type = noise_scheduler.config.prediction_type
     vae.to(device, dtype=torch.float32)  # the SD1.5 VAE overflows in fp16; it runs once per image when caching
     text_encoder.to(device, dtype=weight_dtype)
     unet.to(device, dtype=weight_dtype)
@@ -122,17 +111,17 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     # 6. Conditioning and latents, computed once: the text encoder and VAE are frozen.
     prompts = sorted(set(dataset.captions))
     with torch.no_grad():
-        prompt_embeds = {p: _encode_prompt(base.tokenizer, text_encoder, p, device) for p in prompts}
+        prompt_embeds = {p: encode_prompt(base.tokenizer, text_encoder, p, device) for p in prompts}
     cond = torch.stack([prompt_embeds[c] for c in dataset.captions])  # [N, 77, D]
     if cfg.preview_every == 0:
         text_encoder.to("cpu")
-    latent_cache = _encode_latents(vae, dataset, cfg.flip, device, show) if cfg.cache_latents else None
+    latent_cache = encode_latents(vae, dataset, cfg.flip, device, show) if cfg.cache_latents else None
     if latent_cache is not None and cfg.preview_every == 0 and not use_perceptual:
         vae.to("cpu")  # not needed on the GPU again: frees ~330 MB for the UNet's activations
     scaling = float(vae.config.scaling_factor)
 
     # 7. Optimizer and learning-rate schedule.
-    optimizer = _make_optimizer(cfg, lora_params)
+    optimizer = make_optimizer(lora_params, cfg.learning_rate, cfg.adam_weight_decay, cfg.use_8bit_adam)
     lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                 num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
                                 num_training_steps=cfg.steps * accelerator.num_processes)
@@ -143,7 +132,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     if resume_from is not None:
         step0, folder = resume_from
         adapter, state, info = load_checkpoint(folder)
-        _check_resumable(cfg, info, dataset, folder)
+        check_resumable(cfg, info, dataset.fingerprint, folder)
         set_peft_model_state_dict(accelerator.unwrap_model(unet), adapter)
         optimizer.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_scheduler"])
@@ -152,7 +141,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         if show:
             tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
 
-    log = _TrainLog(output, cfg.log_with, start_step, enabled=accelerator.is_main_process)
+    log = TrainLog(output, cfg.log_with, start_step, enabled=accelerator.is_main_process)
     info = {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint}
 
     def checkpoint(step: int) -> None:
@@ -182,30 +171,16 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                 ids = batches[index]
                 with accelerator.accumulate(unet):
                     # 9a. Clean latents z0 ~ q(z|x) of the batch (cached mean/std, or a fresh VAE encode).
-                    latents, mirrored = _batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
+                    latents, mirrored = batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
                     latents = (latents * scaling).to(device, weight_dtype)
 
-                    # 9b. Forward diffusion: z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t ~ U{0..T-1}.
-                    noise = torch.randn(latents.shape, generator=g)
-                    if cfg.noise_offset:
-                        noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
-                    noise = noise.to(device, weight_dtype)
-                    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(ids),), generator=g)
-                    t = t.to(device)
-                    noisy = noise_scheduler.add_noise(latents, noise, t)
-                    target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, t)
-
-                    # 9c. Predict and weigh: per-sample MSE, min-SNR-gamma weights (Hang et al. 2023).
+                    # 9b. Forward diffusion, prediction, weighted MSE (see denoising_loss).
                     encoder_states = cond[ids].to(device, weight_dtype)
-                    pred = unet(noisy, t, encoder_states, return_dict=False)[0]
-                    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    if cfg.min_snr_gamma:
-                        snr = compute_snr(noise_scheduler, t)
-                        denominator = snr if prediction_type == "epsilon" else snr + 1
-                        mse = mse * torch.clamp(snr, max=cfg.min_snr_gamma) / denominator
+                    mse, noisy, pred, t = denoising_loss(unet, noise_scheduler, latents, encoder_states, g,
+                                                         cfg.noise_offset, cfg.min_snr_gamma)
                     loss = cfg.mse_weight * mse.mean()
 
-                    # 9d. Perceptual terms on the decoded x0 prediction, low-noise samples only.
+                    # 9c. Perceptual terms on the decoded x0 prediction, low-noise samples only.
                     low_noise = t < cfg.perceptual_max_timestep if use_perceptual else None
                     if use_perceptual and low_noise.any():
                         target_px = torch.stack([dataset.pixels[i].flip(-1) if m else dataset.pixels[i]
@@ -214,7 +189,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                                                     pred[low_noise], t[low_noise], target_px.to(device), scaling)
                         loss = loss + (cfg.lpips_weight * lp.sum() + cfg.style_weight * gram.sum()) / len(ids)
 
-                    # 9e. Backward and (on the last micro-batch) the optimizer step.
+                    # 9d. Backward and (on the last micro-batch) the optimizer step.
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
@@ -250,13 +225,17 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
     adapter = get_peft_model_state_dict(final_unet)
-    from ..eval.cost import peak_memory_mb
+    from ..eval.cost import peak_memory_mb, write_resource_record
 
     peak_mb = peak_memory_mb(device)
     if accelerator.is_main_process:
         meta = lora_metadata(cfg, base, dataset, step, time.time() - t_start)
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
+        write_resource_record(output, {"kind": "style_lora", "steps": step, "train_seconds": time.time() - t_start,
+                                       "peak_memory_mb": peak_mb, "device": str(device),
+                                       "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
+                                       "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoint(step)  # every process: it ends on a barrier
@@ -265,7 +244,55 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                        peak_mb)
 
 
-def _release_accelerator_state() -> None:
+def start_or_resume(output: Path, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (None: a fresh run). Refuses to replace an earlier run's output or
+    checkpoints unless `overwrite`; with `overwrite`, clears that run's checkpoints."""
+    ckpt_root = checkpoint_root(output)
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            logger.warning("--resume: no complete checkpoint in %s, starting from step 0", ckpt_root)
+        return found
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+    if complete_checkpoints(ckpt_root) and not overwrite:
+        raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
+                              "or --overwrite to start again")
+    if overwrite and ckpt_root.is_dir():  # a later --resume must not pick up the replaced run's steps
+        shutil.rmtree(ckpt_root)
+    return None
+
+
+def denoising_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_states: torch.Tensor, g: torch.Generator,
+                   noise_offset: float = 0.0, min_snr_gamma: float | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The diffusion training objective for a batch of clean latents z0 [B, 4, h, w] (scaled).
+
+    z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps with t ~ U{0..T-1} (Ho et al. 2020); the UNet predicts eps (or v).
+    Noise and timesteps come from `g`, so a batch's draw depends only on its seed. Optional offset noise
+    (Guttenberg 2023) and min-SNR-gamma weighting (Hang et al. 2023).
+    Returns (per-sample loss [B], z_t, prediction, t).
+    """
+    from diffusers.training_utils import compute_snr
+
+    device, dtype = latents.device, latents.dtype
+    noise = torch.randn(latents.shape, generator=g)
+    if noise_offset:
+        noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
+    noise = noise.to(device, dtype)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    epsilon = noise_scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else noise_scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, encoder_states, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, t)
+        loss = loss * torch.clamp(snr, max=min_snr_gamma) / (snr if epsilon else snr + 1)
+    return loss, noisy, pred, t
+
+
+def release_accelerator_state() -> None:
     """Forget the accelerator settings of an earlier `train_lora` in this process (a second style, a ComfyUI
     session), so this run may choose another mixed precision. accelerate keeps them in class-level singletons
     that refuse a changed setting; its own test-suite clears them the same way between runs. The distributed
@@ -276,14 +303,14 @@ def _release_accelerator_state() -> None:
     GradientState._reset_state()
 
 
-def _encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
+def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
     """CLIP last hidden state [77, D] of `prompt` ("" for the unconditional/promptless embedding)."""
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(device))[0][0].float().cpu()
 
 
-def _batch_latents(ids: list[int], dataset: StyleDataset, cache, vae, flip: bool, g: torch.Generator,
+def batch_latents(ids: list[int], dataset: StyleDataset, cache, vae, flip: bool, g: torch.Generator,
                    device: torch.device) -> tuple[torch.Tensor, list[bool]]:
     """Unscaled latents [B, 4, H/8, W/8] sampled from the VAE posterior of images `ids`, mirrored at random
     when `flip`; also returns which images were mirrored."""
@@ -334,7 +361,7 @@ def perceptual_terms(noise_scheduler, vae, perceptual: torch.nn.Module, noisy: t
     return perceptual(image, target_pixels.float() / 255)
 
 
-def _encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device, show: bool
+def encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device, show: bool
                     ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """VAE posterior (mean, std) per image, [4, H/8, W/8] each; index 1 holds the mirrored images."""
     from tqdm.auto import tqdm
@@ -353,26 +380,33 @@ def _encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device
     return out
 
 
-def _make_optimizer(cfg: LoraTrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if cfg.use_8bit_adam:
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, use_8bit: bool
+                   ) -> torch.optim.Optimizer:
+    """AdamW over `params`; bitsandbytes' 8-bit AdamW when `use_8bit` and it is installed with a CUDA device
+    (Dettmers et al. 2022: a quarter of the optimizer memory)."""
+    if use_8bit:
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+            if params and params[0].device.type == "cuda":
+                return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+            logger.info("use_8bit_adam: 8-bit AdamW needs CUDA; using torch AdamW")
         except ImportError:
-            logger.warning("use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+            logger.info("use_8bit_adam: bitsandbytes is not installed; using torch AdamW")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _check_resumable(cfg: LoraTrainConfig, info: dict[str, Any], dataset: StyleDataset, folder: Path) -> None:
+def check_resumable(cfg: Any, info: dict[str, Any], fingerprint: str, folder: Path,
+                    invariants: tuple[str, ...] = RESUME_INVARIANTS) -> None:
+    """Refuse to resume when settings that change what is trained, or the images, differ from the checkpoint's."""
     saved = info.get("config", {})
     now = cfg.to_dict()
-    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != now[k]]
+    changed = [k for k in invariants if k in saved and saved[k] != now[k]]
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
         raise ValueError(f"--resume: settings differ from the run in {folder} ({detail}); "
                          "use the same settings, or start a new run with --overwrite")
-    if info.get("dataset_fingerprint") != dataset.fingerprint:
+    if info.get("dataset_fingerprint") != fingerprint:
         raise ValueError(f"--resume: the images in {cfg.data} changed since {folder} was written; "
                          "restore them or start a new run with --overwrite")
 
@@ -456,7 +490,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-class _TrainLog:
+class TrainLog:
     """`<output stem>.train_log.csv` (step, loss, lr, steps/s, elapsed), and TensorBoard when asked for."""
 
     FIELDS = ("step", "loss", "lr", "steps_per_s", "elapsed_s")

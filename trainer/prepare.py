@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from .dataset import scan_folder
 from .files import atomic_write, atomic_write_text
@@ -333,11 +333,14 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
 
     cell = 128
     rows = [(name, files[:grid_per_folder]) for name, files in samples.items()]
-    canvas = Image.new("RGB", (cell * grid_per_folder, cell * len(rows)), "white")
-    for r, (_, files) in enumerate(rows):
+    canvas = Image.new("RGB", (cell * grid_per_folder, (cell + 16) * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (name, files) in enumerate(rows):
+        top = r * (cell + 16)
+        draw.text((4, top + 2), name, fill="black")
         for c, f in enumerate(files):
             try:
-                canvas.paste(resize_cover(load_image(f), cell, cell), (c * cell, r * cell))
+                canvas.paste(resize_cover(load_image(f), cell, cell), (c * cell, top + 16))
             except ImageLoadError:
                 continue
     atomic_write(out / "sample_grid.png", lambda tmp: canvas.save(tmp, format="PNG"))
