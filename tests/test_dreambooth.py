@@ -89,3 +89,29 @@ def test_dreambooth_settings_are_checked():
         DreamBoothConfig(data="d", output="o.safetensors", lora=True, train_text_encoder=True)
     assert DreamBoothConfig(data="d", output="o.safetensors").lr == 5e-6
     assert DreamBoothConfig(data="d", output="o.safetensors", lora=True).lr == 1e-4
+
+
+def test_dreambooth_resume_continues_exactly(tiny_model, style_folder, tmp_path):
+    """A run that died after its step-2 checkpoint, resumed, ends with the same weights as an unbroken run."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from stylora.trainer.checkpoint import checkpoint_root
+
+    def config(name):
+        return DreamBoothConfig(data=str(style_folder), output=str(tmp_path / name),
+                                base_model=str(tiny_model["diffusers"]), steps=4,
+                                class_images_dir=str(tmp_path / "classes"),
+                                **{**FAST, "checkpoint_every": 2, "keep_checkpoints": 2, "save_dtype": "fp32"})
+
+    train_dreambooth(config("whole.safetensors"), progress=False)
+    crashed = config("crashed.safetensors")
+    train_dreambooth(crashed, progress=False)
+    (tmp_path / "crashed.safetensors").unlink()  # as if killed after the step-2 checkpoint
+    shutil.rmtree(checkpoint_root(crashed.output) / "step-00000004")
+    assert (checkpoint_root(crashed.output) / "step-00000002" / "COMPLETE").is_file()
+    result = train_dreambooth(crashed, resume=True, progress=False)
+    assert result.resumed_from == 2 and result.steps == 4
+    a, b = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "crashed.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -183,7 +183,7 @@ class DreamBoothConfig:
 
     # --- bookkeeping ---
     checkpoint_every: int = 250  # resumable checkpoint interval in steps (0: none)
-    keep_checkpoints: int = 1  # complete checkpoints kept (a full UNet checkpoint with optimizer is ~10 GB)
+    keep_checkpoints: int = 1  # complete checkpoints kept (a full SD1.5 UNet checkpoint with AdamW state is ~10 GB)
     log_every: int = 10  # CSV log interval in steps
 
     def __post_init__(self) -> None:
