@@ -162,6 +162,12 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
     cfg = build_config(LoraTrainConfig, args)
     result = train_lora(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    _print_result(result)
+    return 0
+
+
+def _print_result(result) -> None:
+    """What a training run did: skipped files, where it resumed, what it wrote and what it cost."""
     if result.skipped:
         print(f"Skipped {len(result.skipped)} file(s):")
         for s in result.skipped:
@@ -170,8 +176,8 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
         print(f"Resumed from step {result.resumed_from}; finished at step {result.steps}.")
     size = result.output.stat().st_size / 1e6
     print(f"Wrote {result.output} ({size:.2f} MB) after {result.steps} steps in {result.seconds:.0f} s; "
-          f"final loss {result.final_loss:.4f}")
-    return 0
+          f"final loss {result.final_loss:.4f}; peak memory {result.peak_memory_mb:.0f} MB "
+          f"(cost record: {result.output.stem}.resources.json)")
 
 
 def cmd_train_dreambooth(args: argparse.Namespace) -> int:
@@ -179,13 +185,7 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
 
     cfg = build_config(DreamBoothConfig, args)
     result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
-    for s in result.skipped:
-        print(f"  skipped {s.path}: {s.reason}")
-    if result.resumed_from:
-        print(f"Resumed from step {result.resumed_from}; finished at step {result.steps}.")
-    size = result.output.stat().st_size / 1e6
-    print(f"Wrote {result.output} ({size:.1f} MB) after {result.steps} steps in {result.seconds:.0f} s "
-          f"(peak memory {result.peak_memory_mb:.0f} MB); cost record: {result.output.stem}.resources.json")
+    _print_result(result)
     return 0
 
 

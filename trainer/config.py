@@ -17,8 +17,22 @@ DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+class _TrainerSettings:
+    """What the trainers' configs share: how they are saved into metadata, and the LoRA scale alpha."""
+
+    rank: int
+    alpha: float | None
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
 @dataclass(frozen=True)
-class LoraTrainConfig:
+class LoraTrainConfig(_TrainerSettings):
     """Everything that decides what `stylora train lora` produces. Saved into the LoRA's metadata."""
 
     # --- data and model ---
@@ -101,14 +115,6 @@ class LoraTrainConfig:
         if not str(self.output).endswith(".safetensors"):
             raise ValueError(f"output must be a .safetensors file, got {self.output!r}")
 
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -138,7 +144,7 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class DreamBoothConfig:
+class DreamBoothConfig(_TrainerSettings):
     """Everything that decides what `stylora train dreambooth` produces (Ruiz et al. 2023, with prior
     preservation). Saved into the checkpoint's metadata."""
 
@@ -205,12 +211,3 @@ class DreamBoothConfig:
     @property
     def lr(self) -> float:
         return self.learning_rate or (1e-4 if self.lora else 5e-6)
-
-    @property
-    def lora_alpha(self) -> float:
-        return float(self.rank if self.alpha is None else self.alpha)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d

@@ -23,7 +23,7 @@ from .config import DreamBoothConfig
 from .dataset import BatchOrder, load_style_dataset
 from .files import atomic_write
 from .lora import (
-    TrainLog,
+    TrainProgress,
     TrainResult,
     batch_latents,
     check_resumable,
@@ -31,6 +31,7 @@ from .lora import (
     encode_latents,
     encode_prompt,
     make_optimizer,
+    optimizer_step,
     release_accelerator_state,
     start_or_resume,
 )
@@ -174,17 +175,17 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
 
     # 9. Training: each micro-batch holds instance images under the instance prompt and as many class images
     #    under the class prompt; the class half is the prior-preservation loss.
-    log = TrainLog(output, "csv", start_step, enabled=accelerator.is_main_process)
+    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "DreamBooth", show,
+                          enabled=accelerator.is_main_process)
     inst_order, class_order = BatchOrder(instances, cfg.batch_size, cfg.seed), BatchOrder(classes, cfg.batch_size,
                                                                                          cfg.seed + 1)
     unet.train()
     if cfg.train_text_encoder:
         text_encoder.train()
-    step, losses, step_seconds, window = start_step, [], [], []
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="DreamBooth", unit="step", disable=not show)
+    step = start_step
     try:
         while step < cfg.steps:
-            t_step = time.perf_counter()
+            track.begin_step()
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
@@ -202,23 +203,10 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
                     mse, *_ = denoising_loss(unet, noise_scheduler, latents, states, g)
                     n = len(inst_ids)
                     loss = mse[:n].mean() + cfg.prior_loss_weight * mse[n:].mean()
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(accelerator, loss, params, optimizer, lr_schedule, cfg.max_grad_norm)
                 step_loss += loss.detach().item() / cfg.grad_accum
             step += 1
-            step_seconds.append(time.perf_counter() - t_step)
-            losses.append(step_loss)
-            window.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                rate = (step - start_step) / max(sum(step_seconds), 1e-9)
-                log.write(step, sum(window) / len(window), lr_schedule.get_last_lr()[0], rate, time.time() - t_start)
-                window = []
+            track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint(step)
     except KeyboardInterrupt:
@@ -227,8 +215,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
         raise
     finally:
-        bar.close()
-        log.close()
+        track.close()
 
     # 10. Write the result (single-file checkpoint or kohya LoRA), its metadata and its resource record.
     accelerator.wait_for_everyone()
@@ -255,8 +242,8 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoint(step)
-    final = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:])) if losses else float("nan")
-    return TrainResult(output, step, start_step, final, losses, instances.skipped, seconds, step_seconds, peak_mb)
+    return TrainResult(output, step, start_step, track.final_loss, track.losses, instances.skipped, seconds,
+                       track.step_seconds, peak_mb)
 
 
 def class_images_folder(cfg: DreamBoothConfig) -> Path:

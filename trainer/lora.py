@@ -141,7 +141,8 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         if show:
             tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
 
-    log = TrainLog(output, cfg.log_with, start_step, enabled=accelerator.is_main_process)
+    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "Training style LoRA", show, cfg.log_with,
+                          enabled=accelerator.is_main_process)
     info = {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint}
 
     def checkpoint(step: int) -> None:
@@ -154,16 +155,11 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     # 9. The training loop. Noise, timesteps and batches are drawn from generators seeded by the
     #    micro-step index, so a resumed run continues exactly as the uninterrupted one would have.
     unet.train()
-    losses: list[float] = []
     step = start_step
-    bar = tqdm(total=cfg.steps, initial=start_step, desc="Training style LoRA", unit="step", disable=not show)
-    window: list[float] = []
-    step_seconds: list[float] = []
     batches = BatchOrder(dataset, cfg.batch_size, cfg.seed)
-    t_loop = time.time()
     try:
         while step < cfg.steps:
-            t_step = time.perf_counter()
+            track.begin_step()
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
@@ -190,36 +186,21 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
                         loss = loss + (cfg.lpips_weight * lp.sum() + cfg.style_weight * gram.sum()) / len(ids)
 
                     # 9d. Backward and (on the last micro-batch) the optimizer step.
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(lora_params, cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(accelerator, loss, lora_params, optimizer, lr_schedule, cfg.max_grad_norm)
                 step_loss += loss.detach().item() / cfg.grad_accum
             step += 1
-            step_seconds.append(time.perf_counter() - t_step)
-            losses.append(step_loss)
-            window.append(step_loss)
-            rate = (step - start_step) / max(time.time() - t_loop, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_schedule.get_last_lr()[0]:.2e}")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                log.write(step, sum(window) / len(window), lr_schedule.get_last_lr()[0], rate, time.time() - t_start)
-                window = []
+            track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint(step)
             if cfg.preview_every and step % cfg.preview_every == 0 and accelerator.is_main_process:
                 _save_preview(cfg, base, accelerator.unwrap_model(unet), output, step)
     except KeyboardInterrupt:
-        bar.close()
         if step > start_step:
             checkpoint(step)
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
         raise
     finally:
-        bar.close()
-        log.close()
+        track.close()
 
     # 10. Write the LoRA in kohya layout with its metadata, then a last checkpoint for reference.
     accelerator.wait_for_everyone()
@@ -239,9 +220,8 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoint(step)  # every process: it ends on a barrier
-    final = sum(losses[-cfg.log_every:]) / max(1, len(losses[-cfg.log_every:])) if losses else float("nan")
-    return TrainResult(output, step, start_step, final, losses, dataset.skipped, time.time() - t_start, step_seconds,
-                       peak_mb)
+    return TrainResult(output, step, start_step, track.final_loss, track.losses, dataset.skipped,
+                       time.time() - t_start, track.step_seconds, peak_mb)
 
 
 def start_or_resume(output: Path, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
@@ -490,13 +470,22 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-class TrainLog:
-    """`<output stem>.train_log.csv` (step, loss, lr, steps/s, elapsed), and TensorBoard when asked for."""
+class TrainProgress:
+    """A run's progress bar, per-step losses and timings, and `<output stem>.train_log.csv` (step, loss, lr,
+    steps/s, elapsed; mean loss over each logging window), with TensorBoard when asked for."""
 
     FIELDS = ("step", "loss", "lr", "steps_per_s", "elapsed_s")
 
-    def __init__(self, output: Path, log_with: str, start_step: int, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, output: Path, total: int, start_step: int, log_every: int, desc: str, show: bool,
+                 log_with: str = "csv", enabled: bool = True):
+        from tqdm.auto import tqdm
+
+        self.total, self.start_step, self.log_every, self.enabled = total, start_step, log_every, enabled
+        self.losses: list[float] = []  # per-step loss of this process's run
+        self.step_seconds: list[float] = []  # wall time of each optimizer step of this run
+        self._window: list[float] = []
+        self._t0, self._t_step = time.time(), time.perf_counter()
+        self.bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", disable=not show)
         self.path = output.parent / f"{output.stem}.train_log.csv"
         self.tb = None
         if not enabled:
@@ -519,21 +508,50 @@ class TrainLog:
             except ImportError:
                 logger.warning("log_with=tensorboard: the tensorboard package is not installed; logging CSV only")
 
-    def write(self, step: int, loss: float, lr: float, rate: float, elapsed: float) -> None:
-        if not self.enabled:
-            return
-        self.writer.writerow({"step": step, "loss": f"{loss:.6f}", "lr": f"{lr:.3e}", "steps_per_s": f"{rate:.4f}",
-                              "elapsed_s": f"{elapsed:.1f}"})
-        self.file.flush()
-        if self.tb is not None:
-            self.tb.add_scalar("train/loss", loss, step)
-            self.tb.add_scalar("train/lr", lr, step)
+    def begin_step(self) -> None:
+        self._t_step = time.perf_counter()
+
+    def end_step(self, step: int, loss: float, lr: float) -> None:
+        """Record optimizer step `step` (1-based): bar, timing, and a CSV row every `log_every` steps."""
+        self.step_seconds.append(time.perf_counter() - self._t_step)
+        self.losses.append(loss)
+        self._window.append(loss)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        if self.enabled and (step % self.log_every == 0 or step == self.total):
+            mean = sum(self._window) / len(self._window)
+            rate = len(self.step_seconds) / max(sum(self.step_seconds), 1e-9)
+            self.writer.writerow({"step": step, "loss": f"{mean:.6f}", "lr": f"{lr:.3e}",
+                                  "steps_per_s": f"{rate:.4f}", "elapsed_s": f"{time.time() - self._t0:.1f}"})
+            self.file.flush()
+            if self.tb is not None:
+                self.tb.add_scalar("train/loss", mean, step)
+                self.tb.add_scalar("train/lr", lr, step)
+            self._window = []
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last logging window's steps (NaN when no step ran)."""
+        tail = self.losses[-self.log_every:]
+        return sum(tail) / len(tail) if tail else float("nan")
 
     def close(self) -> None:
+        self.bar.close()
         if self.enabled and not self.file.closed:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def optimizer_step(accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, lr_schedule,
+                   max_grad_norm: float) -> None:
+    """Backward; on the last micro-batch of an accumulation (accelerate decides) clip, step, advance the LR."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _save_preview(cfg: LoraTrainConfig, base, unet, output: Path, step: int) -> None:
