@@ -79,14 +79,18 @@ def write_resource_record(output: str | Path, record: dict) -> Path:
 
 
 def cost_table(records: list[dict]) -> str:
-    """A Markdown table comparing resource records (e.g. a LoRA style against its DreamBooth baseline)."""
-    head = "| artifact | kind | steps | train time | s/step | peak memory | file size | device |"
+    """A Markdown table comparing resource records (e.g. a LoRA style against its DreamBooth baseline).
+    Run time is the whole run (model loading, latent caching, class images included)."""
+    head = "| artifact | kind | steps | run time | s/step | peak memory | file size | device |"
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     for r in records:
         steps = int(r.get("steps") or 0)
         secs = float(r.get("train_seconds") or 0)
         size = f"{r['bytes'] / 1e6:.1f} MB" if r.get("bytes") is not None else "n/a"
-        per_step = f"{secs / steps:.2f}" if steps else "n/a"
+        # s/step from the optimizer loop alone (loading, caching and class images excluded) when recorded.
+        loop = r.get("loop_seconds")
+        ran = steps - int(r.get("resumed_from") or 0)
+        per_step = f"{loop / ran:.2f}" if loop and ran > 0 else f"{secs / steps:.2f}" if steps else "n/a"
         peak = float(r.get("peak_memory_mb") or 0)
         lines.append(f"| {r.get('artifact', '?')} | {r.get('kind', '?')} | {steps} | {secs / 60:.1f} min | "
                      f"{per_step} | {peak:.0f} MB | {size} | {r.get('device', '?')} |")

@@ -236,6 +236,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             atomic_write(output, lambda tmp: save_file(sd, tmp, metadata=meta))
         write_resource_record(output, {"kind": "dreambooth_lora" if cfg.lora else "dreambooth", "steps": step,
                                        "train_seconds": seconds, "class_image_seconds": class_seconds,
+                                       "loop_seconds": sum(track.step_seconds), "resumed_from": start_step,
                                        "peak_memory_mb": peak_mb, "device": str(device),
                                        "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
                                        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})

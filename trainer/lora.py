@@ -214,6 +214,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
         write_resource_record(output, {"kind": "style_lora", "steps": step, "train_seconds": time.time() - t_start,
+                                       "loop_seconds": sum(track.step_seconds), "resumed_from": start_step,
                                        "peak_memory_mb": peak_mb, "device": str(device),
                                        "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
                                        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
