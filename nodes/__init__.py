@@ -1,5 +1,14 @@
-"""ComfyUI node declarations. Plain V1 node classes; `comfy` is imported only inside the functions
-that need it, so this package imports (and is tested) without ComfyUI."""
+"""ComfyUI node declarations. Plain V1 node classes; `comfy` is imported only inside the functions that need
+it, so this package imports (and is tested) without ComfyUI."""
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+from .style_lora import LoadStyleLoRA, register_model_folders
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {"LoadStyleLoRA": LoadStyleLoRA}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {"LoadStyleLoRA": "Load Style LoRA (Stylora)"}
+
+try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register
+    import folder_paths
+except ImportError:
+    folder_paths = None
+if folder_paths is not None:
+    register_model_folders(folder_paths)

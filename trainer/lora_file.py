@@ -117,3 +117,69 @@ def describe(path: str | Path) -> str:
     if not meta:
         lines.append("  (no metadata)")
     return "\n".join(lines)
+
+
+# Key suffixes of the LoRA formats ComfyUI's loader reads for SD1.x (kohya/A1111, LoCon, peft/diffusers, DoRA).
+_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+_UP = (".lora_up.weight", ".lora_B.weight", ".lora.up.weight")
+_EXTRA = (".alpha", ".dora_scale", ".lora_mid.weight")
+
+
+def lora_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group a LoRA state dict into {module prefix: {"down", "up"}} and list the keys of unknown formats."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, value in state.items():
+        for suffixes, slot in ((_DOWN, "down"), (_UP, "up"), (_EXTRA, None)):
+            hit = next((s for s in suffixes if key.endswith(s)), None)
+            if hit:
+                if slot:
+                    modules.setdefault(key[: -len(hit)], {})[slot] = value
+                break
+        else:
+            unknown.append(key)
+    return modules, unknown
+
+
+def check_lora_fits(state: dict[str, torch.Tensor], key_map: dict[str, Any],
+                    target_shapes: dict[str, tuple[int, ...]], limit: int = 5) -> list[str]:
+    """Why a LoRA does not fit a model (an empty list: every module maps to a weight of matching shape).
+
+    key_map: LoRA module prefix -> model weight key (ComfyUI's `model_lora_keys_unet/clip`; a tuple's first item is
+    the key). target_shapes: model weight key -> shape. ComfyUI itself only logs unmapped keys and skips
+    wrong-shape patches at sampling time; an SDXL or SD2 LoRA then half-applies silently, which is what this
+    check refuses. At most `limit` problems of each kind are listed, with a count of the rest.
+    """
+    modules, unknown = lora_prefixes(state)
+    unmapped, mismatched, incomplete = [], [], []
+    for prefix, parts in modules.items():
+        if set(parts) != {"down", "up"}:
+            incomplete.append(prefix)
+            continue
+        target = key_map.get(prefix)
+        if isinstance(target, tuple):
+            target = target[0]
+        if target is None or target not in target_shapes:
+            unmapped.append(prefix)
+            continue
+        shape = target_shapes[target]
+        out_ch, in_ch = parts["up"].shape[0], parts["down"].shape[1]
+        if len(shape) < 2 or shape[0] != out_ch or shape[1] != in_ch:
+            mismatched.append(f"{prefix}: LoRA maps {in_ch}->{out_ch}, model weight is {tuple(shape)}")
+    problems = []
+    for label, items in (("unknown keys", unknown), ("modules with no matching model layer", unmapped),
+                         ("modules of the wrong shape", mismatched), ("modules missing up or down", incomplete)):
+        if items:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            problems.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    if not modules and not unknown:
+        problems.append("no LoRA weights in the file")
+    return problems
+
+
+def normalize_blend(weights: list[float]) -> list[float]:
+    """Blend weights scaled to sum to 1 (signs kept), so a blend of styles has the strength of one style."""
+    total = sum(abs(w) for w in weights)
+    if total == 0:
+        raise ValueError(f"blend weights must not all be 0, got {weights}")
+    return [w / total for w in weights]

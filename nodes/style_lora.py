@@ -1,0 +1,138 @@
+"""LoadStyleLoRA: apply one style LoRA, or a weighted blend of up to three, to ComfyUI's MODEL and CLIP.
+
+A thin layer: the fit check and blend weights are `trainer.lora_file` functions; the patching is ComfyUI's own
+`comfy.sd.load_lora_for_models`, so the result is what stock LoraLoader would give for a file that fits.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
+NONE = "None"
+
+
+def style_files() -> list[str]:
+    """Style files ComfyUI can see: models/styles first, then models/loras (empty without ComfyUI)."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    names: list[str] = []
+    for key in (STYLE_FOLDER_KEY, "loras"):
+        if key in folder_paths.folder_names_and_paths:
+            names += [n for n in folder_paths.get_filename_list(key) if n not in names]
+    return names
+
+
+def style_path(name: str) -> str:
+    import folder_paths
+
+    for key in (STYLE_FOLDER_KEY, "loras"):
+        if key in folder_paths.folder_names_and_paths:
+            path = folder_paths.get_full_path(key, name)
+            if path:
+                return path
+    raise FileNotFoundError(f"LoadStyleLoRA: style {name!r} is in neither models/styles nor models/loras")
+
+
+def register_model_folders(folder_paths: Any) -> None:
+    """Add models/styles under the key 'stylora', merged with any extra_model_paths.yaml entry for that key."""
+    default = os.path.join(folder_paths.models_dir, "styles")
+    entry = folder_paths.folder_names_and_paths.get(STYLE_FOLDER_KEY)
+    if entry is None:
+        folder_paths.folder_names_and_paths[STYLE_FOLDER_KEY] = ([default], set(folder_paths.supported_pt_extensions))
+    elif default not in entry[0]:
+        entry[0].append(default)
+
+
+class LoadStyleLoRA:
+    """Loads a Stylora style (or any SD1.5 kohya LoRA) onto the model, refusing files that do not fit it."""
+
+    CATEGORY = "Stylora"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "STYLORA_STYLE")
+    RETURN_NAMES = ("model", "clip", "style_info")
+    OUTPUT_TOOLTIPS = (
+        "The model with the style's weights patched in.",
+        "The text encoder, patched too when the style carries text-encoder weights.",
+        "What was applied: style names, blend weights, trigger phrase and the trainer's suggested denoise.",
+    )
+    DESCRIPTION = ("Applies a style LoRA from models/styles or models/loras to an SD1.5 model. Optional second and "
+                   "third styles are blended with the first by weight (weights are normalised to sum to 1, then "
+                   "scaled by strength). LoRAs made for SDXL, SD2 or damaged files are refused with the reason "
+                   "instead of being half-applied.")
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, float], tuple[dict, dict]] = {}  # (path, mtime) -> (tensors, metadata)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        styles = style_files()
+        weight = {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.5 model, e.g. from Load Checkpoint."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP text encoder of the same checkpoint."}),
+                "style": (styles, {"tooltip": "The style file (models/styles or models/loras)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
+                                       "tooltip": "How strongly the (blended) style is applied; 0 leaves the model "
+                                                  "unchanged, 1 is the strength it was trained at."}),
+            },
+            "optional": {
+                "style_2": ([NONE, *styles], {"default": NONE, "tooltip": "A second style to blend in (optional)."}),
+                "weight_2": ("FLOAT", {**weight, "tooltip": "Blend weight of style_2 relative to style (weight 1)."}),
+                "style_3": ([NONE, *styles], {"default": NONE, "tooltip": "A third style to blend in (optional)."}),
+                "weight_3": ("FLOAT", {**weight, "tooltip": "Blend weight of style_3 relative to style (weight 1)."}),
+            },
+        }
+
+    def _read(self, path: str) -> tuple[dict, dict]:
+        from ..trainer.lora_file import read_lora
+
+        key = (path, os.path.getmtime(path))
+        if key not in self._cache:
+            self._cache = {key: read_lora(path)}  # keep one file set: styles are small, models are not
+        return self._cache[key]
+
+    def load(self, model, clip, style: str, strength: float, style_2: str = NONE, weight_2: float = 1.0,
+             style_3: str = NONE, weight_3: float = 1.0):
+        import comfy.lora
+        import comfy.sd
+        import comfy.supported_models
+
+        from ..trainer.lora_file import check_lora_fits, normalize_blend
+
+        # 1. Only SD1.5: the styles' layers and widths are SD1.5's.
+        config = model.model.model_config
+        if not isinstance(config, comfy.supported_models.SD15):
+            raise ValueError(f"LoadStyleLoRA: the model is {type(config).__name__}; Stylora styles are for SD1.5 "
+                             "checkpoints (load one with Load Checkpoint)")
+        # 2. The styles and their normalised blend weights.
+        picks = [(style, 1.0)] + [(s, w) for s, w in ((style_2, weight_2), (style_3, weight_3)) if s != NONE and w]
+        weights = normalize_blend([w for _, w in picks])
+        # 3. ComfyUI's own key map and the model's weight shapes, for the fit check.
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+        # 4. Check every style before patching anything, then patch each at strength * weight.
+        loaded = []
+        for name, _ in picks:
+            state, meta = self._read(style_path(name))
+            problems = check_lora_fits(state, key_map, shapes)
+            if problems:
+                raise ValueError(f"LoadStyleLoRA: {name} does not fit this SD1.5 model (an SDXL or SD2 LoRA, or a "
+                                 f"damaged file?): " + "; ".join(problems))
+            loaded.append((name, state, meta))
+        info: dict[str, Any] = {"styles": [], "strength": strength}
+        for (name, state, meta), w in zip(loaded, weights):
+            model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
+            info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
+                                   or meta.get("modelspec.trigger_phrase", ""),
+                                   "suggested_denoise": float(meta.get("stylora.suggested_denoise", 0.6)),
+                                   "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", ""))})
+        info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
+        info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
+        return (model, clip, info)
