@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..trainer.dataset import scan_folder
 from ..trainer.files import atomic_write, atomic_write_text
-from ..trainer.images import ImageLoadError, load_image
+from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, fid, kid, ssim
 from .weights import WeightsUnavailable
 
@@ -143,12 +142,16 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
         style_features = _style_features(nets["inception"], style_files, cfg, progress,
                                          cacheable=getattr(nets["inception"], "published", False))
 
-    # 4. Per-image metrics for every method.
+    # 4. Per-image metrics for every method; each output is decoded once, its Inception features taken then too.
+    inception = nets["inception"] if style_features is not None else None
+    features: dict[str, list[np.ndarray]] = {m.name: [] for m in methods}
     total = sum(len(m.rows) for m in methods)
     bar = tqdm(total=total, desc="Evaluating", unit="img", disable=not progress)
     for m in methods:
         for row in m.rows:
-            _score_pair(row, nets, wanted, unavailable, style_grams, cfg.resize_content, device)
+            feat = _score_pair(row, nets, wanted, unavailable, style_grams, cfg.resize_content, device, inception)
+            if feat is not None:
+                features[m.name].append(feat)
             bar.update(1)
     bar.close()
 
@@ -156,8 +159,7 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     for m in methods:
         if style_features is None or not m.rows:
             continue
-        feats = _features_of(nets["inception"], [Path(r["styled_file"]) for r in m.rows], progress,
-                             f"Inception features ({m.name})")
+        feats = np.stack(features[m.name]) if features[m.name] else np.zeros((0, 2048))
         enough = len(feats) >= 2 and len(style_features) >= 2
         if "fid" in wanted or "artfid" in wanted:
             m.set_metrics["fid"] = fid(feats, style_features) if enough else None
@@ -204,13 +206,12 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def _index(folder: Path, flag: str) -> dict[str, Path]:
-    """Image files of a folder by stem (not recursive into subfolders of other methods)."""
+    """Image files directly in a folder, by stem (subfolders, e.g. other methods' outputs, are not entered)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder}: not a folder")
-    files, _ = scan_folder(folder)
     index: dict[str, Path] = {}
-    for f in files:
-        if f.parent != folder:
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
             continue
         if f.stem in index:
             logger.warning("%s: %s and %s share a stem; using the first", folder, index[f.stem].name, f.name)
@@ -230,13 +231,21 @@ def _load(path: Path) -> torch.Tensor:
 
 @torch.no_grad()
 def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: dict[str, str], style_grams,
-                resize_content: bool, device: torch.device) -> None:
+                resize_content: bool, device: torch.device, inception: InceptionFeatures | None = None
+                ) -> np.ndarray | None:
+    """Fill `row` with the per-image metrics; return the output's Inception features [2048] when `inception`
+    is given (FID/KID need no content photo, so they count outputs whose pair fails)."""
     try:
         styled = _load(Path(row["styled_file"])).to(device)
+    except ImageLoadError as e:
+        row["error"] = str(e)
+        return None
+    feat = inception(styled).numpy()[0] if inception is not None else None
+    try:
         content_img = load_image(Path(row["content_file"]))
     except ImageLoadError as e:
         row["error"] = str(e)
-        return
+        return feat
     h, w = styled.shape[-2:]
     if content_img.size != (w, h):
         if not resize_content:
@@ -244,7 +253,7 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
                             "(pass --resize-content to compare at the output's size)")
             if "gram" in wanted and "gram" not in unavailable and style_grams is not None:
                 row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
-            return
+            return feat
         from PIL import Image
 
         row["resized_content"] = f"{content_img.size[0]}x{content_img.size[1]} -> {w}x{h}"
@@ -260,6 +269,7 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
             row["content"] = float(nets["vgg"].content_loss(styled, content)[0])
         if "gram" in wanted and style_grams is not None:
             row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+    return feat
 
 
 @torch.no_grad()

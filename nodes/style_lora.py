@@ -88,13 +88,16 @@ class LoadStyleLoRA:
             },
         }
 
-    def _read(self, path: str) -> tuple[dict, dict]:
+    def _read_all(self, names: list[str]) -> list[tuple[dict, dict]]:
+        """(tensors, metadata) of each style; the files of this blend stay cached for the next run of the node."""
         from ..trainer.lora_file import read_lora
 
-        key = (path, os.path.getmtime(path))
-        if key not in self._cache:
-            self._cache = {key: read_lora(path)}  # keep one file set: styles are small, models are not
-        return self._cache[key]
+        keys = []
+        for name in names:
+            path = style_path(name)
+            keys.append((path, os.path.getmtime(path)))
+        self._cache = {k: self._cache[k] if k in self._cache else read_lora(k[0]) for k in keys}
+        return [self._cache[k] for k in keys]
 
     def load(self, model, clip, style: str, strength: float, style_2: str = NONE, weight_2: float = 1.0,
              style_3: str = NONE, weight_3: float = 1.0):
@@ -119,8 +122,7 @@ class LoadStyleLoRA:
         shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
         # 4. Check every style before patching anything, then patch each at strength * weight.
         loaded = []
-        for name, _ in picks:
-            state, meta = self._read(style_path(name))
+        for (name, _), (state, meta) in zip(picks, self._read_all([name for name, _ in picks])):
             problems = check_lora_fits(state, key_map, shapes)
             if problems:
                 raise ValueError(f"LoadStyleLoRA: {name} does not fit this SD1.5 model (an SDXL or SD2 LoRA, or a "

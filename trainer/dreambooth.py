@@ -18,21 +18,21 @@ from typing import Any
 
 import torch
 
-from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .config import DreamBoothConfig
 from .dataset import BatchOrder, load_style_dataset
 from .files import atomic_write
 from .lora import (
+    RunCheckpoints,
     TrainProgress,
     TrainResult,
     batch_latents,
-    check_resumable,
     denoising_loss,
     encode_latents,
     encode_prompt,
     make_optimizer,
     optimizer_step,
     release_accelerator_state,
+    run_record,
     start_or_resume,
 )
 from .lora_file import DTYPES, peft_to_kohya, save_lora
@@ -146,11 +146,12 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
 
     # 8. Resume: trained weights, optimizer and schedule from the newest complete checkpoint.
     fingerprint = instances.fingerprint + ":" + classes.fingerprint
+    checkpoints = RunCheckpoints(accelerator, output, trainable_state, optimizer, lr_schedule,
+                                 {"config": cfg.to_dict(), "dataset_fingerprint": fingerprint}, cfg.keep_checkpoints)
     start_step = 0
     if resume_from is not None:
         start_step, folder = resume_from
-        state, opt_state, info = load_checkpoint(folder)
-        check_resumable(cfg, info, fingerprint, folder, RESUME_INVARIANTS)
+        state = checkpoints.restore(folder, cfg, RESUME_INVARIANTS)
         te_state = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
         unet_state = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
         if cfg.lora:
@@ -159,19 +160,8 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             accelerator.unwrap_model(unet).load_state_dict(unet_state)
         if te_state:
             accelerator.unwrap_model(text_encoder).load_state_dict(te_state)
-        optimizer.load_state_dict(opt_state["optimizer"])
-        lr_schedule.load_state_dict(opt_state["lr_scheduler"])
         if show:
             tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
-
-    ckpt_info = {"config": cfg.to_dict(), "dataset_fingerprint": fingerprint}
-
-    def checkpoint(step: int) -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(checkpoint_root(output), step, trainable_state(),
-                            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict()},
-                            ckpt_info, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
 
     # 9. Training: each micro-batch holds instance images under the instance prompt and as many class images
     #    under the class prompt; the class half is the prior-preservation loss.
@@ -208,10 +198,10 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             step += 1
             track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint(step)
+                checkpoints.save(step)
     except KeyboardInterrupt:
         if step > start_step:
-            checkpoint(step)
+            checkpoints.save(step)
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
         raise
     finally:
@@ -234,15 +224,11 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
 
             sd = pipeline_to_ldm(final_unet, vae, accelerator.unwrap_model(text_encoder), DTYPES[cfg.save_dtype])
             atomic_write(output, lambda tmp: save_file(sd, tmp, metadata=meta))
-        write_resource_record(output, {"kind": "dreambooth_lora" if cfg.lora else "dreambooth", "steps": step,
-                                       "train_seconds": seconds, "class_image_seconds": class_seconds,
-                                       "loop_seconds": sum(track.step_seconds), "resumed_from": start_step,
-                                       "peak_memory_mb": peak_mb, "device": str(device),
-                                       "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
-                                       "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+        write_resource_record(output, run_record("dreambooth_lora" if cfg.lora else "dreambooth", cfg, device, track,
+                                                 start_step, seconds, peak_mb, class_image_seconds=class_seconds))
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
-        checkpoint(step)
+        checkpoints.save(step)  # every process: it ends on a barrier
     return TrainResult(output, step, start_step, track.final_loss, track.losses, instances.skipped, seconds,
                        track.step_seconds, peak_mb)
 

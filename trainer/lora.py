@@ -63,7 +63,6 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
 
     t_start = time.time()
     output = Path(cfg.output)
-    ckpt_root = checkpoint_root(output)
 
     # 1. Decide between a fresh run and a resumption; never silently overwrite earlier work.
     resume_from = start_or_resume(output, resume, overwrite)
@@ -128,29 +127,19 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
 
     # 8. Resume: adapter weights, optimizer moments and schedule position from the newest complete checkpoint.
+    checkpoints = RunCheckpoints(accelerator, output, lambda: get_peft_model_state_dict(accelerator.unwrap_model(unet)),
+                                 optimizer, lr_schedule,
+                                 {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint},
+                                 cfg.keep_checkpoints)
     start_step = 0
     if resume_from is not None:
-        step0, folder = resume_from
-        adapter, state, info = load_checkpoint(folder)
-        check_resumable(cfg, info, dataset.fingerprint, folder)
-        set_peft_model_state_dict(accelerator.unwrap_model(unet), adapter)
-        optimizer.load_state_dict(state["optimizer"])
-        lr_schedule.load_state_dict(state["lr_scheduler"])
-        start_step = step0
-        logger.info("resumed from step %d (%s)", start_step, folder)
+        start_step, folder = resume_from
+        set_peft_model_state_dict(accelerator.unwrap_model(unet), checkpoints.restore(folder, cfg, RESUME_INVARIANTS))
         if show:
             tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
 
     track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "Training style LoRA", show, cfg.log_with,
                           enabled=accelerator.is_main_process)
-    info = {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint}
-
-    def checkpoint(step: int) -> None:
-        if accelerator.is_main_process:
-            save_checkpoint(ckpt_root, step, get_peft_model_state_dict(accelerator.unwrap_model(unet)),
-                            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_schedule.state_dict()},
-                            info, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
 
     # 9. The training loop. Noise, timesteps and batches are drawn from generators seeded by the
     #    micro-step index, so a resumed run continues exactly as the uninterrupted one would have.
@@ -191,12 +180,12 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
             step += 1
             track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoint(step)
+                checkpoints.save(step)
             if cfg.preview_every and step % cfg.preview_every == 0 and accelerator.is_main_process:
                 _save_preview(cfg, base, accelerator.unwrap_model(unet), output, step)
     except KeyboardInterrupt:
         if step > start_step:
-            checkpoint(step)
+            checkpoints.save(step)
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
         raise
     finally:
@@ -209,20 +198,52 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     from ..eval.cost import peak_memory_mb, write_resource_record
 
     peak_mb = peak_memory_mb(device)
+    seconds = time.time() - t_start
     if accelerator.is_main_process:
-        meta = lora_metadata(cfg, base, dataset, step, time.time() - t_start)
+        meta = lora_metadata(cfg, base, dataset, step, seconds)
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
-        write_resource_record(output, {"kind": "style_lora", "steps": step, "train_seconds": time.time() - t_start,
-                                       "loop_seconds": sum(track.step_seconds), "resumed_from": start_step,
-                                       "peak_memory_mb": peak_mb, "device": str(device),
-                                       "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
-                                       "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum})
+        write_resource_record(output, run_record("style_lora", cfg, device, track, start_step, seconds, peak_mb))
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
-        checkpoint(step)  # every process: it ends on a barrier
-    return TrainResult(output, step, start_step, track.final_loss, track.losses, dataset.skipped,
-                       time.time() - t_start, track.step_seconds, peak_mb)
+        checkpoints.save(step)  # every process: it ends on a barrier
+    return TrainResult(output, step, start_step, track.final_loss, track.losses, dataset.skipped, seconds,
+                       track.step_seconds, peak_mb)
+
+
+class RunCheckpoints:
+    """The resumable checkpoints of one run: the trained weights (whatever `weights()` returns), the optimizer's
+    and the LR schedule's state. `save` writes on the main process and ends on a barrier for every process."""
+
+    def __init__(self, accelerator, output: Path, weights, optimizer, lr_schedule, info: dict[str, Any], keep: int):
+        self.accelerator, self.root, self.weights = accelerator, checkpoint_root(output), weights
+        self.optimizer, self.lr_schedule, self.info, self.keep = optimizer, lr_schedule, info, keep
+
+    def save(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.root, step, self.weights(),
+                            {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_schedule.state_dict()},
+                            self.info, keep=self.keep)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, folder: Path, cfg: Any, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Check `folder` belongs to this run (settings and images), restore optimizer and schedule, and return
+        the trained weights for the caller to load."""
+        weights, state, info = load_checkpoint(folder)
+        check_resumable(cfg, info, self.info["dataset_fingerprint"], folder, invariants)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_scheduler"])
+        logger.info("resumed from %s", folder)
+        return weights
+
+
+def run_record(kind: str, cfg: Any, device: torch.device, track: TrainProgress, start_step: int, seconds: float,
+               peak_mb: float, **extra: Any) -> dict[str, Any]:
+    """The resource record both trainers write beside their output (see eval.cost.write_resource_record)."""
+    return {"kind": kind, "steps": start_step + len(track.step_seconds), "train_seconds": seconds,
+            "loop_seconds": sum(track.step_seconds), "resumed_from": start_step, "peak_memory_mb": peak_mb,
+            "device": str(device), "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, **extra}
 
 
 def start_or_resume(output: Path, resume: bool, overwrite: bool) -> tuple[int, Path] | None:

@@ -284,10 +284,11 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
             raise FileNotFoundError(f"{folder}: not a folder")
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            for r in json.loads(manifest.read_text(encoding="utf-8"))["images"]:
+            images = json.loads(manifest.read_text(encoding="utf-8"))["images"]
+            for r in images:
                 records.append({"folder": folder.name, "style": r.get("style") or folder.name,
                                 "artist": r.get("artist", ""), "width": r["width"], "height": r["height"]})
-            samples[folder.name] = [folder / r["file"] for r in json.loads(manifest.read_text())["images"]]
+            samples[folder.name] = [folder / r["file"] for r in images]
         else:
             files, _ = scan_folder(folder)
             for f in files:
