@@ -8,4 +8,6 @@ __version__ = "0.1.0"  # defined before the imports below, which may read it
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+WEB_DIRECTORY = "./nodes/web"  # StyleMetrics' on-node text display (a frontend extension)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

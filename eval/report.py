@@ -18,7 +18,7 @@ import torch
 
 from ..trainer.files import atomic_write, atomic_write_text
 from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
-from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, fid, kid, ssim
+from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
 from .weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,6 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = set(cfg.metrics)
-    unavailable: dict[str, str] = {}
 
     # 1. Pair every styled image with its content photo by file stem.
     content_files = _index(Path(cfg.content), "--content")
@@ -114,20 +113,9 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
         raise ValueError(f"no styled image in {list(cfg.styled)} has a content photo of the same name in {cfg.content}")
 
     # 2. Feature networks for the requested metrics; missing weights make a metric unavailable, not an error.
-    nets = dict(nets or {})
-    needs = {"lpips": {"lpips", "artfid"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
-             "inception": {"fid", "kid", "artfid"}}
-    builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
-                "inception": lambda: InceptionFeatures()}
-    for key, metrics in needs.items():
-        if key in nets or not wanted & metrics:
-            continue
-        try:
-            nets[key] = builders[key]()
-        except WeightsUnavailable as e:
-            for metric in sorted(wanted & metrics):
-                unavailable[metric] = str(e)
-            logger.warning("unavailable: %s (%s)", ", ".join(sorted(wanted & metrics)), e)
+    nets, unavailable = load_nets(wanted, nets)
+    for metric, why in unavailable.items():
+        logger.warning("unavailable: %s (%s)", metric, why)
     nets = {k: v.to(device) for k, v in nets.items()}
     if cfg.style is None:
         for metric in sorted(wanted & {"gram", "fid", "kid", "artfid"}):
@@ -464,3 +452,118 @@ def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows
             except ImageLoadError:
                 draw.text((c * cell + 4, 20 + i * cell + 4), "unreadable", fill="red")
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
+
+
+def load_nets(wanted: set[str], nets: dict[str, torch.nn.Module] | None = None
+              ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """The feature networks the wanted metrics need, with published weights; a network whose weights are missing
+    makes its metrics unavailable (metric -> reason) instead of failing. `nets` supplies prebuilt ones."""
+    nets = dict(nets or {})
+    unavailable: dict[str, str] = {}
+    needs = {"lpips": {"lpips", "artfid"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
+             "inception": {"fid", "kid", "artfid"}}
+    builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
+                "inception": lambda: InceptionFeatures()}
+    for key, metrics in needs.items():
+        if key in nets or not wanted & metrics:
+            continue
+        try:
+            nets[key] = builders[key]()
+        except WeightsUnavailable as e:
+            for metric in sorted(wanted & metrics):
+                unavailable[metric] = str(e)
+    return nets, unavailable
+
+
+@torch.no_grad()
+def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
+                 style_folder: str | None = None, metrics: tuple[str, ...] = ALL_METRICS,
+                 nets: dict[str, torch.nn.Module] | None = None, device: torch.device | str = "cpu",
+                 style_max_side: int = 512) -> dict[str, Any]:
+    """Metrics of a batch of styled images (the StyleMetrics node's work).
+
+    content, styled: [B, H, W, 3] (ComfyUI IMAGE) or [B, 3, H, W], values 0..1, same H and W (batches of 1
+    broadcast); style: optional style image(s) of any size, for the Gram loss; style_folder: optional folder of
+    style images, for the Gram loss (its mean Gram matrices) and FID/KID/ArtFID (needs >= 2 styled images).
+    Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why}}.
+    """
+    wanted = set(metrics)
+    x, y = as_bchw(styled, "styled").to(device), as_bchw(content, "content").to(device)
+    same_size(x, y, ("styled", "content"))
+    # 1. Networks (missing weights -> unavailable, with the file and where to get it).
+    nets, unavailable = load_nets(wanted, nets)
+    nets = {k: v.to(device) for k, v in nets.items()}
+    if style is None and style_folder is None:
+        unavailable.update({m: "no style image or style folder given" for m in ("gram",) if m in wanted})
+    if style_folder is None:
+        unavailable.update({m: "no style folder given" for m in ("fid", "kid", "artfid") if m in wanted})
+    # 2. Per-image metrics.
+    per: dict[str, list[float]] = {}
+    if "ssim" in wanted:
+        per["ssim"] = ssim(x, y).tolist()
+    for key in ("lpips", "lpips_vgg"):
+        if key in wanted and key in nets:
+            per[key] = nets[key](x, y).tolist()
+    files = list(_index(Path(style_folder), "style_folder").values()) if style_folder else []
+    if style_folder and not files:
+        raise ValueError(f"style_folder {style_folder}: no images in it")
+    if "vgg" in nets:
+        if "content" in wanted:
+            per["content"] = nets["vgg"].content_loss(x, y).tolist()
+        if "gram" in wanted and "gram" not in unavailable:
+            target = (nets["vgg"].grams(as_bchw(style, "style").to(device)) if style is not None
+                      else _mean_grams(nets["vgg"], files, style_max_side, device, progress=False))
+            if style is not None and len(target[0]) > 1:  # several style images: their mean statistics
+                target = [g.mean(0, keepdim=True) for g in target]
+            per["gram"] = nets["vgg"].gram_loss(x, target).tolist()
+    out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
+                           "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
+    # 3. Set metrics against the style folder.
+    if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
+        feats = nets["inception"](x).numpy()
+        style_feats = _features_of(nets["inception"], files, False, "style set")
+        if len(feats) < 2 or len(style_feats) < 2:
+            why = f"needs at least 2 styled images and 2 style images (got {len(feats)} and {len(style_feats)})"
+            unavailable.update({m: why for m in ("fid", "kid", "artfid") if m in wanted})
+        else:
+            f = fid(feats, style_feats)
+            if "fid" in wanted:
+                out["metrics"]["fid"] = f
+            if "kid" in wanted:
+                out["metrics"]["kid"] = kid(feats, style_feats, subsets=100, subset_size=1000)[0]
+            if "artfid" in wanted and "lpips" in out["metrics"]:
+                out["metrics"]["artfid"] = artfid(out["metrics"]["lpips"], f)
+    return out
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """The readable text of `score_images`'s result: one line per metric, then the unavailable ones and why."""
+    lines = [f"{scores['images']} image(s)"]
+    for name in ALL_METRICS:
+        if name in scores["metrics"]:
+            better = "higher" if HIGHER_IS_BETTER[name] else "lower"
+            lines.append(f"{name}: {_fmt(scores['metrics'][name])}  ({DESCRIPTION[name]}; {better} is better)")
+    for name, why in scores["unavailable"].items():
+        lines.append(f"{name}: unavailable - {why}")
+    return "\n".join(lines)
+
+
+def append_csv(path: str | Path, row: dict[str, Any]) -> None:
+    """Add one row to a CSV (header from the first row; new columns extend it), rewriting the file atomically."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    rows.append(row)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)

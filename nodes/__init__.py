@@ -1,10 +1,26 @@
 """ComfyUI node declarations. Plain V1 node classes; `comfy` is imported only inside the functions that need
 it, so this package imports (and is tested) without ComfyUI."""
 
+from .content import ContentEncode
+from .mask import MaskedStyleApply
+from .metrics import StyleMetrics
+from .strength import StyleStrength
 from .style_lora import LoadStyleLoRA, register_model_folders
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {"LoadStyleLoRA": LoadStyleLoRA}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {"LoadStyleLoRA": "Load Style LoRA (Stylora)"}
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "LoadStyleLoRA": LoadStyleLoRA,
+    "ContentEncode": ContentEncode,
+    "StyleStrength": StyleStrength,
+    "MaskedStyleApply": MaskedStyleApply,
+    "StyleMetrics": StyleMetrics,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
+    "LoadStyleLoRA": "Load Style LoRA (Stylora)",
+    "ContentEncode": "Content Encode (Stylora)",
+    "StyleStrength": "Style Strength (Stylora)",
+    "MaskedStyleApply": "Masked Style Apply (Stylora)",
+    "StyleMetrics": "Style Metrics (Stylora)",
+}
 
 try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register
     import folder_paths

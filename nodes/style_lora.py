@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .strength import STYLE_ATTACHMENT
+
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
 NONE = "None"
 
@@ -45,6 +47,14 @@ def register_model_folders(folder_paths: Any) -> None:
         folder_paths.folder_names_and_paths[STYLE_FOLDER_KEY] = ([default], set(folder_paths.supported_pt_extensions))
     elif default not in entry[0]:
         entry[0].append(default)
+
+
+def style_adapters(before: Any, after: Any) -> tuple:
+    """Adapters of the style patches on `after`: those recorded on `before` plus every patch `after` added."""
+    known = tuple(before.get_attachment(STYLE_ATTACHMENT) or ())
+    old = {id(p) for plist in before.patches.values() for p in plist}
+    added = tuple(p[1] for plist in after.patches.values() for p in plist if id(p) not in old)
+    return known + added
 
 
 class LoadStyleLoRA:
@@ -129,12 +139,15 @@ class LoadStyleLoRA:
                                  f"damaged file?): " + "; ".join(problems))
             loaded.append((name, state, meta))
         info: dict[str, Any] = {"styles": [], "strength": strength}
+        before = model
         for (name, state, meta), w in zip(loaded, weights):
             model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
                                    or meta.get("modelspec.trigger_phrase", ""),
                                    "suggested_denoise": float(meta.get("stylora.suggested_denoise", 0.6)),
                                    "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", ""))})
+        # 5. Record which patches are styles (ours and those of earlier Load Style LoRA nodes) for StyleStrength.
+        model.set_attachments(STYLE_ATTACHMENT, style_adapters(before, model))
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
         return (model, clip, info)

@@ -91,3 +91,182 @@ def test_trained_style_fits_the_model_it_was_trained_for(tiny_key_map, tiny_mode
     train_lora(LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),
                                resolution=64, steps=1, min_images=1, checkpoint_every=0), progress=False)
     assert check_lora_fits(read_lora(out)[0], *tiny_key_map) == []
+
+
+# --- ContentEncode: sizing and encoding -------------------------------------------------------------------
+
+def test_encode_sizing_keeps_aspect_and_says_what_it_did():
+    from stylora.nodes.content import plan_size, resize_images
+
+    plan = plan_size(1024, 683, 512)  # shrink, then stretch by < 8 px to multiples of 8
+    assert plan.final == (512, 344) and plan.crop == (0, 0)
+    assert "1024x683 -> 512x344" in plan.describe() and "scaled by 0.5" in plan.describe()
+    crop = plan_size(1024, 683, 512, rounding="crop")
+    assert crop.scaled == (512, 342) and crop.final == (512, 336) and crop.crop == (0, 3)
+    assert "centre-cropped 0x6 px" in crop.describe()
+    assert plan_size(300, 200, 512).final == (304, 200)  # shrink only: small photos keep their size
+    assert plan_size(300, 200, 512, resize_mode="fit max side").final == (512, 344)
+    assert plan_size(512, 512, 512).describe() == "512x512: encoded at its own size"
+    assert max(plan_size(2000, 10, 500).final) <= 500  # rounding up never breaks max_side
+    with pytest.raises(ValueError, match="rounding"):
+        plan_size(10, 10, 512, rounding="pad")
+    images = torch.rand(2, 683, 1024, 3)
+    out = resize_images(images, crop)
+    assert out.shape == (2, 336, 512, 3) and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(resize_images(images[:, :336, :512], plan_size(512, 336, 512)), images[:, :336, :512])
+
+
+class _FakeVAE:
+    """ComfyUI VAE stand-in: 8x downscale by average pooling; `bad` makes it overflow like an fp16 VAE."""
+
+    def __init__(self, bad: bool = False):
+        self.bad, self.calls = bad, []
+
+    def _enc(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+        x = torch.cat([x, x[:, :1]], 1)
+        return x * float("nan") if self.bad else x
+
+    def encode(self, pixels):
+        self.calls.append("encode")
+        return self._enc(pixels)
+
+    def encode_tiled(self, pixels, tile_x, tile_y, overlap):
+        self.calls.append(f"tiled {tile_x}")
+        return self._enc(pixels)
+
+
+def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
+    from stylora.nodes.content import ContentEncode, encode_images
+
+    node = ContentEncode()
+    good = _FakeVAE()
+    node._fp32_vae = lambda vae: good  # the float32 copy (built with comfy.sd.VAE inside ComfyUI)
+    latent, image, info = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
+                                      "shrink only")
+    assert latent["samples"].shape == (1, 4, 13, 19) and image.shape == (1, 104, 152, 3)
+    assert torch.isfinite(latent["samples"]).all() and "re-encoded in float32" in info
+    vae = _FakeVAE()
+    encode_images(vae, torch.rand(1, 64, 64, 3), tiling="always", tile_size=256)
+    encode_images(vae, torch.rand(1, 64, 64, 3))
+    assert vae.calls == ["tiled 256", "encode"]
+    with pytest.raises(ValueError, match="NaN"):
+        encode_images(_FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: _FakeVAE(bad=True))
+
+
+# --- StyleStrength ------------------------------------------------------------------------------------------
+
+class _FakePatcher:
+    """The parts of ComfyUI's ModelPatcher that StyleStrength uses."""
+
+    def __init__(self, patches=None, attachments=None):
+        self.patches = patches or {}
+        self.attachments = dict(attachments or {})
+        self.patches_uuid = "base"
+
+    def clone(self):
+        return _FakePatcher({k: v[:] for k, v in self.patches.items()}, self.attachments)
+
+    def get_attachment(self, key):
+        return self.attachments.get(key)
+
+    def set_attachments(self, key, value):
+        self.attachments[key] = value
+
+
+def test_style_strength_zero_is_the_identity_and_scales_only_style_patches():
+    from stylora.nodes.strength import STYLE_ATTACHMENT, StyleStrength, style_schedule
+    from stylora.nodes.style_lora import style_adapters
+
+    assert style_schedule(0.0) == (0.0, 0.0)
+    assert style_schedule(0.25) == (0.5, 0.1875) and style_schedule(0.5, 0.6) == (1.0, 0.3)
+    assert style_schedule(1.0) == (1.0, 0.75)
+    with pytest.raises(ValueError, match="strength must be in 0..1, got 1.5"):
+        style_schedule(1.5)
+    other = object()  # e.g. a detail LoRA from stock LoraLoader, applied before the style
+    base = _FakePatcher({"w1": [(1.0, other, 1.0, None, None)]})
+    styled = base.clone()
+    a1, a2 = object(), object()
+    styled.patches["w1"].append((0.8, a1, 0.8, None, None))
+    styled.patches["w2"] = [(0.8, a2, 0.8, None, None)]
+    styled.set_attachments(STYLE_ATTACHMENT, style_adapters(base, styled))
+    assert styled.get_attachment(STYLE_ATTACHMENT) == (a1, a2)
+    zero, denoise = StyleStrength().apply(styled, 0.0)
+    assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != "base"
+    half, denoise = StyleStrength().apply(styled, 0.25, max_denoise=0.8)
+    assert denoise == pytest.approx(0.2)
+    assert half.patches["w1"] == [(1.0, other, 1.0, None, None), (0.4, a1, 0.8, None, None)]
+    assert styled.patches["w2"] == [(0.8, a2, 0.8, None, None)]  # the input model is untouched
+    with pytest.raises(ValueError, match="no style applied"):
+        StyleStrength().apply(base, 0.5)
+
+
+# --- MaskedStyleApply -----------------------------------------------------------------------------------------
+
+def test_masked_composite_is_exact_outside_the_mask_and_feathers_inward():
+    from stylora.nodes.mask import MaskedStyleApply
+
+    gen = torch.Generator().manual_seed(0)
+    content, styled = torch.rand(1, 64, 96, 3, generator=gen), torch.rand(1, 64, 96, 3, generator=gen)
+    mask = torch.zeros(1, 32, 48)
+    mask[:, 8:24, 12:36] = 1.0  # drawn at half size: resized to the content
+    latent = {"samples": torch.zeros(1, 4, 8, 12)}
+    node = MaskedStyleApply()
+    _, masked_latent, _ = node.apply(content, mask, 8, False, latent=latent)
+    assert masked_latent["noise_mask"].shape == (1, 1, 64, 96) and masked_latent["samples"] is latent["samples"]
+    image, _, weights = node.apply(content, mask, 8, False, styled=styled)
+    region = torch.nn.functional.interpolate(mask[:, None], size=(64, 96), mode="bilinear")[:, 0] > 0
+    outside = ~region
+    assert torch.equal(image[outside], content[outside])  # bit for bit
+    assert (weights[outside] == 0).all() and weights.max() == 1.0
+    assert torch.allclose(image[weights == 1], styled[weights == 1])
+    assert 0 < weights[0, 32, 26] < weights[0, 32, 30] < 1  # the seam rises inside the edge (x=24)
+    inverted, _, _ = node.apply(content, mask, 0, True, styled=styled)
+    assert torch.equal(inverted[0, 32, 48], content[0, 32, 48]) and torch.equal(inverted[0, 0, 0], styled[0, 0, 0])
+    with pytest.raises(ValueError, match="styled image is 48x32 but content is 96x64"):
+        node.apply(content, mask, 8, False, styled=styled[:, :32, :48])
+
+
+def test_regional_multi_style_by_chaining_keeps_unmasked_pixels():
+    from stylora.nodes.mask import MaskedStyleApply
+
+    gen = torch.Generator().manual_seed(1)
+    content, style_a, style_b = (torch.rand(1, 48, 48, 3, generator=gen) for _ in range(3))
+    left, right = torch.zeros(1, 48, 48), torch.zeros(1, 48, 48)
+    left[:, :, :20], right[:, :, 28:] = 1.0, 1.0
+    node = MaskedStyleApply()
+    first, _, _ = node.apply(content, left, 4, False, styled=style_a)
+    both, _, _ = node.apply(first, right, 4, False, styled=style_b)
+    assert torch.equal(both[:, :, 20:28], content[:, :, 20:28])  # neither mask
+    assert torch.equal(both[:, :, :20], first[:, :, :20])  # the first region survives the second pass
+    assert torch.allclose(both[:, 10:40, 40:], style_b[:, 10:40, 40:])
+
+
+# --- StyleMetrics ---------------------------------------------------------------------------------------------
+
+def test_style_metrics_node_reports_available_and_unavailable_metrics(tmp_path, monkeypatch):
+    from stylora.eval.metrics import VGGStyle
+    from stylora.nodes.metrics import StyleMetrics
+
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
+    node = StyleMetrics()
+    node._nets = {"vgg": VGGStyle(pretrained=False)}  # random weights: same code path, no download
+    node._unavailable = {"lpips": "alexnet-owt-7be5be79.pth not found"}
+    gen = torch.Generator().manual_seed(0)
+    content = torch.rand(1, 64, 64, 3, generator=gen)
+    styled = (content * 0.8 + 0.1).clamp(0, 1)
+    out = node.measure(content, content, style=torch.rand(1, 80, 40, 3, generator=gen),
+                       csv_path=str(tmp_path / "m.csv"), label="same")
+    text, as_json = out["result"]
+    import json
+
+    scores = json.loads(as_json)
+    assert scores["metrics"]["ssim"] == pytest.approx(1.0) and scores["metrics"]["content"] == 0.0
+    assert "gram" in scores["metrics"] and "lpips: unavailable - torchvision AlexNet" in text
+    assert "fid" in scores["unavailable"] and out["ui"]["text"] == [text]
+    node.measure(content, styled, csv_path=str(tmp_path / "m.csv"), label="shifted")
+    rows = (tmp_path / "m.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("time,label,images,ssim,content,gram")
+    assert float(rows[2].split(",")[3]) < 1.0

@@ -1,0 +1,94 @@
+"""StyleMetrics: how much structure the styled image kept and how close it came to the style, shown on the node.
+
+A thin layer over `eval.report.score_images` (the same metrics as `stylora eval`). Feature networks are loaded
+once per node and kept; metrics whose published weights are not on the machine are listed as unavailable
+with the file to get, the rest are still reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+METRIC_CHOICES = ("ssim", "lpips", "content", "gram", "fid", "kid", "artfid")
+
+
+class StyleMetrics:
+    """Scores styled images against their content photo (and a style image or folder); shows the numbers."""
+
+    CATEGORY = "Stylora"
+    FUNCTION = "measure"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("text", "json")
+    OUTPUT_TOOLTIPS = (
+        "The metrics as readable lines (wire to Preview Any, or read them on this node).",
+        "The metrics as JSON: means, per-image values and the reason for each unavailable metric.",
+    )
+    DESCRIPTION = ("SSIM, LPIPS and VGG content loss against the content photo; Gram style loss against a style "
+                   "image or folder; FID/KID/ArtFID against a style folder (for batches of 2 or more). Optionally "
+                   "appends a row to a CSV file.")
+
+    def __init__(self) -> None:
+        self._nets: dict[str, torch.nn.Module] = {}  # kept between runs: loading VGG-19 takes seconds
+        self._unavailable: dict[str, str] = {}  # metric -> why its network could not be loaded
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "content": ("IMAGE", {"tooltip": "The content photo at the styled image's size (ContentEncode's "
+                                                 "image output)."}),
+                "styled": ("IMAGE", {"tooltip": "The styled image(s), e.g. from VAE Decode."}),
+            },
+            "optional": {
+                "style": ("IMAGE", {"tooltip": "A style image (any size), for the Gram style loss."}),
+                "style_folder": ("STRING", {"default": "", "tooltip": "A folder of style images on the server, for "
+                                                                      "the Gram loss and FID/KID/ArtFID."}),
+                "csv_path": ("STRING", {"default": "", "tooltip": "Append one row per run to this CSV file "
+                                                                  "(empty: none)."}),
+                "label": ("STRING", {"default": "", "tooltip": "A name for this run in the CSV (e.g. the style)."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs: Any) -> str:
+        # A style folder's contents can change while the inputs stay the same: then always measure again.
+        return str(time.time()) if str(kwargs.get("style_folder", "")).strip() else ""
+
+    def measure(self, content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
+                style_folder: str = "", csv_path: str = "", label: str = ""):
+        from ..eval.report import append_csv, format_scores, load_nets, score_images
+
+        device = _device()
+        # 1. Networks, loaded once: what is missing stays listed as unavailable.
+        wanted = set(METRIC_CHOICES)
+        if not self._nets:
+            self._nets, self._unavailable = load_nets(wanted)
+        # 2. Scores, text and JSON.
+        scores = score_images(content, styled, style, style_folder.strip() or None, tuple(wanted), self._nets,
+                              device)
+        scores["unavailable"] = {**self._unavailable, **scores["unavailable"]}
+        text = format_scores(scores)
+        as_json = json.dumps(scores, indent=1)
+        logger.info("StyleMetrics:\n%s", text)
+        # 3. Optional CSV row.
+        if csv_path.strip():
+            append_csv(csv_path.strip(), {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "label": label,
+                                          "images": scores["images"], **scores["metrics"]})
+        return {"ui": {"text": [text], "stylora_metrics": [scores]}, "result": (text, as_json)}
+
+
+def _device() -> torch.device:
+    try:
+        import comfy.model_management
+
+        return comfy.model_management.get_torch_device()
+    except ImportError:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
