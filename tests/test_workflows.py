@@ -1,0 +1,199 @@
+"""Every bundled workflow checked offline against ComfyUI 0.3.64's real core-node schema plus our declarations:
+node types exist, required inputs are present with the right type or a link of the right type, links are
+consistent, and the UI and API files describe the same graph."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info-0.3.64.json"
+FILE_LISTS = {"ckpt_name", "image", "style", "style_2", "style_3"}  # options depend on the server's files
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("stylora_workflow_build", REPO / "workflows" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+build = _build_module()
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    """/object_info of ComfyUI 0.3.64 (../shared when present, else the trimmed copy of its facts) + our nodes."""
+    path = SHARED_OBJECT_INFO if SHARED_OBJECT_INFO.is_file() else build.CORE_SUBSET
+    return {**json.loads(path.read_text()), **build.our_schema()}
+
+
+def check_value(node: str, name: str, spec: list, value) -> list[str]:
+    kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
+    where = f"node {node} input {name}"
+    if isinstance(kind, list):
+        if not isinstance(value, str):
+            return [f"{where}: {value!r} is not a string"]
+        if kind and name not in FILE_LISTS and value not in kind:
+            return [f"{where}: {value!r} is not one of {kind[:8]}"]
+        return []
+    py = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
+    if not isinstance(value, py) or (kind != "BOOLEAN" and isinstance(value, bool)):
+        return [f"{where}: {value!r} is not {kind}"]
+    if kind in ("INT", "FLOAT") and not (opts.get("min", value) <= value <= opts.get("max", value)):
+        return [f"{where}: {value} outside {opts.get('min')}..{opts.get('max')}"]
+    return []
+
+
+def check_api(api: dict, schema: dict) -> list[str]:
+    problems = []
+    for node_id, node in api.items():
+        entry = schema.get(node["class_type"])
+        if entry is None:
+            problems.append(f"node {node_id}: unknown type {node['class_type']}")
+            continue
+        for group in ("required", "optional"):
+            for name, spec in entry["input"].get(group, {}).items():
+                if name not in node["inputs"]:
+                    if group == "required":
+                        problems.append(f"node {node_id} ({node['class_type']}): required input {name} missing")
+                    continue
+                value = node["inputs"][name]
+                if isinstance(value, list):  # a link: [source id, output slot]
+                    src = api.get(value[0])
+                    if src is None or src["class_type"] not in schema:
+                        problems.append(f"node {node_id} input {name}: links to missing or unknown node {value[0]}")
+                        continue
+                    out_types = schema[src["class_type"]]["output"]
+                    want = "COMBO" if isinstance(spec[0], list) else spec[0]
+                    if value[1] >= len(out_types):
+                        problems.append(f"node {node_id} input {name}: node {value[0]} has no output {value[1]}")
+                    elif out_types[value[1]] != want and "*" not in (want, out_types[value[1]]):
+                        problems.append(f"node {node_id} input {name}: wants {want}, gets {out_types[value[1]]}")
+                elif build.is_widget(spec):
+                    problems += check_value(node_id, name, spec, value)
+                else:
+                    problems.append(f"node {node_id} input {name}: {spec[0]} must be a link, got {value!r}")
+        known = {n for g in entry["input"].values() for n in g}
+        problems += [f"node {node_id}: unknown input {n}" for n in node["inputs"] if n not in known]
+    return problems
+
+
+def check_ui(ui: dict, schema: dict) -> list[str]:
+    problems = []
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {lk[0]: lk for lk in ui["links"]}
+    if ui["last_node_id"] < max(nodes) or ui["last_link_id"] < max(links, default=0):
+        problems.append("last_node_id/last_link_id below the ids in use")
+    for lk in ui["links"]:
+        link_id, src, src_slot, dst, dst_slot, kind = lk
+        if src not in nodes or dst not in nodes:
+            problems.append(f"link {link_id}: missing node")
+            continue
+        out = nodes[src]["outputs"][src_slot]
+        inp = nodes[dst]["inputs"][dst_slot]
+        if link_id not in out["links"] or inp["link"] != link_id:
+            problems.append(f"link {link_id}: not recorded on both ends")
+        if out["type"] != kind or (inp["type"] != kind and inp["type"] != "*"):
+            problems.append(f"link {link_id}: type {kind} vs output {out['type']} / input {inp['type']}")
+    for n in ui["nodes"]:
+        if n["type"] in build.UI_ONLY_TYPES:
+            continue
+        entry = schema.get(n["type"])
+        if entry is None:
+            problems.append(f"node {n['id']}: unknown type {n['type']}")
+            continue
+        expected = 0
+        for name in build.widget_names(entry):
+            spec = build.input_spec(entry, name)
+            expected += 1 + bool(len(spec) > 1 and (spec[1].get("control_after_generate")
+                                                    or spec[1].get("image_upload")))
+        if len(n["widgets_values"]) != expected:
+            problems.append(f"node {n['id']} ({n['type']}): {len(n['widgets_values'])} widget values, "
+                            f"schema has {expected}")
+        linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
+        for name, spec in entry["input"].get("required", {}).items():
+            if not build.is_widget(spec) and name not in linked:
+                problems.append(f"node {n['id']} ({n['type']}): required input {name} not linked")
+        for slot, out in enumerate(n["outputs"]):
+            if out["type"] != entry["output"][slot]:
+                problems.append(f"node {n['id']} output {slot}: {out['type']} vs schema {entry['output'][slot]}")
+    return problems
+
+
+def ui_to_api(ui: dict, schema: dict) -> dict:
+    """What the frontend would queue for a UI-format workflow (widget values by name, links as [id, slot])."""
+    api = {}
+    for n in ui["nodes"]:
+        if n["type"] in build.UI_ONLY_TYPES:
+            continue
+        entry = schema[n["type"]]
+        values = iter(n["widgets_values"])
+        inputs = {}
+        for name in build.widget_names(entry):
+            spec = build.input_spec(entry, name)
+            inputs[name] = next(values)
+            if len(spec) > 1 and (spec[1].get("control_after_generate") or spec[1].get("image_upload")):
+                next(values)
+        for i in n["inputs"]:
+            if i["link"] is not None:
+                lk = next(lk for lk in ui["links"] if lk[0] == i["link"])
+                inputs[i["name"]] = [str(lk[1]), lk[2]]
+        api[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": n.get("title", "")}}
+    return api
+
+
+NAMES = sorted(build.WORKFLOWS)
+
+
+def test_every_workflow_exists_in_both_formats_and_nothing_else_is_listed():
+    assert sorted(p.stem for p in (REPO / "examples").glob("*.json")) == NAMES
+    assert sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json")) == NAMES
+    # ComfyUI 0.3.64 lists *.json directly in every template folder but serves only examples/ (the first present).
+    assert not list((REPO / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_is_valid_against_the_schema(name, schema):
+    api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    ui = json.loads((REPO / "examples" / f"{name}.json").read_text())
+    assert check_api(api, schema) == []
+    assert check_ui(ui, schema) == []
+    assert ui_to_api(ui, schema) == api  # the two formats are the same graph
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes and "stylora run" in notes[0]["widgets_values"][0]
+    for node in api.values():  # example inputs ship in examples/
+        if node["class_type"] == "LoadImage":
+            assert (REPO / "examples" / node["inputs"]["image"]).is_file()
+
+
+def test_committed_files_are_what_the_builder_writes(schema):
+    for name, make in build.WORKFLOWS.items():
+        nodes = make()
+        assert json.loads((REPO / "examples" / f"{name}.json").read_text()) == build.to_ui(nodes, schema)
+        assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == build.to_api(nodes, schema)
+
+
+def test_validator_catches_broken_workflows(schema):
+    api = json.loads((REPO / "workflows" / "api" / "style_transfer.json").read_text())
+    broken = json.loads(json.dumps(api))
+    broken["8"]["inputs"].pop("model")
+    broken["8"]["inputs"]["sampler_name"] = "not-a-sampler"
+    broken["9"]["inputs"]["samples"] = ["5", 0]  # CONDITIONING into a LATENT input
+    broken["7"]["class_type"] = "ContentEncodeV2"
+    problems = check_api(broken, schema)
+    assert any("required input model missing" in p for p in problems)
+    assert any("not-a-sampler" in p for p in problems)
+    assert any("wants LATENT, gets CONDITIONING" in p for p in problems)
+    assert any("unknown type ContentEncodeV2" in p for p in problems)
+    ui = json.loads((REPO / "examples" / "style_transfer.json").read_text())
+    ui["nodes"][7]["widgets_values"].pop()
+    ui["links"][0][2] = 2
+    problems = check_ui(ui, schema)
+    assert any("widget values" in p for p in problems) and any(p.startswith("link 1:") for p in problems)
