@@ -167,7 +167,8 @@ BASIC_NOTE = """Stylora: style transfer with a style LoRA.
    1 = strongest. It also sets KSampler's denoise (= strength x max_denoise), wired in.
 6. KSampler: steps 20-30; the seed changes the brush work.
 
-Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer --content photo.jpg --style monet.safetensors --out out.png"""
+Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer --content photo.jpg \
+--style monet.safetensors --out out.png"""
 
 
 def style_transfer(extra: dict | None = None) -> list[Node]:
@@ -241,7 +242,8 @@ image output): SSIM, LPIPS, VGG content loss; Gram style loss against the Style 
 when style_folder names a folder of style images on the server and the batch has 2+ images.
 csv_path appends one row per run. Metrics whose network weights are missing say which file to get.
 
-Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors --style-image painting.jpg""")
+Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors \
+--style-image painting.jpg""")
     nodes += [
         Node(12, "LoadImage", "Style image", (1440, 0), {"image": "stylora_style.jpg"}, size=(320, 300)),
         Node(13, "StyleMetrics", "Metrics", (1440, 340), {"style_folder": "", "csv_path": "", "label": "monet"},
