@@ -8,6 +8,7 @@
     stylora prepare wikiart --source DIR --style NAME [--artist NAME] --count N --out DIR
     stylora prepare coco --source DIR --count N --out DIR
     stylora prepare stats DIR ... [--out DIR]
+    stylora run --server URL --workflow NAME --content IMG|DIR --style NAME [--strength S] [--mask IMG] --out PATH
 """
 
 from __future__ import annotations
@@ -78,8 +79,7 @@ def build_config(cls: type, args: argparse.Namespace) -> object:
     values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    if "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
@@ -142,6 +142,15 @@ def make_parser() -> argparse.ArgumentParser:
     stats = prep_sub.add_parser("stats", help="counts per style, size/aspect histograms, sample grid, summary.md")
     stats.add_argument("folders", nargs="+", metavar="DIR", help="image folders (prepared or not)")
     stats.add_argument("--out", default="dataset-stats", help="folder for the plots and summary (default: %(default)s)")
+
+    run = sub.add_parser("run", help="run a bundled workflow headless on a ComfyUI server",
+                         description="Uploads the photo(s), fills them and the style into a bundled API workflow, "
+                                     "queues it, waits and downloads the result. A folder as --content is a batch; "
+                                     "rerunning it skips photos whose output exists.")
+    run.add_argument("--list", action="store_true", help="list the bundled workflows and exit")
+    from ..nodes.workflow import RunConfig
+
+    add_config_arguments(run, RunConfig)
 
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
@@ -244,6 +253,20 @@ def cmd_lora_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from ..nodes.workflow import RunConfig, bundled_workflows, run_workflow
+
+    if args.list:
+        print("\n".join(bundled_workflows()))
+        return 0
+    cfg = build_config(RunConfig, args)
+    result = run_workflow(cfg, say=print)
+    print(f"{len(result.done)} done, {len(result.skipped)} skipped (output existed), {len(result.failed)} failed")
+    for photo, why in result.failed:
+        print(f"  {photo}: {why}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = make_parser()
@@ -254,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
                 ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
+                ("run", None): cmd_run,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

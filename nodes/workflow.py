@@ -1,0 +1,372 @@
+"""Headless runs of the bundled API workflows against a ComfyUI server (`stylora run`).
+
+Only the standard library talks to the server: POST /upload/image, POST /prompt, GET /history/<id> (polled;
+GET /queue says whether the prompt waits or runs), GET /view for the outputs. Inputs are found by node title
+(`_meta.title`), as the bundled workflows name them: "Content", "Style", "Strength", "Sampler", "Checkpoint",
+"Style checkpoint", "Style image", "Save", "Metrics".
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import mimetypes
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..trainer.files import atomic_write, atomic_write_text
+from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+API_DIR = Path(__file__).resolve().parent.parent / "workflows" / "api"
+UPLOAD_SUBFOLDER = "stylora"  # uploads land in ComfyUI/input/stylora/
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    content: str  # a photo, or a folder of photos (a batch; rerun to resume)
+    out: str  # output image (single photo) or folder (batch, or when the workflow saves several images)
+    server: str = "http://127.0.0.1:8188"  # ComfyUI server URL
+    workflow: str = "style_transfer"  # a bundled workflow name (see --list) or an API-format .json file
+    style: tuple[str, ...] = ()  # style file(s) on the server, NAME or NAME:WEIGHT (up to 3); dreambooth: checkpoint
+    strength: float | None = None  # style strength 0..1 (default: the workflow's)
+    mask: str | None = None  # black/white mask image, white = styled (masked_style)
+    style_image: str | None = None  # style image for the Gram loss (style_metrics)
+    checkpoint: str | None = None  # SD1.5 checkpoint on the server (default: the workflow's)
+    seed: int | None = None  # sampler seed (default: the workflow's)
+    set: tuple[str, ...] = ()  # more overrides, "Node title.input=value" (value parsed as JSON when it can be)
+    timeout: float = 3600.0  # seconds to wait for one image
+    overwrite: bool = False  # redo photos whose output exists (default: skip them, so a rerun resumes)
+
+
+class ServerError(RuntimeError):
+    """The ComfyUI server is unreachable, lacks a node or a file, or failed to run the prompt."""
+
+
+# --- Talking to the server ------------------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, url: str, timeout: float = 60.0):
+        if not url.startswith(("http://", "https://")):
+            url = "http://" + url
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def request(self, path: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as e:
+            body = e.read().decode("utf-8", "replace")
+            raise ServerError(f"{self.url}{path}: HTTP {e.code}: {_error_text(body)}") from e
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise ServerError(f"server {self.url}: cannot reach it ({reason}); is ComfyUI running there? "
+                              "(python main.py --listen; or pass --server URL)") from e
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(self.request(path))
+
+    def post_json(self, path: str, payload: dict) -> Any:
+        return json.loads(self.request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"}))
+
+    def upload(self, name: str, data: bytes) -> str:
+        """Upload an image into ComfyUI's input folder; returns the name LoadImage takes ("stylora/<name>")."""
+        boundary = uuid.uuid4().hex
+        parts = []
+        for field, value in (("type", "input"), ("subfolder", UPLOAD_SUBFOLDER), ("overwrite", "true")):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
+        mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                     f"Content-Type: {mime}\r\n\r\n".encode() + data + b"\r\n")
+        parts.append(f"--{boundary}--\r\n".encode())
+        reply = json.loads(self.request("/upload/image", b"".join(parts),
+                                        {"Content-Type": f"multipart/form-data; boundary={boundary}"}))
+        return f"{reply['subfolder']}/{reply['name']}" if reply.get("subfolder") else reply["name"]
+
+
+def _error_text(body: str) -> str:
+    """ComfyUI's /prompt error JSON as one readable line per problem."""
+    try:
+        err = json.loads(body)
+    except json.JSONDecodeError:
+        return body[:500]
+    lines = []
+    if isinstance(err.get("error"), dict):
+        lines.append(err["error"].get("message", "") + (": " + err["error"].get("details", "")
+                                                         if err["error"].get("details") else ""))
+    for node_id, ne in (err.get("node_errors") or {}).items():
+        for e in ne.get("errors", []):
+            lines.append(f"node {node_id} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
+    return "; ".join(x for x in lines if x) or body[:500]
+
+
+# --- Workflows ----------------------------------------------------------------------------------------------
+
+def bundled_workflows() -> list[str]:
+    return sorted(p.stem for p in API_DIR.glob("*.json"))
+
+
+def load_workflow(name: str) -> dict[str, dict]:
+    """A bundled workflow by name, or an API-format JSON file by path."""
+    path = Path(name)
+    if path.suffix != ".json":
+        path = API_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(f"workflow: no bundled workflow {name!r}; choose from {bundled_workflows()} or give "
+                             "the path of an API-format .json")
+    try:
+        graph = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"workflow {path}: not a readable JSON file ({e})") from e
+    if not isinstance(graph, dict) or not all(isinstance(n, dict) and "class_type" in n for n in graph.values()):
+        raise ValueError(f"workflow {path}: not in API format (export with 'Save (API)'); UI-format files have "
+                         "'nodes' and 'links'")
+    return graph
+
+
+def find(graph: dict, title: str) -> dict | None:
+    return next((n for n in graph.values() if n.get("_meta", {}).get("title") == title), None)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name: str | None) -> dict:
+    """The workflow with this run's inputs filled in (a copy). Raises ValueError naming what does not fit."""
+    from .strength import style_schedule
+
+    g = json.loads(json.dumps(graph))
+    content = find(g, "Content")
+    if content is None:
+        raise ValueError(f"workflow {cfg.workflow}: no node titled 'Content' to take the photo")
+    content["inputs"]["image"] = content_name
+    style = find(g, "Style")
+    if cfg.style:
+        if style is not None and style["class_type"] == "LoadStyleLoRA":
+            if len(cfg.style) > 3:
+                raise ValueError(f"style: at most 3 styles per run, got {len(cfg.style)}")
+            for i, spec in enumerate(cfg.style):
+                name, _, weight = spec.partition(":")
+                suffix = "" if i == 0 else f"_{i + 1}"
+                style["inputs"]["style" + suffix] = name
+                if i:
+                    style["inputs"]["weight" + suffix] = float(weight) if weight else 1.0
+                elif weight:
+                    style["inputs"]["strength"] = float(weight)
+        elif find(g, "Style checkpoint") is not None:
+            if len(cfg.style) != 1:
+                raise ValueError(f"style: workflow {cfg.workflow} takes one checkpoint, got {list(cfg.style)}")
+            find(g, "Style checkpoint")["inputs"]["ckpt_name"] = cfg.style[0]
+        else:
+            raise ValueError(f"style: workflow {cfg.workflow} has no 'Style' node")
+    if cfg.strength is not None:
+        strength = find(g, "Strength")
+        if strength is not None:
+            style_schedule(cfg.strength)  # validates 0..1
+            strength["inputs"]["strength"] = cfg.strength
+        else:  # no StyleStrength node (DreamBooth): the same mapping onto the sampler's denoise
+            find(g, "Sampler")["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
+    if cfg.seed is not None:
+        find(g, "Sampler")["inputs"]["seed"] = cfg.seed
+    if cfg.checkpoint is not None:
+        ckpt = find(g, "Checkpoint")
+        if ckpt is None:
+            raise ValueError(f"checkpoint: workflow {cfg.workflow} has no 'Checkpoint' node (use --style for its "
+                             "checkpoint)")
+        ckpt["inputs"]["ckpt_name"] = cfg.checkpoint
+    if style_image_name is not None:
+        if find(g, "Style image") is None:
+            raise ValueError(f"style_image: workflow {cfg.workflow} takes no style image (use style_metrics)")
+        find(g, "Style image")["inputs"]["image"] = style_image_name
+    for item in cfg.set:
+        target, eq, value = item.partition("=")
+        title, dot, field = target.rpartition(".")
+        node = find(g, title) if dot and eq else None
+        if node is None:
+            raise ValueError(f"set: {item!r} must be 'Node title.input=value' with a title in the workflow "
+                             f"({sorted(n.get('_meta', {}).get('title', '') for n in g.values())})")
+        node["inputs"][field] = _parse_value(value)
+    return g
+
+
+def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
+    """Every node installed, every file name (checkpoints, styles) present on the server."""
+    missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
+    if missing:
+        ours = [m for m in missing if m in ("LoadStyleLoRA", "ContentEncode", "StyleStrength", "MaskedStyleApply",
+                                            "StyleMetrics")]
+        hint = (" (the Stylora pack: clone it into ComfyUI/custom_nodes, pip install -r requirements.txt, restart"
+                " ComfyUI, and check its log for IMPORT FAILED)") if ours else ""
+        raise ServerError(f"workflow {workflow}: node(s) {', '.join(missing)} not installed on the server{hint}")
+    for node_id, node in graph.items():
+        spec = object_info[node["class_type"]]["input"]
+        for name, value in node["inputs"].items():
+            options = (spec.get("required", {}).get(name) or spec.get("optional", {}).get(name) or [None])[0]
+            if name in ("ckpt_name", "style", "style_2", "style_3") and isinstance(options, list) and \
+                    value not in options:
+                what = "checkpoint" if name == "ckpt_name" else "style"
+                shown = ", ".join(o for o in options if o != "None")[:600] or "none"
+                folder = "models/checkpoints" if name == "ckpt_name" else "models/styles or models/loras"
+                raise ServerError(f"{what} {value!r} is not on the server (node {node_id}, "
+                                  f"{node['_meta'].get('title', node['class_type'])}); put it in {folder} "
+                                  f"and refresh; available: {shown}")
+
+
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def content_upload(path: Path, mask_path: str | None) -> tuple[str, bytes]:
+    """The photo as a clean PNG (EXIF-rotated, RGB), with the mask as alpha 0 where the style goes: the way
+    ComfyUI's mask editor saves a painted mask, so LoadImage's MASK output carries it."""
+    from PIL import Image, ImageOps
+
+    img = load_image(path)
+    if mask_path is not None:
+        mask = ImageOps.exif_transpose(Image.open(mask_path)).convert("L")
+        if mask.size != img.size:
+            logger.warning("mask %s is %dx%d, the photo %dx%d: mask resized", mask_path, *mask.size, *img.size)
+            mask = mask.resize(img.size, Image.Resampling.BILINEAR)
+        img = img.convert("RGBA")
+        img.putalpha(ImageOps.invert(mask))
+    return f"{path.stem}.png", _png_bytes(img)
+
+
+# --- The run --------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    done: list[tuple[str, list[str], float]]  # (photo, outputs written, seconds)
+    skipped: list[str]  # photos whose output existed (resumed batch)
+    failed: list[tuple[str, str]]  # (photo, why)
+
+
+def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll: float = 0.5) -> RunResult:
+    """Run a bundled (or given) API workflow on a ComfyUI server for one photo or a folder of photos."""
+    # 1. The workflow and the inputs it needs.
+    graph = load_workflow(cfg.workflow)
+    masked = any(n["class_type"] == "MaskedStyleApply" for n in graph.values())
+    if masked and cfg.mask is None:
+        raise ValueError(f"mask: workflow {cfg.workflow} styles only a masked region; pass --mask IMAGE "
+                         "(white = styled)")
+    if cfg.mask is not None and not masked:
+        raise ValueError(f"mask: workflow {cfg.workflow} has no MaskedStyleApply node; use --workflow masked_style")
+    if cfg.mask is not None and not Path(cfg.mask).is_file():
+        raise FileNotFoundError(f"mask: no such file {cfg.mask}")
+    if find(graph, "Style image") is not None and cfg.style_image is None:
+        raise ValueError(f"style_image: workflow {cfg.workflow} compares with a style image; pass --style-image")
+    content = Path(cfg.content)
+    if content.is_dir():
+        photos = sorted(p for p in content.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                        and not p.name.startswith("."))
+        if not photos:
+            raise ValueError(f"content: no images in folder {content}")
+        out_dir = Path(cfg.out)
+        targets = {p: out_dir / f"{p.stem}.png" for p in photos}
+    elif content.is_file():
+        photos = [content]
+        out = Path(cfg.out)
+        targets = {content: out / f"{content.stem}.png" if out.is_dir() or not out.suffix else out}
+    else:
+        raise FileNotFoundError(f"content: no such file or folder {content}")
+    # 2. The server: reachable, has every node and every named file.
+    server = Server(cfg.server)
+    object_info = server.get_json("/object_info")
+    placeholder = "placeholder.png" if cfg.style_image else None
+    check_against_server(substitute(graph, cfg, placeholder, placeholder), object_info, cfg.workflow)
+    style_image_name = None
+    if cfg.style_image is not None:
+        style_image_name = server.upload(*content_upload(Path(cfg.style_image), None))
+    # 3. Each photo: upload, queue, wait, download. A failing photo is reported; the others still run.
+    result = RunResult([], [], [])
+    for i, photo in enumerate(photos, 1):
+        target = targets[photo]
+        tag = f"[{i}/{len(photos)}] {photo.name}"
+        if target.exists() and not cfg.overwrite:
+            result.skipped.append(str(photo))
+            say(f"{tag}: {target} exists, skipped (--overwrite redoes it)")
+            continue
+        try:
+            name = server.upload(*content_upload(photo, cfg.mask))
+            prompt = substitute(graph, cfg, name, style_image_name)
+            start = time.monotonic()
+            reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+            entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s: say(f"{tag}: {s}"))
+            written = _download(server, prompt, entry, target)
+            seconds = time.monotonic() - start
+            result.done.append((str(photo), [str(w) for w in written], seconds))
+            say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s)")
+        except (ImageLoadError, ServerError, OSError) as e:
+            if isinstance(e, ServerError) and "cannot reach" in str(e):
+                raise  # the server went away: stop, the finished outputs are kept
+            result.failed.append((str(photo), str(e)))
+            say(f"{tag}: FAILED: {e}")
+    return result
+
+
+def _wait(server: Server, prompt_id: str, timeout: float, poll: float, say: Callable[[str], None]) -> dict:
+    """Poll /history until the prompt finished; report queued/running changes. Returns its history entry."""
+    start, last = time.monotonic(), ""
+    while time.monotonic() - start < timeout:
+        history = server.get_json(f"/history/{prompt_id}")
+        if prompt_id in history:
+            entry = history[prompt_id]
+            status = entry.get("status", {})
+            if status.get("status_str") == "error":
+                for kind, msg in status.get("messages", []):
+                    if kind == "execution_error":
+                        raise ServerError(f"node {msg.get('node_id')} ({msg.get('node_type')}) failed: "
+                                          f"{msg.get('exception_type', '')}: {msg.get('exception_message', '')}"
+                                          .strip())
+                raise ServerError(f"prompt {prompt_id} failed: {status.get('messages')}")
+            if status.get("completed", True):
+                return entry
+        queue = server.get_json("/queue")
+        running = any(item[1] == prompt_id for item in queue.get("queue_running", []))
+        ahead = sum(1 for item in queue.get("queue_pending", []) if item[1] != prompt_id)
+        state = "running" if running else f"queued ({ahead} ahead)"
+        if state != last:
+            say(state)
+            last = state
+        time.sleep(poll)
+    raise ServerError(f"prompt {prompt_id}: not finished after {timeout:.0f} s (raise --timeout)")
+
+
+def _download(server: Server, prompt: dict, entry: dict, target: Path) -> list[Path]:
+    """Save the 'Save' node's images to `target` (several: target_1.png, ...) and metrics beside them."""
+    outputs = entry.get("outputs", {})
+    save_id = next((i for i, n in prompt.items() if n["class_type"] == "SaveImage"), None)
+    images = outputs.get(save_id, {}).get("images", []) if save_id else []
+    if not images:
+        raise ServerError("the prompt finished but saved no image")
+    written = []
+    for k, img in enumerate(images):
+        query = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
+                                        "type": img.get("type", "output")})
+        data = server.request(f"/view?{query}")
+        path = target if k == 0 else target.with_name(f"{target.stem}_{k}{target.suffix}")
+        atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
+        written.append(path)
+    for node_id, node in prompt.items():
+        if node["class_type"] == "StyleMetrics" and outputs.get(node_id, {}).get("stylora_metrics"):
+            path = target.with_name(f"{target.stem}.metrics.json")
+            atomic_write_text(path, json.dumps(outputs[node_id]["stylora_metrics"][0], indent=1))
+            written.append(path)
+    return written

@@ -1,0 +1,226 @@
+"""`stylora run` against a small stand-in for ComfyUI's HTTP API (the real server: tests/test_comfyui.py)."""
+
+from __future__ import annotations
+
+import email.parser
+import io
+import json
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from conftest import REPO, skimage_photos
+from PIL import Image, ImageOps
+from stylora.nodes.workflow import RunConfig, ServerError, run_workflow
+from stylora.trainer.cli import main as cli_main
+
+STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors"]
+
+
+def _object_info(without: tuple[str, ...] = ()) -> dict:
+    """/object_info as the stand-in serves it: the core nodes' schema plus ours, with files on 'disk'."""
+    import stylora
+
+    info = json.loads((REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json").read_text())
+    for name, cls in stylora.NODE_CLASS_MAPPINGS.items():
+        info[name] = {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)}
+    info["LoadStyleLoRA"]["input"]["required"]["style"] = [STYLES[1:], {}]
+    for k in ("style_2", "style_3"):
+        info["LoadStyleLoRA"]["input"]["optional"][k] = [STYLES, {}]
+    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] = [["sd15.safetensors", "db.safetensors", "v1-5-pruned-emaonly.safetensors"], {}]
+    return {k: v for k, v in info.items() if k not in without}
+
+
+class FakeComfy:
+    """Answers /object_info, /upload/image, /prompt, /history, /queue and /view. 'Running' a prompt inverts the
+    Content image; `fail_with` makes the sampler fail the way ComfyUI reports execution errors."""
+
+    def __init__(self, without: tuple[str, ...] = (), fail_with: str | None = None):
+        self.object_info = _object_info(without)
+        self.fail_with = fail_with
+        self.uploads: dict[str, bytes] = {}
+        self.prompts: list[dict] = []
+        self.history: dict[str, dict] = {}
+        self.polls: dict[str, int] = {}
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, body: bytes, kind: str = "application/json"):
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                url = urllib.parse.urlparse(self.path)
+                if url.path == "/object_info":
+                    return self._send(200, json.dumps(fake.object_info).encode())
+                if url.path == "/queue":
+                    running = [[0, pid, {}, {}, []] for pid in fake.history if fake.polls.get(pid, 0) < 2]
+                    return self._send(200, json.dumps({"queue_running": running, "queue_pending": []}).encode())
+                if url.path.startswith("/history/"):
+                    pid = url.path.split("/")[-1]
+                    fake.polls[pid] = fake.polls.get(pid, 0) + 1
+                    ready = fake.polls[pid] > 1  # the first poll finds it still running
+                    return self._send(200, json.dumps({pid: fake.history[pid]} if ready else {}).encode())
+                if url.path == "/view":
+                    q = urllib.parse.parse_qs(url.query)
+                    return self._send(200, fake.uploads["output/" + q["filename"][0]], "image/png")
+                self._send(404, b"{}")
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/upload/image":
+                    msg = email.parser.BytesParser().parsebytes(
+                        b"Content-Type: " + self.headers["Content-Type"].encode() + b"\r\n\r\n" + body)
+                    fields = {p.get_param("name", header="content-disposition"): p for p in msg.get_payload()}
+                    part = fields["image"]
+                    name = f"{fields['subfolder'].get_payload()}/{part.get_filename()}"
+                    fake.uploads[name] = part.get_payload(decode=True)
+                    reply = {"name": part.get_filename(), "subfolder": fields["subfolder"].get_payload(),
+                             "type": "input"}
+                    return self._send(200, json.dumps(reply).encode())
+                if self.path == "/prompt":
+                    return self._send(*fake.queue(json.loads(body)["prompt"]))
+                self._send(404, b"{}")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def queue(self, prompt: dict) -> tuple[int, bytes]:
+        unknown = [n["class_type"] for n in prompt.values() if n["class_type"] not in self.object_info]
+        if unknown:
+            err = {"error": {"type": "invalid_prompt", "message": f"Cannot execute because node {unknown[0]} does "
+                                                                  "not exist.", "details": ""}, "node_errors": {}}
+            return 400, json.dumps(err).encode()
+        pid = f"p{len(self.prompts)}"
+        self.prompts.append(prompt)
+        if self.fail_with:
+            self.history[pid] = {"outputs": {}, "status": {"status_str": "error", "completed": False, "messages": [
+                ["execution_error", {"node_id": "8", "node_type": "KSampler", "exception_type": "RuntimeError",
+                                     "exception_message": self.fail_with}]]}}
+            return 200, json.dumps({"prompt_id": pid}).encode()
+        content = next(n for n in prompt.values() if n["_meta"]["title"] == "Content")["inputs"]["image"]
+        img = ImageOps.invert(Image.open(io.BytesIO(self.uploads[content])).convert("RGB"))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        self.uploads[f"output/{pid}.png"] = buf.getvalue()
+        outputs = {}
+        for node_id, node in prompt.items():
+            if node["class_type"] == "SaveImage":
+                outputs[node_id] = {"images": [{"filename": f"{pid}.png", "subfolder": "", "type": "output"}]}
+            if node["class_type"] == "StyleMetrics":
+                outputs[node_id] = {"text": ["ssim: 0.5"], "stylora_metrics": [{"metrics": {"ssim": 0.5}}]}
+        self.history[pid] = {"outputs": outputs, "status": {"status_str": "success", "completed": True}}
+        return 200, json.dumps({"prompt_id": pid, "number": 0}).encode()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def comfy():
+    server = FakeComfy()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, arr in list(skimage_photos().items())[:3]:
+        Image.fromarray(arr).convert("RGB").resize((64, 48)).save(folder / f"{name}.png")
+    return folder
+
+
+def test_single_photo_is_uploaded_substituted_run_and_downloaded(comfy, photos, tmp_path):
+    photo = sorted(photos.iterdir())[0]
+    out = tmp_path / "out.png"
+    lines = []
+    result = run_workflow(RunConfig(content=str(photo), out=str(out), server=comfy.url, style=("monet.safetensors",),
+                                    strength=0.3, seed=7, checkpoint="sd15.safetensors",
+                                    set=("Content encode.max_side=256",)), say=lines.append, poll=0.01)
+    assert [d[0] for d in result.done] == [str(photo)] and not result.failed
+    prompt = comfy.prompts[0]
+    assert prompt["6"]["inputs"]["image"] == f"stylora/{photo.stem}.png"
+    assert prompt["2"]["inputs"]["style"] == "monet.safetensors" and prompt["3"]["inputs"]["strength"] == 0.3
+    assert prompt["8"]["inputs"]["seed"] == 7 and prompt["1"]["inputs"]["ckpt_name"] == "sd15.safetensors"
+    assert prompt["7"]["inputs"]["max_side"] == 256
+    expected = ImageOps.invert(Image.open(photo).convert("RGB"))
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    assert any("running" in s for s in lines) and any("wrote" in s for s in lines)
+
+
+def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
+    photo = sorted(photos.iterdir())[0]
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    mask.save(tmp_path / "mask.png")
+    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "m.png"), server=comfy.url, workflow="masked_style",
+                           mask=str(tmp_path / "mask.png")), poll=0.01)
+    uploaded = Image.open(io.BytesIO(comfy.uploads[f"stylora/{photo.stem}.png"]))
+    assert uploaded.mode == "RGBA"
+    assert np.array_equal(np.asarray(uploaded)[..., 3], 255 - np.asarray(mask))  # LoadImage: MASK = 1 - alpha
+    with pytest.raises(ValueError, match="pass --mask"):
+        run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "x.png"), server=comfy.url,
+                               workflow="masked_style"))
+    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "b.png"), server=comfy.url, workflow="style_blend",
+                           style=("monet.safetensors", "ukiyo-e.safetensors:0.5")), poll=0.01)
+    style = comfy.prompts[-1]["2"]["inputs"]
+    assert (style["style"], style["style_2"], style["weight_2"]) == ("monet.safetensors", "ukiyo-e.safetensors", 0.5)
+    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "s.png"), server=comfy.url,
+                           workflow="style_metrics", style_image=str(photo)), poll=0.01)
+    assert json.loads((tmp_path / "s.metrics.json").read_text())["metrics"]["ssim"] == 0.5
+    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "d.png"), server=comfy.url, workflow="dreambooth",
+                           style=("db.safetensors",), strength=0.4), poll=0.01)
+    assert comfy.prompts[-1]["1"]["inputs"]["ckpt_name"] == "db.safetensors"
+    assert comfy.prompts[-1]["8"]["inputs"]["denoise"] == pytest.approx(0.3)
+
+
+def test_batch_reports_bad_files_and_resumes(comfy, photos, tmp_path):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "styled"
+    cfg = RunConfig(content=str(photos), out=str(out), server=comfy.url)
+    first = run_workflow(cfg, poll=0.01)
+    assert len(first.done) == 3 and [f[0] for f in first.failed] == [str(photos / "broken.jpg")]
+    assert "broken.jpg" in first.failed[0][1]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.png" for p in photos.iterdir()
+                                                           if p.name != "broken.jpg")
+    second = run_workflow(cfg, poll=0.01)
+    assert len(second.skipped) == 3 and not second.done and len(comfy.prompts) == 3
+
+
+def test_clear_errors_for_server_node_style_and_execution_problems(photos, tmp_path, capsys):
+    photo = str(sorted(photos.iterdir())[0])
+    base = dict(content=photo, out=str(tmp_path / "o.png"))
+    closed = FakeComfy()
+    closed.close()
+    with pytest.raises(ServerError, match="cannot reach it"):
+        run_workflow(RunConfig(**base, server=closed.url))
+    assert cli_main(["run", "--server", closed.url, "--content", photo, "--out", base["out"]]) == 2
+    assert "stylora: error: server http://127.0.0.1" in capsys.readouterr().err
+    no_pack = FakeComfy(without=("LoadStyleLoRA", "StyleStrength", "ContentEncode"))
+    with pytest.raises(ServerError, match="ContentEncode, LoadStyleLoRA, StyleStrength not installed .*custom_nodes"):
+        run_workflow(RunConfig(**base, server=no_pack.url))
+    no_pack.close()
+    comfy = FakeComfy()
+    with pytest.raises(ServerError, match="style 'vangogh.safetensors' is not on the server .*available: monet"):
+        run_workflow(RunConfig(**base, server=comfy.url, style=("vangogh.safetensors",)))
+    with pytest.raises(ValueError, match="no bundled workflow 'nope'"):
+        run_workflow(RunConfig(**base, server=comfy.url, workflow="nope"))
+    with pytest.raises(ValueError, match="strength must be in 0..1"):
+        run_workflow(RunConfig(**base, server=comfy.url, strength=2.0))
+    comfy.close()
+    failing = FakeComfy(fail_with="CUDA out of memory")
+    result = run_workflow(RunConfig(**base, server=failing.url), poll=0.01)
+    assert result.failed == [(photo, "node 8 (KSampler) failed: RuntimeError: CUDA out of memory")]
+    failing.close()
