@@ -308,7 +308,7 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
             prompt = substitute(graph, cfg, name, style_image_name)
             start = time.monotonic()
             reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-            entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s: say(f"{tag}: {s}"))
+            entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s, t=tag: say(f"{t}: {s}"))
             written = _download(server, prompt, entry, target)
             seconds = time.monotonic() - start
             result.done.append((str(photo), [str(w) for w in written], seconds))

@@ -29,7 +29,8 @@ def _object_info(without: tuple[str, ...] = ()) -> dict:
     info["LoadStyleLoRA"]["input"]["required"]["style"] = [STYLES[1:], {}]
     for k in ("style_2", "style_3"):
         info["LoadStyleLoRA"]["input"]["optional"][k] = [STYLES, {}]
-    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] = [["sd15.safetensors", "db.safetensors", "v1-5-pruned-emaonly.safetensors"], {}]
+    ckpts = ["sd15.safetensors", "db.safetensors", "v1-5-pruned-emaonly.safetensors"]
+    info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"] = [ckpts, {}]
     return {k: v for k, v in info.items() if k not in without}
 
 
