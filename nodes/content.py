@@ -157,8 +157,8 @@ class ContentEncode:
             },
             "optional": {
                 "tiling": (list(TILINGS), {"default": "auto",
-                                           "tooltip": "Encode in tiles to save memory; auto tiles above "
-                                                      f"{TILE_AUTO_PIXELS // 1_000_000} megapixels."}),
+                                           "tooltip": "Encode in tiles to save memory; auto tiles images "
+                                                      "larger than 1536x1536 pixels."}),
                 "tile_size": ("INT", {"default": 512, "min": 256, "max": 2048, "step": 64,
                                       "tooltip": "Tile side in pixels when tiling."}),
             },

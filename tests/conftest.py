@@ -57,11 +57,14 @@ def skimage_textures() -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.fixture
-def style_folder(tmp_path) -> Path:
+def make_style_folder(folder: Path) -> Path:
     """Six 96x96 RGB 'paintings' made from scikit-image's textures."""
-    folder = tmp_path / "style"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for name, arr in skimage_textures().items():
         Image.fromarray(arr).resize((96, 96), Image.Resampling.LANCZOS).save(folder / f"{name}.png")
     return folder
+
+
+@pytest.fixture
+def style_folder(tmp_path) -> Path:
+    return make_style_folder(tmp_path / "style")

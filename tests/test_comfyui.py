@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, make_style_folder
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
@@ -85,3 +85,146 @@ def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path
     assert report["base_untouched"] == 0
     assert "wrong shape" in report["refused"]["sd2like.safetensors"]
     assert "no matching model layer" in report["refused"]["sdxllike.safetensors"]
+
+
+# --- The bundled workflows end to end on a real server ------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def comfy_server(sd15_checkpoint, tmp_path_factory):
+    """ComfyUI started on loopback with its own base directory: the pack linked into custom_nodes, the SD1.5
+    checkpoint in models/checkpoints, a style trained here by our trainer in models/styles."""
+    import time
+    import urllib.request
+
+    from stylora.trainer.config import LoraTrainConfig
+    from stylora.trainer.lora import train_lora
+
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("custom_nodes", "models/checkpoints", "models/styles", "input", "output"):
+        (base / sub).mkdir(parents=True)
+    (base / "custom_nodes" / "stylora").symlink_to(REPO)
+    (base / "models" / "checkpoints" / "sd15.safetensors").symlink_to(sd15_checkpoint)
+    style_folder = make_style_folder(base / "paintings")
+    train_lora(LoraTrainConfig(data=str(style_folder), output=str(base / "models" / "styles" / "mystyle.safetensors"),
+                               base_model=str(sd15_checkpoint), resolution=64, steps=1, batch_size=1, min_images=1,
+                               checkpoint_every=0), progress=False)
+    # A second style: the same modules with large random weights, so its effect shows after one 8-bit save.
+    from safetensors.torch import save_file
+    from stylora.trainer.lora_file import read_lora
+
+    state, meta = read_lora(base / "models" / "styles" / "mystyle.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    strong = {k: v if k.endswith(".alpha") else (torch.randn(v.shape, generator=gen) * 0.2).to(v.dtype)
+              for k, v in state.items()}
+    save_file(strong, str(base / "models" / "styles" / "strong.safetensors"), metadata=meta)
+    env = dict(os.environ, STYLORA_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""),) if p)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen",
+                             "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+                            cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/queue", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield {"url": url, "base": base, "log": base / "server.log"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _content(tmp_path: Path) -> tuple[Path, Path]:
+    """A 256x256 photo (encoded at its own size) and a mask over its left part (white = styled)."""
+    from PIL import Image
+
+    photo, mask = tmp_path / "content.png", tmp_path / "mask.png"
+    Image.open(REPO / "examples" / "stylora_content.jpg").resize((256, 256), Image.Resampling.LANCZOS).save(photo)
+    Image.open(REPO / "examples" / "stylora_mask.png").resize((256, 256), Image.Resampling.NEAREST).save(mask)
+    return photo, mask
+
+
+def _pixels(path: Path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a CPU-sized end-to-end run
+
+
+def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
+    import time
+
+    from stylora.nodes.workflow import RunConfig, bundled_workflows, run_workflow
+
+    photo, mask = _content(tmp_path)
+    per_workflow = {
+        "style_transfer": dict(style=("mystyle.safetensors",)),
+        "masked_style": dict(style=("mystyle.safetensors",), mask=str(mask)),
+        "style_blend": dict(style=("mystyle.safetensors", "strong.safetensors:0.5")),
+        "style_metrics": dict(style=("mystyle.safetensors",), style_image=str(REPO / "examples" / "stylora_style.jpg")),
+        "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
+    }
+    assert sorted(per_workflow) == bundled_workflows()
+    timings = {}
+    for name, extra in per_workflow.items():
+        ckpt = {} if name == "dreambooth" else {"checkpoint": "sd15.safetensors"}
+        start = time.monotonic()
+        cfg = RunConfig(content=str(photo), out=str(tmp_path / f"{name}.png"), server=comfy_server["url"],
+                        workflow=name, seed=1, set=FAST, **ckpt, **extra)
+        result = run_workflow(cfg, poll=0.2)
+        timings[name] = round(time.monotonic() - start, 1)
+        assert not result.failed and (tmp_path / f"{name}.png").is_file(), result.failed
+    print("workflow wall times (s, 256x256, 2 steps, CPU):", json.dumps(timings))
+    # Pixels outside the mask are the content's, exactly (after the 8-bit round trip of SaveImage).
+    outside = _pixels(mask)[..., 0] == 0
+    diff = abs(_pixels(tmp_path / "masked_style.png") - _pixels(photo))
+    assert outside.sum() > 10000 and diff[outside].max() == 0 and diff[~outside].mean() > 1
+    metrics = json.loads((tmp_path / "style_metrics.metrics.json").read_text())
+    assert 0 < metrics["metrics"]["ssim"] < 1 and "lpips" in metrics["unavailable"]
+    server_log = comfy_server["log"].read_text()
+    assert "lora key not loaded" not in server_log
+    assert "IMPORT FAILED" not in "\n".join(line for line in server_log.splitlines() if "stylora" in line)
+
+
+def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
+    from stylora.nodes.workflow import RunConfig, load_workflow, run_workflow
+
+    photo, _ = _content(tmp_path)
+    plain = load_workflow("style_transfer")  # the same graph without Load Style LoRA and Style Strength
+    del plain["2"], plain["3"]
+    plain["4"]["inputs"]["clip"] = plain["5"]["inputs"]["clip"] = ["1", 1]
+    plain["8"]["inputs"].update(model=["1", 0], denoise=0.0)
+    (tmp_path / "plain.json").write_text(json.dumps(plain))
+    common = dict(content=str(photo), server=comfy_server["url"], checkpoint="sd15.safetensors", seed=3)
+
+    def run(out: str, workflow: str, *overrides: str, **kw) -> Path:
+        run_workflow(RunConfig(out=str(tmp_path / out), workflow=workflow, set=FAST + overrides, **common, **kw),
+                     poll=0.2)
+        return tmp_path / out
+
+    styled = dict(style=("strong.safetensors",))
+    # Wired as bundled: strength 0 -> denoise 0 and no style weights: plain img2img at denoise 0.
+    assert (_pixels(run("s0.png", "style_transfer", strength=0.0, **styled))
+            == _pixels(run("p0.png", str(tmp_path / "plain.json")))).all()
+    # At the same denoise, strength 0's model is the base model: identical to plain img2img; strength 0.5 is not.
+    half = ("Sampler.denoise=0.5",)
+    plain_half = _pixels(run("p5.png", str(tmp_path / "plain.json"), *half))
+    assert (_pixels(run("s0d5.png", "style_transfer", *half, strength=0.0, **styled)) == plain_half).all()
+    assert (_pixels(run("s5d5.png", "style_transfer", *half, strength=0.5, **styled)) != plain_half).any()

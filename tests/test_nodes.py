@@ -6,13 +6,19 @@ import types
 
 import pytest
 import torch
+from conftest import REPO
 from stylora import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA, register_model_folders
 from stylora.trainer.lora_file import check_lora_fits, normalize_blend
 
 
 def test_declarations_are_complete_without_comfyui():
-    assert set(NODE_CLASS_MAPPINGS) <= set(NODE_DISPLAY_NAME_MAPPINGS)
+    import stylora
+
+    assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "LoadStyleLoRA", "MaskedStyleApply", "StyleMetrics",
+                                           "StyleStrength"]
+    assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
+    assert (REPO / stylora.WEB_DIRECTORY / "stylora.js").is_file()
     for cls in NODE_CLASS_MAPPINGS.values():
         assert cls.CATEGORY == "Stylora" and callable(getattr(cls, cls.FUNCTION))
         assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS)
