@@ -27,9 +27,9 @@ class SizePlan:
     """How one photo is brought to an encodable size. All sizes in pixels, (width, height)."""
 
     source: tuple[int, int]  # the photo as given
-    scaled: tuple[int, int]  # after scaling (aspect ratio kept); equals `final` when rounding is "stretch"
-    final: tuple[int, int]  # what is encoded: multiples of `multiple`
-    crop: tuple[int, int]  # left, top offset of the centre crop from `scaled` (0, 0 when stretching)
+    scaled: tuple[int, int]  # after scaling with the aspect ratio kept (before rounding to the size multiple)
+    final: tuple[int, int]  # what is encoded: multiples of the size multiple
+    crop: tuple[int, int] | None  # (left, top) of the centre crop from `scaled`; None: stretched to `final`
 
     def describe(self) -> str:
         (sw, sh), (w, h), (fw, fh) = self.source, self.scaled, self.final
@@ -37,11 +37,11 @@ class SizePlan:
             return f"{sw}x{sh}: encoded at its own size"
         parts = [f"{sw}x{sh} -> {fw}x{fh}"]
         if (w, h) != (sw, sh):
-            parts.append(f"scaled by {w / sw:.3g}")
-        if (w, h) != (fw, fh):
-            parts.append(f"centre-cropped {w - fw}x{h - fh} px from {w}x{h}")
-        elif abs(fw / fh - sw / sh) > 1e-9:
-            parts.append(f"aspect ratio {sw / sh:.4f} -> {fw / fh:.4f} (stretched to a size multiple)")
+            parts.append(f"scaled by {w / sw:.3g} to {w}x{h}")
+        if self.crop is not None and (w, h) != (fw, fh):
+            parts.append(f"centre-cropped {w - fw}x{h - fh} px")
+        elif (w, h) != (fw, fh):
+            parts.append(f"stretched {fw - w:+d}x{fh - h:+d} px to a multiple (aspect {sw / sh:.4f} -> {fw / fh:.4f})")
         return ", ".join(parts)
 
 
@@ -65,7 +65,7 @@ def plan_size(width: int, height: int, max_side: int, multiple: int = 8, roundin
         fw, fh = (max(multiple, int(s / multiple + 0.5) * multiple) for s in (w, h))  # half rounds up
         if max_side > 0:  # rounding up must not break the max_side promise
             fw, fh = (min(s, max(multiple, max_side // multiple * multiple)) for s in (fw, fh))
-        return SizePlan((width, height), (fw, fh), (fw, fh), (0, 0))
+        return SizePlan((width, height), (w, h), (fw, fh), None)
     fw, fh = (s // multiple * multiple for s in (w, h))
     if fw == 0 or fh == 0:
         raise ValueError(f"image: {width}x{height} scaled to {w}x{h} is smaller than size_multiple={multiple}; "
@@ -77,12 +77,14 @@ def resize_images(images: torch.Tensor, plan: SizePlan) -> torch.Tensor:
     """images [B, H, W, C] in 0..1 (ComfyUI IMAGE) -> [B, h, w, C] per the plan (antialiased bicubic)."""
     if images.ndim != 4:
         raise ValueError(f"image: expected an IMAGE batch [B, H, W, C], got shape {tuple(images.shape)}")
+    size = plan.final if plan.crop is None else plan.scaled  # stretching: one resize straight to the final size
     out = images
-    if plan.scaled != plan.source:
+    if size != plan.source:
         x = images.movedim(-1, 1).float()
-        x = F.interpolate(x, size=(plan.scaled[1], plan.scaled[0]), mode="bicubic", antialias=True,
-                          align_corners=False)
+        x = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
         out = x.clamp(0, 1).movedim(1, -1).to(images.dtype)
+    if plan.crop is None:
+        return out
     (left, top), (fw, fh) = plan.crop, plan.final
     return out[:, top:top + fh, left:left + fw, :]
 

@@ -87,6 +87,14 @@ def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path
     assert "no matching model layer" in report["refused"]["sdxllike.safetensors"]
 
 
+
+def test_content_encode_with_comfyui_vae(sd15_checkpoint):
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_encode.py", str(REPO), str(sd15_checkpoint))
+    assert report["latent"] == [1, 4, 38, 25] and report["image"] == [1, 304, 200, 3]
+    assert report["info"] == "200x300 -> 200x304, stretched +0x+4 px to a multiple (aspect 0.6667 -> 0.6579)"
+    assert report["tiled"] == report["latent"] and report["tiled_info"].endswith("tiled 256px")
+    assert report["fp32_dtype"] == "torch.float32" and report["fp32_vs_plain"] < 1e-3
+
 # --- The bundled workflows end to end on a real server ------------------------------------------------------
 
 def _free_port() -> int:
