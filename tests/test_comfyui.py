@@ -206,6 +206,22 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     assert outside.sum() > 10000 and diff[outside].max() == 0 and diff[~outside].mean() > 1
     metrics = json.loads((tmp_path / "style_metrics.metrics.json").read_text())
     assert 0 < metrics["metrics"]["ssim"] < 1 and "lpips" in metrics["unavailable"]
+    # A new user's view: the five nodes in the Stylora category, the workflows in the Templates browser.
+    import urllib.request
+
+    def get(path: str):
+        with urllib.request.urlopen(comfy_server["url"] + path, timeout=30) as resp:
+            return resp.status, resp.read()
+
+    info = json.loads(get("/object_info")[1])
+    ours = {k: v["display_name"] for k, v in info.items() if v.get("category") == "Stylora"}
+    assert ours == {"LoadStyleLoRA": "Load Style LoRA (Stylora)", "ContentEncode": "Content Encode (Stylora)",
+                    "StyleStrength": "Style Strength (Stylora)", "MaskedStyleApply": "Masked Style Apply (Stylora)",
+                    "StyleMetrics": "Style Metrics (Stylora)"}
+    assert sorted(json.loads(get("/api/workflow_templates")[1])["stylora"]) == bundled_workflows()
+    for name in bundled_workflows():  # listed and served (ComfyUI serves only the first template folder)
+        assert get(f"/api/workflow_templates/stylora/{name}.json")[0] == 200
+    assert get("/extensions/stylora/stylora.js")[0] == 200
     server_log = comfy_server["log"].read_text()
     assert "lora key not loaded" not in server_log
     assert "IMPORT FAILED" not in "\n".join(line for line in server_log.splitlines() if "stylora" in line)
