@@ -279,7 +279,9 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
         if not photos:
             raise ValueError(f"content: no images in folder {content}")
         out_dir = Path(cfg.out)
-        targets = {p: out_dir / f"{p.stem}.png" for p in photos}
+        stems = [p.stem for p in photos]  # cat.jpg and cat.png must not share cat.png
+        targets = {p: out_dir / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:]}.png")
+                   for p in photos}
     elif content.is_file():
         photos = [content]
         out = Path(cfg.out)

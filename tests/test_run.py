@@ -189,15 +189,16 @@ def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
 
 def test_batch_reports_bad_files_and_resumes(comfy, photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.open(photos / "coffee.png").save(photos / "coffee.jpg")  # same stem: both get an output
     out = tmp_path / "styled"
     cfg = RunConfig(content=str(photos), out=str(out), server=comfy.url)
     first = run_workflow(cfg, poll=0.01)
-    assert len(first.done) == 3 and [f[0] for f in first.failed] == [str(photos / "broken.jpg")]
+    assert len(first.done) == 4 and [f[0] for f in first.failed] == [str(photos / "broken.jpg")]
     assert "broken.jpg" in first.failed[0][1]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}.png" for p in photos.iterdir()
-                                                           if p.name != "broken.jpg")
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.png", "chelsea.png", "coffee_jpg.png",
+                                                     "coffee_png.png"]
     second = run_workflow(cfg, poll=0.01)
-    assert len(second.skipped) == 3 and not second.done and len(comfy.prompts) == 3
+    assert len(second.skipped) == 4 and not second.done and len(comfy.prompts) == 4
 
 
 def test_clear_errors_for_server_node_style_and_execution_problems(photos, tmp_path, capsys):
