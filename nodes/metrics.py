@@ -37,7 +37,7 @@ class StyleMetrics:
 
     def __init__(self) -> None:
         self._nets: dict[str, torch.nn.Module] = {}  # kept between runs: loading VGG-19 takes seconds
-        self._unavailable: dict[str, str] = {}  # metric -> why its network could not be loaded
+        self._unavailable: dict[str, str] | None = None  # metric -> why its network could not be loaded
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -67,13 +67,12 @@ class StyleMetrics:
         from ..eval.report import append_csv, format_scores, load_nets, score_images
 
         device = _device()
-        # 1. Networks, loaded once: what is missing stays listed as unavailable.
-        wanted = set(METRIC_CHOICES)
-        if not self._nets:
-            self._nets, self._unavailable = load_nets(wanted)
+        # 1. Networks, looked up once per node: what is missing stays listed as unavailable, not retried each run.
+        if self._unavailable is None:
+            self._nets, self._unavailable = load_nets(set(METRIC_CHOICES))
+        wanted = tuple(m for m in METRIC_CHOICES if m not in self._unavailable)
         # 2. Scores, text and JSON.
-        scores = score_images(content, styled, style, style_folder.strip() or None, tuple(wanted), self._nets,
-                              device)
+        scores = score_images(content, styled, style, style_folder.strip() or None, wanted, self._nets, device)
         scores["unavailable"] = {**self._unavailable, **scores["unavailable"]}
         text = format_scores(scores)
         as_json = json.dumps(scores, indent=1)

@@ -3,25 +3,18 @@
     python tests/comfyui_check_encode.py PACK_DIR CHECKPOINT  ->  one JSON line
 """
 
-import importlib.util
 import json
-import os
 import sys
+
+from comfyui_env import load_pack, start_comfy
 
 
 def main(pack: str, ckpt: str) -> None:
-    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split()]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    start_comfy()
     import comfy.sd
     import torch
 
-    spec = importlib.util.spec_from_file_location("stylora_pack", os.path.join(pack, "__init__.py"),
-                                                  submodule_search_locations=[pack])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stylora_pack"] = module
-    spec.loader.exec_module(module)
+    module = load_pack(pack)
     _, _, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=False, output_model=False)
     node = module.NODE_CLASS_MAPPINGS["ContentEncode"]()
     photo = torch.rand(1, 300, 200, 3, generator=torch.Generator().manual_seed(0))

@@ -6,8 +6,9 @@ LoraLoader node does (comfy.sd.load_lora_for_models) and report what ComfyUI map
 
 import json
 import logging
-import os
 import sys
+
+from comfyui_env import start_comfy
 
 
 class Collect(logging.Handler):
@@ -20,14 +21,10 @@ class Collect(logging.Handler):
 
 
 def main(ckpt: str, lora: str) -> None:
-    # comfy.cli_args reads sys.argv at import; a CPU-only host needs --cpu, a GPU host can set COMFYUI_ARGS="".
-    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split()]
     handler = Collect()
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    start_comfy()
     import comfy.sd
     import comfy.supported_models
     import comfy.utils

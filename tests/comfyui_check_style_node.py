@@ -3,26 +3,19 @@
     python tests/comfyui_check_style_node.py PACK_DIR CHECKPOINT LORA_DIR GOOD OTHER BAD...  ->  one JSON line
 """
 
-import importlib.util
 import json
-import os
 import sys
+
+from comfyui_env import load_pack, start_comfy
 
 
 def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, *bad: str) -> None:
-    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split()]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
+    start_comfy()
     import comfy.sd
     import folder_paths
 
     folder_paths.add_model_folder_path("loras", lora_dir)
-    spec = importlib.util.spec_from_file_location("stylora_pack", os.path.join(pack, "__init__.py"),
-                                                  submodule_search_locations=[pack])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["stylora_pack"] = module
-    spec.loader.exec_module(module)
+    module = load_pack(pack)
     node_cls = module.NODE_CLASS_MAPPINGS["LoadStyleLoRA"]
     listed = node_cls.INPUT_TYPES()["required"]["style"][0]
     model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)

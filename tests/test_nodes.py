@@ -260,7 +260,8 @@ def test_style_metrics_node_reports_available_and_unavailable_metrics(tmp_path, 
     monkeypatch.setattr("torch.hub.get_dir", lambda: str(tmp_path / "hub"))
     node = StyleMetrics()
     node._nets = {"vgg": VGGStyle(pretrained=False)}  # random weights: same code path, no download
-    node._unavailable = {"lpips": "alexnet-owt-7be5be79.pth not found"}
+    node._unavailable = {"lpips": "torchvision AlexNet (ImageNet): alexnet-owt-7be5be79.pth not found",
+                         "artfid": "needs lpips", "fid": "no weights", "kid": "no weights"}
     gen = torch.Generator().manual_seed(0)
     content = torch.rand(1, 64, 64, 3, generator=gen)
     styled = (content * 0.8 + 0.1).clamp(0, 1)
