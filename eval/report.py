@@ -127,7 +127,7 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     if style_files and "vgg" in nets and "gram" in wanted and "gram" not in unavailable:
         style_grams = _mean_grams(nets["vgg"], style_files, cfg.style_max_side, device, progress)
     if style_files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
-        style_features = _style_features(nets["inception"], style_files, cfg, progress,
+        style_features = _style_features(nets["inception"], style_files, cfg.cache_dir, progress,
                                          cacheable=getattr(nets["inception"], "published", False))
 
     # 4. Per-image metrics for every method; each output is decoded once, its Inception features taken then too.
@@ -304,12 +304,12 @@ def set_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _style_features(net: InceptionFeatures, files: list[Path], cfg: EvalConfig, progress: bool,
+def _style_features(net: InceptionFeatures, files: list[Path], cache_dir: str | None, progress: bool,
                     cacheable: bool) -> np.ndarray:
     """Inception features of the style set, cached by the set's fingerprint: one style set serves many runs."""
     from safetensors.numpy import load_file, save_file
 
-    cache = Path(cfg.cache_dir or os.environ.get("STYLORA_CACHE", Path.home() / ".cache" / "stylora")) / "features"
+    cache = Path(cache_dir or os.environ.get("STYLORA_CACHE", Path.home() / ".cache" / "stylora")) / "features"
     path = cache / f"fid-inception-2015-12-05-{set_fingerprint(files)[:32]}.safetensors"
     if cacheable and path.is_file():
         logger.info("style-set features from cache %s", path)
@@ -521,7 +521,8 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     # 3. Set metrics against the style folder.
     if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
         feats = nets["inception"](x).numpy()
-        style_feats = _features_of(nets["inception"], files, False, "style set")
+        style_feats = _style_features(nets["inception"], files, None, False,
+                                      cacheable=getattr(nets["inception"], "published", False))
         if len(feats) < 2 or len(style_feats) < 2:
             why = f"needs at least 2 styled images and 2 style images (got {len(feats)} and {len(style_feats)})"
             unavailable.update({m: why for m in ("fid", "kid", "artfid") if m in wanted})

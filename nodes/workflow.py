@@ -208,8 +208,9 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
     """Every node installed, every file name (checkpoints, styles) present on the server."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
     if missing:
-        ours = [m for m in missing if m in ("LoadStyleLoRA", "ContentEncode", "StyleStrength", "MaskedStyleApply",
-                                            "StyleMetrics")]
+        from . import NODE_CLASS_MAPPINGS
+
+        ours = [m for m in missing if m in NODE_CLASS_MAPPINGS]
         hint = (" (the Stylora pack: clone it into ComfyUI/custom_nodes, pip install -r requirements.txt, restart"
                 " ComfyUI, and check its log for IMPORT FAILED)") if ours else ""
         raise ServerError(f"workflow {workflow}: node(s) {', '.join(missing)} not installed on the server{hint}")

@@ -22,6 +22,20 @@ TINY_CONFIG = REPO / "tests" / "fixtures" / "tiny_sd15"
 SHARED_TOKENIZER = REPO.parent / "shared" / "fixtures" / "sd15_tokenizer"
 
 
+def workflow_builder():
+    """workflows/build.py as a module (it is a script, not part of the package): the schema helpers."""
+    import importlib.util
+    import sys
+
+    name = "stylora_workflow_build"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "workflows" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> dict[str, Path]:
     """{'diffusers': folder, 'single_file': .safetensors, 'config': config folder for the single file}."""

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from conftest import REPO, skimage_photos
+from conftest import skimage_photos, workflow_builder
 from PIL import Image, ImageOps
 from stylora.nodes.workflow import RunConfig, ServerError, run_workflow
 from stylora.trainer.cli import main as cli_main
@@ -21,11 +21,8 @@ STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors"]
 
 def _object_info(without: tuple[str, ...] = ()) -> dict:
     """/object_info as the stand-in serves it: the core nodes' schema plus ours, with files on 'disk'."""
-    import stylora
-
-    info = json.loads((REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json").read_text())
-    for name, cls in stylora.NODE_CLASS_MAPPINGS.items():
-        info[name] = {"input": cls.INPUT_TYPES(), "output": list(cls.RETURN_TYPES)}
+    build = workflow_builder()
+    info = {**json.loads(build.CORE_SUBSET.read_text()), **build.our_schema()}
     info["LoadStyleLoRA"]["input"]["required"]["style"] = [STYLES[1:], {}]
     for k in ("style_2", "style_3"):
         info["LoadStyleLoRA"]["input"]["optional"][k] = [STYLES, {}]

@@ -4,26 +4,16 @@ consistent, and the UI and API files describe the same graph."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, workflow_builder
 
 SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info-0.3.64.json"
 FILE_LISTS = {"ckpt_name", "image", "style", "style_2", "style_3"}  # options depend on the server's files
 
 
-def _build_module():
-    spec = importlib.util.spec_from_file_location("stylora_workflow_build", REPO / "workflows" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _build_module()
+build = workflow_builder()
 
 
 @pytest.fixture(scope="module")
