@@ -1,6 +1,7 @@
-"""Run with ComfyUI's python, in COMFYUI_DIR: load the pack as ComfyUI does, then LoadStyleLoRA on a checkpoint.
+"""Run with ComfyUI's python, in COMFYUI_DIR: load the pack as ComfyUI does, then LoadStyleLoRA and StyleStrength
+on a checkpoint.
 
-    python tests/comfyui_check_style_node.py PACK_DIR CHECKPOINT LORA_DIR GOOD OTHER BAD...  ->  one JSON line
+    python tests/comfyui_check_style_node.py PACK_DIR CHECKPOINT LORA_DIR GOOD OTHER THIRD BAD...  ->  one JSON line
 """
 
 import json
@@ -9,7 +10,20 @@ import sys
 from comfyui_env import load_pack, start_comfy
 
 
-def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, *bad: str) -> None:
+def patched_unet_weights(model) -> dict:
+    """The UNet weights as ComfyUI bakes them for sampling (patches applied), copied, then unpatched."""
+    model.patch_model(device_to=None, force_patch_weights=True)
+    try:
+        return {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    finally:
+        model.unpatch_model()
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, third: str, *bad: str) -> None:
     start_comfy()
     import comfy.sd
     import folder_paths
@@ -17,12 +31,19 @@ def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, *bad: str) 
     folder_paths.add_model_folder_path("loras", lora_dir)
     module = load_pack(pack)
     node_cls = module.NODE_CLASS_MAPPINGS["LoadStyleLoRA"]
+    strength_node = module.NODE_CLASS_MAPPINGS["StyleStrength"]()
     listed = node_cls.INPUT_TYPES()["required"]["style"][0]
     model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     node = node_cls()
     m1, _, info = node.load(model, clip, good, 0.8)
     m2, _, info2 = node.load(model, clip, good, 1.0, style_2=other, weight_2=3.0)
+    # Three styles, weights 1:3:4 at strength 0.8 -> per-style patch strengths 0.8 x (1/8, 3/8, 4/8).
+    m3, _, _ = node.load(model, clip, good, 0.8, style_2=other, weight_2=3.0, style_3=third, weight_3=4.0)
     key = next(iter(m2.patches))
+    # StyleStrength at 0 on the 3-style model: the weights ComfyUI bakes are the base model's, exactly.
+    base = patched_unet_weights(model)
+    zero = patched_unet_weights(strength_node.apply(m3, 0.0)[0])
+    half = patched_unet_weights(strength_node.apply(m3, 0.5)[0])
     refused = {}
     for name in bad:
         try:
@@ -34,6 +55,9 @@ def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, *bad: str) 
         "registered": "stylora" in folder_paths.folder_names_and_paths, "listed": listed,
         "patched": len(m1.patches), "strength": m1.patches[next(iter(m1.patches))][0][0],
         "blend_patches_per_key": len(m2.patches[key]), "blend_strengths": [p[0] for p in m2.patches[key]],
+        "blend3_keys": len(m3.patches),
+        "blend3_strengths": sorted({tuple(round(p[0], 6) for p in plist) for plist in m3.patches.values()}),
+        "strength0_max_diff": max_diff(zero, base), "strength05_max_diff": max_diff(half, base),
         "base_untouched": len(model.patches), "info": info2, "refused": refused,
     }))
 

@@ -82,3 +82,27 @@ def make_style_folder(folder: Path) -> Path:
 @pytest.fixture
 def style_folder(tmp_path) -> Path:
     return make_style_folder(tmp_path / "style")
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(tmp_path_factory) -> Path:
+    """A full-size SD1.5 single-file checkpoint with random weights (about 2 GB, a minute to build), built once per
+    test session and shared by every real-ComfyUI test module; COMFYUI_SD15_CKPT names an existing one instead."""
+    if os.environ.get("COMFYUI_SD15_CKPT"):
+        return Path(os.environ["COMFYUI_SD15_CKPT"])
+    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
+
+    path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
+    return save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0), path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """STYLORA_REQUIRE_HOST=1 (set by .ci/run once it has built ComfyUI and a browser): a real-host test that skips
+    is a failure, so a broken host set-up cannot pass as green."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("STYLORA_REQUIRE_HOST") == "1" and item.get_closest_marker("comfyui"):
+        report.outcome = "failed"
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"real-host test skipped although STYLORA_REQUIRE_HOST=1: {reason}"

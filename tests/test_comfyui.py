@@ -33,16 +33,6 @@ def run_in_comfyui(script: Path, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def sd15_checkpoint(tmp_path_factory) -> Path:
-    if os.environ.get("COMFYUI_SD15_CKPT"):
-        return Path(os.environ["COMFYUI_SD15_CKPT"])
-    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
-
-    path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
-    return save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0), path)
-
-
 def test_trained_lora_loads_in_stock_comfyui_with_every_key_mapped(sd15_checkpoint, style_folder, tmp_path):
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
@@ -69,7 +59,11 @@ def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path
         train_lora(LoraTrainConfig(data=str(style_folder), output=str(loras / name), base_model=str(sd15_checkpoint),
                                    resolution=64, steps=1, batch_size=1, min_images=1, checkpoint_every=0, seed=seed),
                    progress=False)
-    state, _ = read_lora(loras / "good.safetensors")
+    state, meta = read_lora(loras / "good.safetensors")
+    # A third style: the same modules with other random weights (one training run fewer).
+    gen = torch.Generator().manual_seed(2)
+    save_file({k: v if k.endswith(".alpha") else (torch.randn(v.shape, generator=gen) * 0.05).to(v.dtype)
+               for k, v in state.items()}, str(loras / "third.safetensors"), metadata=meta)
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     sd2 = {**state, f"{k}.lora_down.weight": torch.zeros(4, 1024, dtype=torch.float16)}
     save_file(sd2, str(loras / "sd2like.safetensors"))
@@ -77,15 +71,17 @@ def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path
             "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4)}
     save_file(sdxl, str(loras / "sdxllike.safetensors"))
     report = run_in_comfyui(REPO / "tests" / "comfyui_check_style_node.py", str(REPO), str(sd15_checkpoint),
-                            str(loras), "good.safetensors", "other.safetensors", "sd2like.safetensors",
-                            "sdxllike.safetensors")
+                            str(loras), "good.safetensors", "other.safetensors", "third.safetensors",
+                            "sd2like.safetensors", "sdxllike.safetensors")
     assert report["registered"] and {"good.safetensors", "other.safetensors"} <= set(report["listed"])
     assert report["patched"] == 128 and report["strength"] == pytest.approx(0.8)
     assert report["blend_patches_per_key"] == 2 and report["blend_strengths"] == pytest.approx([0.25, 0.75])
+    # Every one of the 128 patched weights carries the three styles at strength x normalised weight.
+    assert report["blend3_keys"] == 128 and report["blend3_strengths"] == [[0.1, 0.3, 0.4]]
+    assert report["strength0_max_diff"] == 0.0 and report["strength05_max_diff"] > 0
     assert report["base_untouched"] == 0
     assert "wrong shape" in report["refused"]["sd2like.safetensors"]
     assert "no matching model layer" in report["refused"]["sdxllike.safetensors"]
-
 
 
 def test_content_encode_with_comfyui_vae(sd15_checkpoint):
