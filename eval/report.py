@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..trainer.files import atomic_write, atomic_write_text
-from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.files import atomic_write, atomic_write_text
+from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
 from .weights import WeightsUnavailable
 
@@ -430,7 +430,7 @@ def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows
     """content | style sample | output(s): one row per image (the first `rows` paired images)."""
     from PIL import Image, ImageDraw
 
-    from ..trainer.images import resize_cover
+    from ..core.images import resize_cover
 
     stems = [r["image"] for r in methods[0].rows][:rows] if methods else []
     if not stems:

@@ -155,7 +155,7 @@ def test_report_files_exist_and_parse(tmp_path, random_nets):
 
 
 def test_missing_weights_reported_unavailable_and_exit_zero(tmp_path, monkeypatch, capsys):
-    from stylora.trainer.cli import main
+    from stylora.cli import main
 
     dirs = _eval_folders(tmp_path)
     monkeypatch.setenv("STYLORA_OFFLINE", "1")
@@ -251,7 +251,7 @@ def test_training_with_perceptual_terms(tiny_model, style_folder, tmp_path):
     from stylora.eval.metrics import PerceptualLoss
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
-    from stylora.trainer.lora_file import read_lora
+    from stylora.core.lora_file import read_lora
 
     cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "p.safetensors"),
                           base_model=str(tiny_model["diffusers"]), resolution=64, steps=2, batch_size=2,

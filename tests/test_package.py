@@ -38,7 +38,7 @@ def test_installed_distribution_has_no_generic_top_level_modules():
     for generic in ("nodes", "eval", "trainer"):
         spec = importlib.util.find_spec(generic)
         assert spec is None or "site-packages" not in str(spec.origin), f"{generic} installed at top level"
-    assert importlib.util.find_spec("stylora.trainer.cli") is not None
+    assert importlib.util.find_spec("stylora.cli") is not None
 
 
 def test_requirements_do_not_replace_the_hosts_torch():
@@ -65,7 +65,7 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     import os
 
     import pytest
-    from stylora.trainer.files import atomic_write, atomic_write_text
+    from stylora.core.files import atomic_write, atomic_write_text
 
     target = atomic_write_text(tmp_path / "a.txt", "old")
     with pytest.raises(RuntimeError):

@@ -191,7 +191,7 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = torch.f
     """Write the pipeline as one original-layout SD1.x `.safetensors` checkpoint (atomically)."""
     from safetensors.torch import save_file
 
-    from .files import atomic_write
+    from ..core.files import atomic_write
     from .ldm_layout import pipeline_to_ldm
 
     sd = pipeline_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, dtype=dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageLoadError, load_image, resize_cover
+from ..core.images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageLoadError, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 
 from .config import DreamBoothConfig
 from .dataset import BatchOrder, load_style_dataset
-from .files import atomic_write
+from ..core.files import atomic_write
 from .lora import (
     RunCheckpoints,
     TrainProgress,
@@ -35,7 +35,7 @@ from .lora import (
     run_record,
     start_or_resume,
 )
-from .lora_file import DTYPES, peft_to_kohya, save_lora
+from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from tqdm.auto import tqdm
 
-    from ..eval.cost import peak_memory_mb, write_resource_record
+    from ..core.resources import peak_memory_mb, write_resource_record
     from .base_model import load_base_model
 
     t_start = time.time()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .checkpoint import checkpoint_root, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LoraTrainConfig
 from .dataset import BatchOrder, Skipped, StyleDataset, load_style_dataset
-from .lora_file import DTYPES, peft_to_kohya, save_lora
+from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     accelerator.wait_for_everyone()
     final_unet = accelerator.unwrap_model(unet)
     adapter = get_peft_model_state_dict(final_unet)
-    from ..eval.cost import peak_memory_mb, write_resource_record
+    from ..core.resources import peak_memory_mb, write_resource_record
 
     peak_mb = peak_memory_mb(device)
     seconds = time.time() - t_start
@@ -239,7 +239,7 @@ class RunCheckpoints:
 
 def run_record(kind: str, cfg: Any, device: torch.device, track: TrainProgress, start_step: int, seconds: float,
                peak_mb: float, **extra: Any) -> dict[str, Any]:
-    """The resource record both trainers write beside their output (see eval.cost.write_resource_record)."""
+    """The resource record both trainers write beside their output (see core.resources.write_resource_record)."""
     return {"kind": kind, "steps": start_step + len(track.step_seconds), "train_seconds": seconds,
             "loop_seconds": sum(track.step_seconds), "resumed_from": start_step, "peak_memory_mb": peak_mb,
             "device": str(device), "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,
@@ -583,8 +583,8 @@ def _save_preview(cfg: LoraTrainConfig, base, unet, output: Path, step: int) -> 
     from PIL import Image
 
     from .dataset import scan_folder
-    from .files import atomic_write
-    from .images import ImageLoadError, load_image, resize_cover
+    from ..core.files import atomic_write
+    from ..core.images import ImageLoadError, load_image, resize_cover
 
     paths, _ = scan_folder(Path(cfg.preview_content))
     images = []

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..trainer.files import atomic_write, atomic_write_text
-from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.files import atomic_write, atomic_write_text
+from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 
-API_DIR = Path(__file__).resolve().parent.parent / "workflows" / "api"
+API_DIR = Path(__file__).resolve().parent / "api"
 UPLOAD_SUBFOLDER = "stylora"  # uploads land in ComfyUI/input/stylora/
 
 
@@ -148,7 +148,7 @@ def _parse_value(text: str) -> Any:
 
 def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name: str | None) -> dict:
     """The workflow with this run's inputs filled in (a copy). Raises ValueError naming what does not fit."""
-    from .strength import style_schedule
+    from ..nodes.strength import style_schedule
 
     g = json.loads(json.dumps(graph))
     content = find(g, "Content")
@@ -208,7 +208,7 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
     """Every node installed, every file name (checkpoints, styles) present on the server."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
     if missing:
-        from . import NODE_CLASS_MAPPINGS
+        from ..nodes import NODE_CLASS_MAPPINGS
 
         ours = [m for m in missing if m in NODE_CLASS_MAPPINGS]
         hint = (" (the Stylora pack: clone it into ComfyUI/custom_nodes, pip install -r requirements.txt, restart"

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import scan_folder
-from .files import atomic_write, atomic_write_text
-from .images import ImageLoadError, load_image, resize_cover
+from ..trainer.dataset import scan_folder
+from ..core.files import atomic_write, atomic_write_text
+from ..core.images import ImageLoadError, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def measure(device: torch.device | str | None = None):
 
 def write_resource_record(output: str | Path, record: dict) -> Path:
     """`<output stem>.resources.json` beside a trained artifact: what it cost to make (time, memory, size)."""
-    from ..trainer.files import atomic_write_text
+    from .files import atomic_write_text
 
     output = Path(output)
     record = {"artifact": output.name, "bytes": output.stat().st_size if output.exists() else None, **record}

@@ -24,7 +24,7 @@ import types
 import typing
 from pathlib import Path
 
-from .config import DreamBoothConfig, LoraTrainConfig, read_config_file
+from .trainer.config import DreamBoothConfig, LoraTrainConfig, read_config_file
 
 EXIT_USAGE = 2
 
@@ -88,7 +88,7 @@ def build_config(cls: type, args: argparse.Namespace) -> object:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from . import __version__
 
     parser = argparse.ArgumentParser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
     parser.add_argument("--version", action="version", version=f"stylora {__version__}")
@@ -123,13 +123,13 @@ def make_parser() -> argparse.ArgumentParser:
                                     "and writes report.json, report.csv, report.md, plots and grid.png to --out. "
                                     "Several --styled folders are compared side by side.")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    from ..eval.report import EvalConfig
+    from .eval.report import EvalConfig
 
     add_config_arguments(ev, EvalConfig)
 
     prep = sub.add_parser("prepare", help="prepare WikiArt style folders and COCO content sets; dataset statistics")
     prep_sub = prep.add_subparsers(dest="what", required=True)
-    from .prepare import PrepareConfig
+    from .data.prepare import PrepareConfig
 
     wiki = prep_sub.add_parser("wikiart", help="select, de-duplicate and crop one WikiArt style for training",
                                description="Reads the Kaggle layout (<root>/<Style>/<artist>_<title>.jpg) or the "
@@ -148,7 +148,7 @@ def make_parser() -> argparse.ArgumentParser:
                                      "queues it, waits and downloads the result. A folder as --content is a batch; "
                                      "rerunning it skips photos whose output exists.")
     run.add_argument("--list", action="store_true", help="list the bundled workflows and exit")
-    from ..nodes.workflow import RunConfig
+    from .workflows.client import RunConfig
 
     add_config_arguments(run, RunConfig)
 
@@ -167,7 +167,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from .lora import train_lora
+    from .trainer.lora import train_lora
 
     cfg = build_config(LoraTrainConfig, args)
     result = train_lora(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -190,7 +190,7 @@ def _print_result(result) -> None:
 
 
 def cmd_train_dreambooth(args: argparse.Namespace) -> int:
-    from .dreambooth import train_dreambooth
+    from .trainer.dreambooth import train_dreambooth
 
     cfg = build_config(DreamBoothConfig, args)
     result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -201,8 +201,8 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
 def cmd_costs(args: argparse.Namespace) -> int:
     import json
 
-    from ..eval.cost import cost_table
-    from .files import atomic_write_text
+    from .core.resources import cost_table
+    from .core.files import atomic_write_text
 
     records = []
     for f in args.records:
@@ -218,7 +218,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..eval.report import EvalConfig, evaluate
+    from .eval.report import EvalConfig, evaluate
 
     cfg = build_config(EvalConfig, args)
     report = evaluate(cfg, progress=not args.no_progress)
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import PrepareConfig, dataset_stats, prepare
+    from .data.prepare import PrepareConfig, dataset_stats, prepare
 
     if args.what == "stats":
         summary = dataset_stats(args.folders, args.out)
@@ -246,7 +246,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_info(args: argparse.Namespace) -> int:
-    from .lora_file import describe
+    from .core.lora_file import describe
 
     for f in args.file:
         print(describe(f))
@@ -254,7 +254,7 @@ def cmd_lora_info(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..nodes.workflow import RunConfig, bundled_workflows, run_workflow
+    from .workflows.client import RunConfig, bundled_workflows, run_workflow
 
     if args.list:
         print("\n".join(bundled_workflows()))
