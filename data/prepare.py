@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..trainer.dataset import scan_folder
-from ..core.files import atomic_write, atomic_write_text
+from ..core.files import atomic_write, atomic_write_text, scan_folder
 from ..core.images import ImageLoadError, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
@@ -33,16 +32,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: str  # WikiArt root (Kaggle folders or parquet files), or a COCO val2017 image folder
-    out: str  # folder to write the prepared images and manifest into
-    count: int = 100  # images to keep
-    style: str | None = None  # WikiArt style to select, e.g. "Impressionism" (case, spaces, '_' and '-' ignored)
-    artist: str | None = None  # optional WikiArt artist filter, e.g. "claude-monet" (same matching)
-    resolution: int = 512  # side of the square centre crops written
-    min_side: int = 256  # smaller source images are skipped (upscaling smears strokes)
-    dedupe_distance: int = 6  # two images whose 64-bit dHashes differ in <= this many bits are duplicates
-    seed: int = 0  # selection order; same seed, same selection
-    quality: int = 95  # JPEG quality of the written images
+    source: str = field(
+        metadata={"help": "WikiArt root (Kaggle folders or parquet files), or a COCO val2017 image folder"})
+    out: str = field(metadata={"help": "folder to write the prepared images and manifest into"})
+    count: int = field(default=100, metadata={"help": "images to keep"})
+    style: str | None = field(
+        default=None,
+        metadata={"help": "WikiArt style to select, e.g. \"Impressionism\" (case, spaces, '_' and '-' ignored)"})
+    artist: str | None = field(
+        default=None, metadata={"help": "optional WikiArt artist filter, e.g. \"claude-monet\" (same matching)"})
+    resolution: int = field(default=512, metadata={"help": "side of the square centre crops written"})
+    min_side: int = field(
+        default=256, metadata={"help": "smaller source images are skipped (upscaling smears strokes)"})
+    dedupe_distance: int = field(
+        default=6, metadata={"help": "two images whose 64-bit dHashes differ in <= this many bits are duplicates"})
+    seed: int = field(default=0, metadata={"help": "selection order; same seed, same selection"})
+    quality: int = field(default=95, metadata={"help": "JPEG quality of the written images"})
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -57,12 +62,13 @@ class PrepareConfig:
 class Candidate:
     """One source image: where it is and its labels."""
 
-    source: str  # file path, or "<parquet file>#<row>"
+    source: str = field(metadata={"help": "file path, or \"<parquet file>#<row>\""})
     style: str = ""
     artist: str = ""
     genre: str = ""
     title: str = ""
-    data: bytes | None = field(default=None, repr=False)  # encoded image bytes (parquet rows)
+    data: bytes | None = field(
+        default=field(default=None, repr=False), metadata={"help": "encoded image bytes (parquet rows)"})
 
 
 def normalise_label(text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
 from .strength import STYLE_ATTACHMENT
 
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
@@ -100,8 +101,6 @@ class LoadStyleLoRA:
 
     def _read_all(self, names: list[str]) -> list[tuple[dict, dict]]:
         """(tensors, metadata) of each style; the files of this blend stay cached for the next run of the node."""
-        from ..core.lora_file import read_lora
-
         keys = []
         for name in names:
             path = style_path(name)
@@ -114,8 +113,6 @@ class LoadStyleLoRA:
         import comfy.lora
         import comfy.sd
         import comfy.supported_models
-
-        from ..core.lora_file import check_lora_fits, normalize_blend
 
         # 1. Only SD1.5: the styles' layers and widths are SD1.5's.
         config = model.model.model_config

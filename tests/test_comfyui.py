@@ -60,9 +60,9 @@ def test_trained_lora_loads_in_stock_comfyui_with_every_key_mapped(sd15_checkpoi
 
 def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path):
     from safetensors.torch import save_file
+    from stylora.core.lora_file import read_lora
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
-    from stylora.core.lora_file import read_lora
 
     loras = tmp_path / "loras"
     for name, seed in (("good.safetensors", 0), ("other.safetensors", 1)):

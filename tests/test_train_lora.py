@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 from PIL import Image
+from stylora.core.lora_file import kohya_modules, read_lora
 from stylora.trainer.checkpoint import checkpoint_root
 from stylora.trainer.config import LoraTrainConfig
 from stylora.trainer.lora import train_lora
-from stylora.core.lora_file import kohya_modules, read_lora
 
 TRAIN = dict(resolution=64, batch_size=2, learning_rate=1e-3, warmup_steps=0, log_every=5, seed=0, min_images=4)
 
