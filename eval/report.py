@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..core.files import atomic_write, atomic_write_text, index_by_stem
-from ..core.images import ImageLoadError, load_image
+from ..core.images import ImageLoadError, load_image, resize_cover
 from .metrics import InceptionFeatures, artfid, fid, kid, ssim
 from .scoring import (
     ALL_METRICS,
@@ -335,8 +335,6 @@ def _save_fig(fig, path: Path) -> None:
 def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows: int, cell: int = 192) -> None:
     """content | style sample | output(s): one row per image (the first `rows` paired images)."""
     from PIL import Image, ImageDraw
-
-    from ..core.images import resize_cover
 
     stems = [r["image"] for r in methods[0].rows][:rows] if methods else []
     if not stems:
