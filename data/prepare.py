@@ -268,7 +268,7 @@ def prepare(cfg: PrepareConfig, kind: str, progress: bool = True) -> dict[str, A
     return manifest
 
 
-# --- statistics (the plan's EDA) ---
+# --- statistics (what a style set holds before training on it) ---
 
 def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: int = 8) -> dict[str, Any]:
     """Counts per style, size and aspect histograms and a sample grid of image folders, as PNGs and summary.md.

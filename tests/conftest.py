@@ -38,7 +38,7 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny_sd15")
     pipe = build_random_pipeline(TINY_CONFIG, seed=0)
-    if SHARED_TOKENIZER.is_dir():  # the real SD1.x tokenizer files, as the brief provides them
+    if SHARED_TOKENIZER.is_dir():  # the real SD1.x tokenizer files, when the machine has them
         pipe.tokenizer = CLIPTokenizer.from_pretrained(SHARED_TOKENIZER, model_max_length=77)
     assert pipe.tokenizer.model_max_length == 77
     pipe.save_pretrained(root / "diffusers")

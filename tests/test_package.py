@@ -11,10 +11,20 @@ import tomllib
 from conftest import REPO
 
 
-def test_layout_matches_the_brief():
-    for name in ("__init__.py", "nodes", "trainer", "eval", "workflows", "examples", "pyproject.toml", "README.md",
-                 "tests", ".ci/run", "requirements.txt"):
+def test_layout_is_the_documented_one():
+    for name in ("__init__.py", "cli.py", "core", "eval", "data", "trainer", "nodes", "workflows", "examples",
+                 "pyproject.toml", "README.md", "tests", ".ci/run", "requirements.txt"):
         assert (REPO / name).exists(), name
+
+
+def test_pyproject_lists_every_package():
+    """A real install carries only the packages pyproject names: every folder with an __init__.py must be there."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(meta["tool"]["setuptools"]["packages"])
+    found = {"stylora"} | {"stylora." + ".".join(p.parent.relative_to(REPO).parts) for p in REPO.glob("*/__init__.py")
+                           if p.parent.name not in ("tests", "benchmarks")}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
+    assert meta["project"]["scripts"]["stylora"] == "stylora.cli:main"
 
 
 def test_pack_loads_the_way_comfyui_loads_it():

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The attention projections of every UNet transformer block (self- and cross-attention): the plan's
-# style-LoRA target, as in diffusers' train_text_to_image_lora.py.
+# The attention projections of every UNet transformer block (self- and cross-attention): the style-LoRA
+# target of diffusers' train_text_to_image_lora.py; style lives in how features attend to each other.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -69,8 +69,10 @@ class LoraTrainConfig(_TrainerSettings):
         default="fp16", metadata={"help": "dtype of the weights in the written file"})
 
     # --- optimisation ---
-    steps: int = field(default=6000, metadata={"help": "optimizer steps (the plan: 5000-8000)"})
-    batch_size: int = field(default=2, metadata={"help": "images per micro-batch (the plan: 2-4)"})
+    steps: int = field(default=6000, metadata={
+        "help": "optimizer steps (5000-8000 suit 50-100 paintings at rank 4; fewer underfit the strokes)"})
+    batch_size: int = field(default=2, metadata={
+        "help": "images per micro-batch (2-4 fit 512 px SD1.5 training on a 16 GB GPU)"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate for the LoRA weights"})
     lr_scheduler: str = field(default="cosine", metadata={"help": "any diffusers.optimization scheduler name"})
@@ -184,7 +186,8 @@ class DreamBoothConfig(_TrainerSettings):
 
     # --- optimisation ---
     resolution: int = field(default=512, metadata={"help": "training side length (square centre crops)"})
-    steps: int = field(default=1000, metadata={"help": "optimizer steps (the plan: 800-1200)"})
+    steps: int = field(default=1000, metadata={
+        "help": "optimizer steps (800-1200: DreamBooth overfits beyond, Ruiz et al. 2023)"})
     batch_size: int = field(
         default=1, metadata={"help": "instance images per micro-batch (as many class images join it)"})
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
