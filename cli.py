@@ -67,7 +67,6 @@ def make_parser() -> argparse.ArgumentParser:
                                     "and writes report.json, report.csv, report.md, plots and grid.png to --out. "
                                     "Several --styled folders are compared side by side.")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-
     add_config_arguments(ev, EvalConfig)
 
     prep = sub.add_parser("prepare", help="prepare WikiArt style folders and COCO content sets; dataset statistics")

@@ -18,8 +18,6 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -32,7 +30,15 @@ from .checkpoint import RunCheckpoints, start_or_resume
 from .config import DreamBoothConfig
 from .dataset import BatchOrder, batch_latents, encode_latents, encode_prompt, load_style_dataset
 from .ldm_layout import pipeline_to_ldm
-from .loop import TrainProgress, TrainResult, finish_run, optimizer_and_schedule, start_accelerator, train_steps
+from .loop import (
+    TrainProgress,
+    TrainResult,
+    add_lora_adapters,
+    finish_run,
+    optimizer_and_schedule,
+    start_accelerator,
+    train_steps,
+)
 from .losses import denoising_loss
 
 RESUME_INVARIANTS = ("data", "base_model", "base_config", "instance_prompt", "class_prompt", "class_data",
@@ -77,11 +83,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
     vae.to(device, dtype=torch.float32)
     if cfg.lora:
         unet.to(device, dtype=weight_dtype)
-        torch.manual_seed(cfg.seed)
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.target_modules)))
-        if cfg.mixed_precision != "no":
-            cast_training_params(unet, dtype=torch.float32)
+        add_lora_adapters(unet, cfg)
     else:
         unet.to(device)  # trained weights stay fp32; autocast runs the forward pass in the mixed dtype
         unet.requires_grad_(True)

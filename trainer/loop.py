@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from ..core.files import Skipped
@@ -50,6 +52,16 @@ def release_accelerator_state() -> None:
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+
+
+def add_lora_adapters(unet: torch.nn.Module, cfg: Any) -> None:
+    """LoRA adapters (rank `cfg.rank`, scale alpha/rank, Gaussian init seeded by `cfg.seed`) on the UNet layers
+    `cfg.target_modules`; the trainable weights stay fp32 under mixed precision (diffusers' recipe)."""
+    torch.manual_seed(cfg.seed)
+    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                target_modules=list(cfg.target_modules)))
+    if cfg.mixed_precision != "no":
+        cast_training_params(unet, dtype=torch.float32)
 
 
 def start_accelerator(mixed_precision: str, grad_accum: int, progress: bool) -> tuple[Accelerator, torch.dtype, bool]:

@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionImg2ImgPipeline
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 
@@ -31,7 +29,15 @@ from .base_model import load_base_model
 from .checkpoint import RunCheckpoints, start_or_resume
 from .config import LoraTrainConfig
 from .dataset import BatchOrder, StyleDataset, batch_latents, encode_latents, encode_prompt, load_style_dataset
-from .loop import TrainProgress, TrainResult, finish_run, optimizer_and_schedule, start_accelerator, train_steps
+from .loop import (
+    TrainProgress,
+    TrainResult,
+    add_lora_adapters,
+    finish_run,
+    optimizer_and_schedule,
+    start_accelerator,
+    train_steps,
+)
 from .losses import denoising_loss, perceptual_net, perceptual_terms
 
 logger = logging.getLogger(__name__)
@@ -74,11 +80,7 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     unet.to(device, dtype=weight_dtype)
 
     # 5. LoRA adapters on the attention projections; trainable weights stay fp32 (diffusers' recipe).
-    torch.manual_seed(cfg.seed)
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=list(cfg.target_modules)))
-    if cfg.mixed_precision != "no":
-        cast_training_params(unet, dtype=torch.float32)
+    add_lora_adapters(unet, cfg)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     lora_params = [p for p in unet.parameters() if p.requires_grad]
