@@ -62,13 +62,12 @@ class PrepareConfig:
 class Candidate:
     """One source image: where it is and its labels."""
 
-    source: str = field(metadata={"help": "file path, or \"<parquet file>#<row>\""})
+    source: str  # file path, or "<parquet file>#<row>"
     style: str = ""
     artist: str = ""
     genre: str = ""
     title: str = ""
-    data: bytes | None = field(
-        default=field(default=None, repr=False), metadata={"help": "encoded image bytes (parquet rows)"})
+    data: bytes | None = field(default=None, repr=False)  # encoded image bytes (parquet rows)
 
 
 def normalise_label(text: str) -> str:

@@ -67,12 +67,11 @@ class EvalConfig:
 
 @dataclass
 class MethodResult:
-    name: str = field(metadata={"help": "label of the styled folder"})
+    name: str  # label of the styled folder
     folder: str
-    rows: list[dict[str, Any]] = field(default=field(default_factory=list), metadata={"help": "one per paired image"})
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per paired image
     set_metrics: dict[str, float | None] = field(default_factory=dict)
-    unmatched: list[str] = field(
-        default=field(default_factory=list), metadata={"help": "styled files without a content photo"})
+    unmatched: list[str] = field(default_factory=list)  # styled files without a content photo
 
     def mean(self, metric: str) -> float | None:
         values = [r[metric] for r in self.rows if r.get(metric) is not None]
