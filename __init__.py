@@ -4,9 +4,8 @@ ComfyUI loads this folder as a custom-node package and reads the mappings below.
 the CLI (`stylora ...`) imports it too, and nothing here may import ComfyUI's modules.
 """
 
-__version__ = "0.1.0"  # defined before the imports below, which may read it
-
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .core.version import __version__
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 WEB_DIRECTORY = "./nodes/web"  # StyleMetrics' on-node text display (a frontend extension)
 

@@ -64,7 +64,7 @@ def load_components(model: str, paths: dict[str, str]):
 
 def worker_stylora(model: str, res: int, args, paths: dict[str, str]) -> dict:
     import torch
-    from stylora.eval.cost import peak_memory_mb
+    from stylora.core.resources import peak_memory_mb
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
 
@@ -84,7 +84,7 @@ def worker_reference(model: str, res: int, args, paths: dict[str, str]) -> dict:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from peft import LoraConfig
-    from stylora.eval.cost import peak_memory_mb
+    from stylora.core.resources import peak_memory_mb
     from stylora.trainer.dataset import load_style_dataset
 
     device = torch.device(args.device)

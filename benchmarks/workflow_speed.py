@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
-    from stylora.nodes.workflow import RunConfig, bundled_workflows, run_workflow
+    from stylora.workflows.client import RunConfig, bundled_workflows, run_workflow
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", default="http://127.0.0.1:8188")

@@ -4,11 +4,8 @@ a report a person reads out: report.json, report.csv, report.md, bar charts, a s
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import logging
-import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,46 +13,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..trainer.files import atomic_write, atomic_write_text
-from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
-from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
-from .weights import WeightsUnavailable
+from ..core.files import atomic_write, atomic_write_text, index_by_stem
+from ..core.images import ImageLoadError, load_image, resize_cover
+from .metrics import InceptionFeatures, artfid, fid, kid, ssim
+from .scoring import (
+    ALL_METRICS,
+    DESCRIPTION,
+    HIGHER_IS_BETTER,
+    PAIR_METRICS,
+    SET_METRICS,
+    fmt,
+    load_nets,
+    load_tensor,
+    mean_grams,
+    style_set_features,
+    to_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
-PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "gram")  # one value per styled image
-SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
-ALL_METRICS = PAIR_METRICS + SET_METRICS
-# Which way is better, for the tables.
-HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "gram": False,
-                    "fid": False, "kid": False, "artfid": False}
-DESCRIPTION = {
-    "ssim": "SSIM to the content photo (structure kept)",
-    "lpips": "LPIPS (AlexNet) to the content photo",
-    "lpips_vgg": "LPIPS (VGG-16) to the content photo",
-    "content": "VGG-19 relu4_2 content loss to the content photo",
-    "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
-    "fid": "FID of the outputs against the style set",
-    "kid": "KID of the outputs against the style set",
-    "artfid": "ArtFID = (1 + LPIPS) * (1 + FID)",
-}
-
-
 @dataclass(frozen=True)
 class EvalConfig:
-    content: str  # folder of content photos
-    styled: tuple[str, ...]  # folders of stylised outputs, paired with content photos by file stem
-    out: str  # folder for the report
-    style: str | None = None  # folder of style images (needed for gram, fid, kid, artfid)
-    names: tuple[str, ...] = ()  # a label per styled folder; default: the folder names
-    metrics: tuple[str, ...] = ALL_METRICS  # which metrics to compute
-    resize_content: bool = False  # resize a content photo to its output's size when they differ (else: an error row)
-    style_max_side: int = 512  # style images are scaled down to this longest side for Gram statistics
-    kid_subsets: int = 100  # KID: number of random subsets
-    kid_subset_size: int = 1000  # KID: subset size (capped by the set sizes)
-    grid_rows: int = 6  # rows of the content | style | output grid
-    device: str | None = None  # "cuda", "cpu"; None picks CUDA when available
-    cache_dir: str | None = None  # style-set Inception feature cache; None: ~/.cache/stylora/features
+    content: str = field(metadata={"help": "folder of content photos"})
+    styled: tuple[str, ...] = field(
+        metadata={"help": "folders of stylised outputs, paired with content photos by file stem"})
+    out: str = field(metadata={"help": "folder for the report"})
+    style: str | None = field(
+        default=None, metadata={"help": "folder of style images (needed for gram, fid, kid, artfid)"})
+    names: tuple[str, ...] = field(
+        default=(), metadata={"help": "a label per styled folder; default: the folder names"})
+    metrics: tuple[str, ...] = field(default=ALL_METRICS, metadata={"help": "which metrics to compute"})
+    resize_content: bool = field(
+        default=False,
+        metadata={"help": "resize a content photo to its output's size when they differ (else: an error row)"})
+    style_max_side: int = field(
+        default=512, metadata={"help": "style images are scaled down to this longest side for Gram statistics"})
+    kid_subsets: int = field(default=100, metadata={"help": "KID: number of random subsets"})
+    kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped by the set sizes)"})
+    grid_rows: int = field(default=6, metadata={"help": "rows of the content | style | output grid"})
+    device: str | None = field(default=None, metadata={"help": "\"cuda\", \"cpu\"; None picks CUDA when available"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "style-set Inception feature cache; None: ~/.cache/stylora/features"})
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(ALL_METRICS))
@@ -96,11 +94,11 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     wanted = set(cfg.metrics)
 
     # 1. Pair every styled image with its content photo by file stem.
-    content_files = _index(Path(cfg.content), "--content")
+    content_files = index_by_stem(Path(cfg.content), "--content")
     names = list(cfg.names) or _unique_names([Path(s).name for s in cfg.styled])
     methods = []
     for name, folder in zip(names, cfg.styled):
-        styled_files = _index(Path(folder), "--styled")
+        styled_files = index_by_stem(Path(folder), "--styled")
         m = MethodResult(name, str(folder))
         m.unmatched = sorted(s for s in styled_files if s not in content_files)
         m.rows = [{"image": stem, "content_file": str(content_files[stem]), "styled_file": str(path)}
@@ -122,12 +120,12 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
             unavailable.setdefault(metric, "no --style folder given")
 
     # 3. Style-set statistics: mean Gram matrices and (cached) Inception features.
-    style_files = list(_index(Path(cfg.style), "--style").values()) if cfg.style else []
+    style_files = list(index_by_stem(Path(cfg.style), "--style").values()) if cfg.style else []
     style_grams, style_features = None, None
     if style_files and "vgg" in nets and "gram" in wanted and "gram" not in unavailable:
-        style_grams = _mean_grams(nets["vgg"], style_files, cfg.style_max_side, device, progress)
+        style_grams = mean_grams(nets["vgg"], style_files, cfg.style_max_side, device, progress)
     if style_files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
-        style_features = _style_features(nets["inception"], style_files, cfg.cache_dir, progress,
+        style_features = style_set_features(nets["inception"], style_files, cfg.cache_dir, progress,
                                          cacheable=getattr(nets["inception"], "published", False))
 
     # 4. Per-image metrics for every method; each output is decoded once, its Inception features taken then too.
@@ -193,30 +191,6 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _index(folder: Path, flag: str) -> dict[str, Path]:
-    """Image files directly in a folder, by stem (subfolders, e.g. other methods' outputs, are not entered)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{flag} {folder}: not a folder")
-    index: dict[str, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
-            continue
-        if f.stem in index:
-            logger.warning("%s: %s and %s share a stem; using the first", folder, index[f.stem].name, f.name)
-            continue
-        index[f.stem] = f
-    return index
-
-
-def _to_tensor(img) -> torch.Tensor:
-    """PIL RGB -> [1, 3, H, W] float in 0..1."""
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-
-
-def _load(path: Path) -> torch.Tensor:
-    return _to_tensor(load_image(path))
-
-
 @torch.no_grad()
 def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: dict[str, str], style_grams,
                 resize_content: bool, device: torch.device, inception: InceptionFeatures | None = None
@@ -224,7 +198,7 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
     """Fill `row` with the per-image metrics; return the output's Inception features [2048] when `inception`
     is given (FID/KID need no content photo, so they count outputs whose pair fails)."""
     try:
-        styled = _load(Path(row["styled_file"])).to(device)
+        styled = load_tensor(Path(row["styled_file"])).to(device)
     except ImageLoadError as e:
         row["error"] = str(e)
         return None
@@ -246,7 +220,7 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
 
         row["resized_content"] = f"{content_img.size[0]}x{content_img.size[1]} -> {w}x{h}"
         content_img = content_img.resize((w, h), Image.Resampling.LANCZOS)
-    content = _to_tensor(content_img).to(device)
+    content = to_tensor(content_img).to(device)
     if "ssim" in wanted:
         row["ssim"] = float(ssim(styled, content)[0])
     for metric, key in (("lpips", "lpips"), ("lpips_vgg", "lpips_vgg")):
@@ -258,75 +232,6 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
         if "gram" in wanted and style_grams is not None:
             row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
     return feat
-
-
-@torch.no_grad()
-def _mean_grams(vgg: VGGStyle, files: list[Path], max_side: int, device, progress: bool) -> list[torch.Tensor]:
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    sums, n = None, 0
-    for f in tqdm(files, desc="Style Gram matrices", unit="img", disable=not progress):
-        try:
-            img = load_image(f)
-        except ImageLoadError as e:
-            logger.warning("style image skipped: %s", e)
-            continue
-        scale = max_side / max(img.size)
-        if scale < 1:  # explicit, documented: style statistics at a bounded size (EvalConfig.style_max_side)
-            img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
-                             Image.Resampling.LANCZOS)
-        grams = vgg.grams(_to_tensor(img).to(device))
-        sums = grams if sums is None else [s + g for s, g in zip(sums, grams)]
-        n += 1
-    if not n:
-        raise ValueError("--style: no usable style image")
-    return [s / n for s in sums]
-
-
-@torch.no_grad()
-def _features_of(net: InceptionFeatures, files: list[Path], progress: bool, desc: str) -> np.ndarray:
-    from tqdm.auto import tqdm
-
-    feats = []
-    for f in tqdm(files, desc=desc, unit="img", disable=not progress):
-        try:
-            feats.append(net(_load(f)).numpy()[0])
-        except ImageLoadError as e:
-            logger.warning("skipped for FID/KID: %s", e)
-    return np.stack(feats) if feats else np.zeros((0, 2048))
-
-
-def set_fingerprint(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def _style_features(net: InceptionFeatures, files: list[Path], cache_dir: str | None, progress: bool,
-                    cacheable: bool) -> np.ndarray:
-    """Inception features of the style set, cached by the set's fingerprint: one style set serves many runs."""
-    from safetensors.numpy import load_file, save_file
-
-    cache = Path(cache_dir or os.environ.get("STYLORA_CACHE", Path.home() / ".cache" / "stylora")) / "features"
-    path = cache / f"fid-inception-2015-12-05-{set_fingerprint(files)[:32]}.safetensors"
-    if cacheable and path.is_file():
-        logger.info("style-set features from cache %s", path)
-        return load_file(str(path))["features"]
-    feats = _features_of(net, files, progress, "Inception features (style set)")
-    if cacheable and len(feats):
-        try:
-            atomic_write(path, lambda tmp: save_file({"features": feats}, tmp))
-        except OSError as e:
-            logger.warning("could not cache style features at %s: %s", path, e)
-    return feats
-
-
-def _fmt(v: float | None) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "n/a"
-    return f"{v:.4g}"
 
 
 def _write_csv(path: Path, methods: list[MethodResult], metrics: list[str]) -> None:
@@ -358,10 +263,10 @@ def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]
                 cells.append("unavailable")
             elif k in SET_METRICS:
                 v = m.set_metrics.get(k)
-                spread = f" ± {_fmt(m.set_metrics.get('kid_std'))}" if k == "kid" and v is not None else ""
-                cells.append(_fmt(v) + spread)
+                spread = f" ± {fmt(m.set_metrics.get('kid_std'))}" if k == "kid" and v is not None else ""
+                cells.append(fmt(v) + spread)
             else:
-                cells.append(_fmt(m.mean(k)))
+                cells.append(fmt(m.mean(k)))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per-image metrics are means over the paired images; FID, KID and ArtFID compare each method's "
               "outputs with the style set. ↑ higher is better, ↓ lower is better.", ""]
@@ -430,8 +335,6 @@ def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows
     """content | style sample | output(s): one row per image (the first `rows` paired images)."""
     from PIL import Image, ImageDraw
 
-    from ..trainer.images import resize_cover
-
     stems = [r["image"] for r in methods[0].rows][:rows] if methods else []
     if not stems:
         return
@@ -454,117 +357,3 @@ def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
-def load_nets(wanted: set[str], nets: dict[str, torch.nn.Module] | None = None
-              ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-    """The feature networks the wanted metrics need, with published weights; a network whose weights are missing
-    makes its metrics unavailable (metric -> reason) instead of failing. `nets` supplies prebuilt ones."""
-    nets = dict(nets or {})
-    unavailable: dict[str, str] = {}
-    needs = {"lpips": {"lpips", "artfid"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
-             "inception": {"fid", "kid", "artfid"}}
-    builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
-                "inception": lambda: InceptionFeatures()}
-    for key, metrics in needs.items():
-        if key in nets or not wanted & metrics:
-            continue
-        try:
-            nets[key] = builders[key]()
-        except WeightsUnavailable as e:
-            for metric in sorted(wanted & metrics):
-                unavailable[metric] = str(e)
-    return nets, unavailable
-
-
-@torch.no_grad()
-def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
-                 style_folder: str | None = None, metrics: tuple[str, ...] = ALL_METRICS,
-                 nets: dict[str, torch.nn.Module] | None = None, device: torch.device | str = "cpu",
-                 style_max_side: int = 512) -> dict[str, Any]:
-    """Metrics of a batch of styled images (the StyleMetrics node's work).
-
-    content, styled: [B, H, W, 3] (ComfyUI IMAGE) or [B, 3, H, W], values 0..1, same H and W (batches of 1
-    broadcast); style: optional style image(s) of any size, for the Gram loss; style_folder: optional folder of
-    style images, for the Gram loss (its mean Gram matrices) and FID/KID/ArtFID (needs >= 2 styled images).
-    Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why}}.
-    """
-    wanted = set(metrics)
-    x, y = as_bchw(styled, "styled").to(device), as_bchw(content, "content").to(device)
-    same_size(x, y, ("styled", "content"))
-    # 1. Networks (missing weights -> unavailable, with the file and where to get it).
-    nets, unavailable = load_nets(wanted, nets)
-    nets = {k: v.to(device) for k, v in nets.items()}
-    if style is None and style_folder is None:
-        unavailable.update({m: "no style image or style folder given" for m in ("gram",) if m in wanted})
-    if style_folder is None:
-        unavailable.update({m: "no style folder given" for m in ("fid", "kid", "artfid") if m in wanted})
-    # 2. Per-image metrics.
-    per: dict[str, list[float]] = {}
-    if "ssim" in wanted:
-        per["ssim"] = ssim(x, y).tolist()
-    for key in ("lpips", "lpips_vgg"):
-        if key in wanted and key in nets:
-            per[key] = nets[key](x, y).tolist()
-    files = list(_index(Path(style_folder), "style_folder").values()) if style_folder else []
-    if style_folder and not files:
-        raise ValueError(f"style_folder {style_folder}: no images in it")
-    if "vgg" in nets:
-        if "content" in wanted:
-            per["content"] = nets["vgg"].content_loss(x, y).tolist()
-        if "gram" in wanted and "gram" not in unavailable:
-            target = (nets["vgg"].grams(as_bchw(style, "style").to(device)) if style is not None
-                      else _mean_grams(nets["vgg"], files, style_max_side, device, progress=False))
-            if style is not None and len(target[0]) > 1:  # several style images: their mean statistics
-                target = [g.mean(0, keepdim=True) for g in target]
-            per["gram"] = nets["vgg"].gram_loss(x, target).tolist()
-    out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
-                           "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
-    # 3. Set metrics against the style folder.
-    if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
-        feats = nets["inception"](x).numpy()
-        style_feats = _style_features(nets["inception"], files, None, False,
-                                      cacheable=getattr(nets["inception"], "published", False))
-        if len(feats) < 2 or len(style_feats) < 2:
-            why = f"needs at least 2 styled images and 2 style images (got {len(feats)} and {len(style_feats)})"
-            unavailable.update({m: why for m in ("fid", "kid", "artfid") if m in wanted})
-        else:
-            f = fid(feats, style_feats)
-            if "fid" in wanted:
-                out["metrics"]["fid"] = f
-            if "kid" in wanted:
-                out["metrics"]["kid"] = kid(feats, style_feats, subsets=100, subset_size=1000)[0]
-            if "artfid" in wanted and "lpips" in out["metrics"]:
-                out["metrics"]["artfid"] = artfid(out["metrics"]["lpips"], f)
-    return out
-
-
-def format_scores(scores: dict[str, Any]) -> str:
-    """The readable text of `score_images`'s result: one line per metric, then the unavailable ones and why."""
-    lines = [f"{scores['images']} image(s)"]
-    for name in ALL_METRICS:
-        if name in scores["metrics"]:
-            better = "higher" if HIGHER_IS_BETTER[name] else "lower"
-            lines.append(f"{name}: {_fmt(scores['metrics'][name])}  ({DESCRIPTION[name]}; {better} is better)")
-    for name, why in scores["unavailable"].items():
-        lines.append(f"{name}: unavailable - {why}")
-    return "\n".join(lines)
-
-
-def append_csv(path: str | Path, row: dict[str, Any]) -> None:
-    """Add one row to a CSV (header from the first row; new columns extend it), rewriting the file atomically."""
-    path = Path(path)
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    rows.append(row)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)

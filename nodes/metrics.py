@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..eval.scoring import append_csv, format_scores, load_nets, score_images
+
 logger = logging.getLogger(__name__)
 
 METRIC_CHOICES = ("ssim", "lpips", "content", "gram", "fid", "kid", "artfid")
@@ -64,8 +66,6 @@ class StyleMetrics:
 
     def measure(self, content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
                 style_folder: str = "", csv_path: str = "", label: str = ""):
-        from ..eval.report import append_csv, format_scores, load_nets, score_images
-
         device = _device()
         # 1. Networks, looked up once per node: what is missing stays listed as unavailable, not retried each run.
         if self._unavailable is None:

@@ -1,6 +1,6 @@
 """LoadStyleLoRA: apply one style LoRA, or a weighted blend of up to three, to ComfyUI's MODEL and CLIP.
 
-A thin layer: the fit check and blend weights are `trainer.lora_file` functions; the patching is ComfyUI's own
+A thin layer: the fit check and blend weights are `core.lora_file` functions; the patching is ComfyUI's own
 `comfy.sd.load_lora_for_models`, so the result is what stock LoraLoader would give for a file that fits.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
 from .strength import STYLE_ATTACHMENT
 
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
@@ -100,8 +101,6 @@ class LoadStyleLoRA:
 
     def _read_all(self, names: list[str]) -> list[tuple[dict, dict]]:
         """(tensors, metadata) of each style; the files of this blend stay cached for the next run of the node."""
-        from ..trainer.lora_file import read_lora
-
         keys = []
         for name in names:
             path = style_path(name)
@@ -114,8 +113,6 @@ class LoadStyleLoRA:
         import comfy.lora
         import comfy.sd
         import comfy.supported_models
-
-        from ..trainer.lora_file import check_lora_fits, normalize_blend
 
         # 1. Only SD1.5: the styles' layers and widths are SD1.5's.
         config = model.model.model_config

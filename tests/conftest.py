@@ -23,17 +23,10 @@ SHARED_TOKENIZER = REPO.parent / "shared" / "fixtures" / "sd15_tokenizer"
 
 
 def workflow_builder():
-    """workflows/build.py as a module (it is a script, not part of the package): the schema helpers."""
-    import importlib.util
-    import sys
+    """The workflow builder (stylora.workflows.build): the schema helpers and the workflow descriptions."""
+    from stylora.workflows import build
 
-    name = "stylora_workflow_build"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "workflows" / "build.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return build
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +38,7 @@ def tiny_model(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny_sd15")
     pipe = build_random_pipeline(TINY_CONFIG, seed=0)
-    if SHARED_TOKENIZER.is_dir():  # the real SD1.x tokenizer files, as the brief provides them
+    if SHARED_TOKENIZER.is_dir():  # the real SD1.x tokenizer files, when the machine has them
         pipe.tokenizer = CLIPTokenizer.from_pretrained(SHARED_TOKENIZER, model_max_length=77)
     assert pipe.tokenizer.model_max_length == 77
     pipe.save_pretrained(root / "diffusers")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from stylora.trainer.cli import main, make_parser
+from stylora.cli import main, make_parser
 from stylora.trainer.config import LoraTrainConfig
 
 
@@ -57,7 +57,7 @@ def test_config_file_and_flags_merge(tmp_path, capsys):
 
 def test_lora_info_prints_metadata(tmp_path, capsys):
     import torch
-    from stylora.trainer.lora_file import save_lora
+    from stylora.core.lora_file import save_lora
 
     state = {"lora_unet_a_to_q.lora_down.weight": torch.zeros(4, 8),
              "lora_unet_a_to_q.lora_up.weight": torch.zeros(8, 4), "lora_unet_a_to_q.alpha": torch.tensor(4.0)}

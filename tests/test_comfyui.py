@@ -50,9 +50,9 @@ def test_trained_lora_loads_in_stock_comfyui_with_every_key_mapped(sd15_checkpoi
 
 def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path):
     from safetensors.torch import save_file
+    from stylora.core.lora_file import read_lora
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
-    from stylora.trainer.lora_file import read_lora
 
     loras = tmp_path / "loras"
     for name, seed in (("good.safetensors", 0), ("other.safetensors", 1)):
@@ -122,7 +122,7 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
                                checkpoint_every=0), progress=False)
     # A second style: the same modules with large random weights, so its effect shows after one 8-bit save.
     from safetensors.torch import save_file
-    from stylora.trainer.lora_file import read_lora
+    from stylora.core.lora_file import read_lora
 
     state, meta = read_lora(base / "models" / "styles" / "mystyle.safetensors")
     gen = torch.Generator().manual_seed(0)
@@ -175,7 +175,7 @@ FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a
 def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     import time
 
-    from stylora.nodes.workflow import RunConfig, bundled_workflows, run_workflow
+    from stylora.workflows.client import RunConfig, bundled_workflows, run_workflow
 
     photo, mask = _content(tmp_path)
     per_workflow = {
@@ -224,7 +224,7 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
 
 
 def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
-    from stylora.nodes.workflow import RunConfig, load_workflow, run_workflow
+    from stylora.workflows.client import RunConfig, load_workflow, run_workflow
 
     photo, _ = _content(tmp_path)
     plain = load_workflow("style_transfer")  # the same graph without Load Style LoRA and Style Strength

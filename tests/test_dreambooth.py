@@ -65,8 +65,8 @@ def test_dreambooth_writes_a_single_file_checkpoint_that_converts_back(tiny_mode
 
 
 def test_dreambooth_lora_and_the_cost_table(tiny_model, style_folder, tmp_path, capsys):
-    from stylora.trainer.cli import main
-    from stylora.trainer.lora_file import kohya_modules, read_lora
+    from stylora.cli import main
+    from stylora.core.lora_file import kohya_modules, read_lora
 
     class_dir = tmp_path / "painting"
     class_dir.mkdir()

@@ -155,7 +155,7 @@ def test_report_files_exist_and_parse(tmp_path, random_nets):
 
 
 def test_missing_weights_reported_unavailable_and_exit_zero(tmp_path, monkeypatch, capsys):
-    from stylora.trainer.cli import main
+    from stylora.cli import main
 
     dirs = _eval_folders(tmp_path)
     monkeypatch.setenv("STYLORA_OFFLINE", "1")
@@ -216,7 +216,7 @@ def test_perceptual_terms_backpropagate_into_lora_weights_only(tiny_model):
     from diffusers import DDPMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
     from stylora.eval.metrics import PerceptualLoss
-    from stylora.trainer.lora import perceptual_terms
+    from stylora.trainer.losses import perceptual_terms
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model["diffusers"]), safety_checker=None,
                                                    requires_safety_checker=False)
@@ -248,10 +248,10 @@ def test_perceptual_terms_backpropagate_into_lora_weights_only(tiny_model):
 
 
 def test_training_with_perceptual_terms(tiny_model, style_folder, tmp_path):
+    from stylora.core.lora_file import read_lora
     from stylora.eval.metrics import PerceptualLoss
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
-    from stylora.trainer.lora_file import read_lora
 
     cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "p.safetensors"),
                           base_model=str(tiny_model["diffusers"]), resolution=64, steps=2, batch_size=2,

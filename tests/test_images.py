@@ -7,8 +7,8 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from stylora.core.images import ImageLoadError, load_image, resize_cover
 from stylora.trainer.dataset import bucket_sizes, epoch_batches, load_style_dataset, nearest_bucket
-from stylora.trainer.images import ImageLoadError, load_image, resize_cover
 
 
 def test_cmyk_becomes_rgb(tmp_path):

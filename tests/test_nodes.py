@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import REPO
 from stylora import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from stylora.core.lora_file import check_lora_fits, normalize_blend
 from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA, register_model_folders
-from stylora.trainer.lora_file import check_lora_fits, normalize_blend
 
 
 def test_declarations_are_complete_without_comfyui():
@@ -89,9 +89,9 @@ def test_fit_check_accepts_sd15_shapes_and_names_every_misfit(tiny_key_map):
 
 
 def test_trained_style_fits_the_model_it_was_trained_for(tiny_key_map, tiny_model, style_folder, tmp_path):
+    from stylora.core.lora_file import read_lora
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
-    from stylora.trainer.lora_file import read_lora
 
     out = tmp_path / "s.safetensors"
     train_lora(LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),

@@ -11,10 +11,20 @@ import tomllib
 from conftest import REPO
 
 
-def test_layout_matches_the_brief():
-    for name in ("__init__.py", "nodes", "trainer", "eval", "workflows", "examples", "pyproject.toml", "README.md",
-                 "tests", ".ci/run", "requirements.txt"):
+def test_layout_is_the_documented_one():
+    for name in ("__init__.py", "cli.py", "core", "eval", "data", "trainer", "nodes", "workflows", "examples",
+                 "pyproject.toml", "README.md", "tests", ".ci/run", "requirements.txt"):
         assert (REPO / name).exists(), name
+
+
+def test_pyproject_lists_every_package():
+    """A real install carries only the packages pyproject names: every folder with an __init__.py must be there."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(meta["tool"]["setuptools"]["packages"])
+    found = {"stylora"} | {"stylora." + ".".join(p.parent.relative_to(REPO).parts) for p in REPO.glob("*/__init__.py")
+                           if p.parent.name not in ("tests", "benchmarks")}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
+    assert meta["project"]["scripts"]["stylora"] == "stylora.cli:main"
 
 
 def test_pack_loads_the_way_comfyui_loads_it():
@@ -38,7 +48,7 @@ def test_installed_distribution_has_no_generic_top_level_modules():
     for generic in ("nodes", "eval", "trainer"):
         spec = importlib.util.find_spec(generic)
         assert spec is None or "site-packages" not in str(spec.origin), f"{generic} installed at top level"
-    assert importlib.util.find_spec("stylora.trainer.cli") is not None
+    assert importlib.util.find_spec("stylora.cli") is not None
 
 
 def test_requirements_do_not_replace_the_hosts_torch():
@@ -65,7 +75,7 @@ def test_atomic_write_replaces_whole_files_with_normal_permissions(tmp_path):
     import os
 
     import pytest
-    from stylora.trainer.files import atomic_write, atomic_write_text
+    from stylora.core.files import atomic_write, atomic_write_text
 
     target = atomic_write_text(tmp_path / "a.txt", "old")
     with pytest.raises(RuntimeError):

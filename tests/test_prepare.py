@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import skimage_photos, skimage_textures
 from PIL import Image
-from stylora.trainer.prepare import PrepareConfig, dataset_stats, dhash, prepare
+from stylora.data.prepare import PrepareConfig, dataset_stats, dhash, prepare
 
 
 def _jpeg(arr: np.ndarray, size=(200, 160)) -> bytes:

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import skimage_photos, workflow_builder
 from PIL import Image, ImageOps
-from stylora.nodes.workflow import RunConfig, ServerError, run_workflow
-from stylora.trainer.cli import main as cli_main
+from stylora.cli import main as cli_main
+from stylora.workflows.client import RunConfig, ServerError, run_workflow
 
 STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors"]
 

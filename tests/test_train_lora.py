@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 from PIL import Image
+from stylora.core.lora_file import kohya_modules, read_lora
 from stylora.trainer.checkpoint import checkpoint_root
 from stylora.trainer.config import LoraTrainConfig
 from stylora.trainer.lora import train_lora
-from stylora.trainer.lora_file import kohya_modules, read_lora
 
 TRAIN = dict(resolution=64, batch_size=2, learning_rate=1e-3, warmup_steps=0, log_every=5, seed=0, min_images=4)
 
@@ -119,7 +119,7 @@ def test_kohya_file_round_trips_through_diffusers_with_every_key_used(trained, t
 
 
 def test_metadata_describes_the_file(trained, tiny_model):
-    from stylora.trainer.lora_file import describe
+    from stylora.core.lora_file import describe
 
     _, meta = read_lora(trained["path"])
     assert meta["stylora.base_model"] == str(tiny_model["diffusers"])
@@ -186,7 +186,7 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
             "--resolution", "64", "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0",
             "--checkpoint-every", "10", "--seed", "0", "--min-images", "4", "--no-progress"]
     out = tmp_path / "killed.safetensors"
-    cmd = [sys.executable, "-m", "stylora.trainer.cli", "train", "lora", *args, "--output", str(out)]
+    cmd = [sys.executable, "-m", "stylora.cli", "train", "lora", *args, "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     marker = checkpoint_root(out) / "step-00000010" / "COMPLETE"

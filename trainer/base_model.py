@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from ..core.files import atomic_write
+from .ldm_layout import pipeline_to_ldm
+
 logger = logging.getLogger(__name__)
 
 SHIPPED_SD15_CONFIG = Path(__file__).parent / "sd15"
@@ -190,9 +193,6 @@ def save_single_file(pipe, path: str | Path, dtype: torch.dtype | None = torch.f
                      metadata: dict[str, str] | None = None) -> Path:
     """Write the pipeline as one original-layout SD1.x `.safetensors` checkpoint (atomically)."""
     from safetensors.torch import save_file
-
-    from .files import atomic_write
-    from .ldm_layout import pipeline_to_ldm
 
     sd = pipeline_to_ldm(pipe.unet, pipe.vae, pipe.text_encoder, dtype=dtype)
     return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata or {}))

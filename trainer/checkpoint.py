@@ -16,10 +16,12 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -102,3 +104,75 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     info = json.loads((folder / "info.json").read_text(encoding="utf-8"))
     return weights, state, info
+
+
+def start_or_resume(output: Path, resume: bool, overwrite: bool) -> tuple[int, Path] | None:
+    """The checkpoint to resume from (None: a fresh run). Refuses to replace an earlier run's output or
+    checkpoints unless `overwrite`; with `overwrite`, clears that run's checkpoints."""
+    ckpt_root = checkpoint_root(output)
+    if resume:
+        found = latest_checkpoint(ckpt_root)
+        if found is None:
+            logger.warning("--resume: no complete checkpoint in %s, starting from step 0", ckpt_root)
+        return found
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"--output {output} already exists; pass --overwrite to replace it")
+    if complete_checkpoints(ckpt_root) and not overwrite:
+        raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
+                              "or --overwrite to start again")
+    if overwrite and ckpt_root.is_dir():  # a later --resume must not pick up the replaced run's steps
+        shutil.rmtree(ckpt_root)
+    return None
+
+
+def check_resumable(cfg: Any, info: dict[str, Any], fingerprint: str, folder: Path,
+                    invariants: tuple[str, ...]) -> None:
+    """Refuse to resume when settings that change what is trained, or the images, differ from the checkpoint's."""
+    saved = info.get("config", {})
+    now = cfg.to_dict()
+    changed = [k for k in invariants if k in saved and saved[k] != now[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"--resume: settings differ from the run in {folder} ({detail}); "
+                         "use the same settings, or start a new run with --overwrite")
+    if info.get("dataset_fingerprint") != fingerprint:
+        raise ValueError(f"--resume: the images in {cfg.data} changed since {folder} was written; "
+                         "restore them or start a new run with --overwrite")
+
+
+class RunCheckpoints:
+    """The resumable checkpoints of one run: the trained weights (whatever `weights()` returns), the optimizer's
+    and the LR schedule's state. `save` writes on the main process and ends on a barrier for every process."""
+
+    def __init__(self, accelerator, output: Path, weights, optimizer, lr_schedule, info: dict[str, Any], keep: int):
+        self.accelerator, self.root, self.weights = accelerator, checkpoint_root(output), weights
+        self.optimizer, self.lr_schedule, self.info, self.keep = optimizer, lr_schedule, info, keep
+
+    def save(self, step: int) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.root, step, self.weights(),
+                            {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_schedule.state_dict()},
+                            self.info, keep=self.keep)
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, folder: Path, cfg: Any, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """Check `folder` belongs to this run (settings and images), restore optimizer and schedule, and return
+        the trained weights for the caller to load."""
+        weights, state, info = load_checkpoint(folder)
+        check_resumable(cfg, info, self.info["dataset_fingerprint"], folder, invariants)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_scheduler"])
+        logger.info("resumed from %s", folder)
+        return weights
+
+    def resume(self, found: tuple[int, Path] | None, cfg: Any, invariants: tuple[str, ...],
+               load_weights: Callable[[dict[str, torch.Tensor]], None], show: bool) -> int:
+        """The step to start from: 0 for a fresh run (`found` None), else the checkpoint's step after restoring
+        it (`load_weights` puts the trained weights back into the model)."""
+        if found is None:
+            return 0
+        step, folder = found
+        load_weights(self.restore(folder, cfg, invariants))
+        if show:
+            tqdm.write(f"Resuming from step {step} of {cfg.steps} ({folder})")
+        return step

@@ -4,16 +4,12 @@ metadata saved in every LoRA file (the pattern of whisper's `DecodingOptions` an
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import tomllib
-
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-# The attention projections of every UNet transformer block (self- and cross-attention): the plan's
-# style-LoRA target, as in diffusers' train_text_to_image_lora.py.
+# The attention projections of every UNet transformer block (self- and cross-attention): the style-LoRA
+# target of diffusers' train_text_to_image_lora.py; style lives in how features attend to each other.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -36,58 +32,86 @@ class LoraTrainConfig(_TrainerSettings):
     """Everything that decides what `stylora train lora` produces. Saved into the LoRA's metadata."""
 
     # --- data and model ---
-    data: str  # folder of style images (searched recursively); `name.txt` beside an image is its caption
-    output: str  # path of the .safetensors LoRA to write
-    base_model: str = DEFAULT_BASE_MODEL  # hub id, diffusers folder, or single-file SD1.x checkpoint
-    base_config: str | None = None  # diffusers config folder for a single-file checkpoint; None = shipped SD1.5 configs
-    trigger: str = ""  # optional trigger phrase; "" trains against the empty prompt (promptless style)
-    use_captions: bool = True  # read per-image caption .txt files when present (trigger is prepended)
-    min_images: int = 5  # fewer usable images than this is an error
-    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs (width*height)
+    data: str = field(
+        metadata={"help": "folder of style images (searched recursively); `name.txt` beside an image is its caption"})
+    output: str = field(metadata={"help": "path of the .safetensors LoRA to write"})
+    base_model: str = field(
+        default=DEFAULT_BASE_MODEL, metadata={"help": "hub id, diffusers folder, or single-file SD1.x checkpoint"})
+    base_config: str | None = field(
+        default=None,
+        metadata={"help": "diffusers config folder for a single-file checkpoint; None = shipped SD1.5 configs"})
+    trigger: str = field(
+        default="",
+        metadata={"help": "optional trigger phrase; \"\" trains against the empty prompt (promptless style)"})
+    use_captions: bool = field(
+        default=True, metadata={"help": "read per-image caption .txt files when present (trigger is prepended)"})
+    min_images: int = field(default=5, metadata={"help": "fewer usable images than this is an error"})
+    max_image_pixels: int = field(
+        default=100_000_000, metadata={"help": "larger images are refused as decompression bombs (width*height)"})
 
     # --- image preparation ---
-    resolution: int = 512  # training side length in pixels (square crops) or bucket area = resolution**2
-    crop: Literal["center", "buckets"] = "center"  # square center crop, or aspect-ratio buckets (multiples of 64)
-    flip: bool = False  # also train on horizontally mirrored copies (off: strokes and signatures have a direction)
-    cache_latents: bool = True  # encode every image with the VAE once, before training
+    resolution: int = field(
+        default=512, metadata={"help": "training side length in pixels (square crops) or bucket area = resolution**2"})
+    crop: Literal["center", "buckets"] = field(
+        default="center", metadata={"help": "square center crop, or aspect-ratio buckets (multiples of 64)"})
+    flip: bool = field(
+        default=False,
+        metadata={"help": "also train on horizontally mirrored copies (off: strokes and signatures have a direction)"})
+    cache_latents: bool = field(
+        default=True, metadata={"help": "encode every image with the VAE once, before training"})
 
     # --- LoRA ---
-    rank: int = 4  # LoRA rank r
-    alpha: float | None = None  # LoRA alpha; None = rank (scale alpha/r = 1)
-    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS  # UNet Linear layers that get adapters
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # dtype of the weights in the written file
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (scale alpha/r = 1)"})
+    target_modules: tuple[str, ...] = field(
+        default=ATTENTION_PROJECTIONS, metadata={"help": "UNet Linear layers that get adapters"})
+    save_dtype: Literal["fp16", "bf16", "fp32"] = field(
+        default="fp16", metadata={"help": "dtype of the weights in the written file"})
 
     # --- optimisation ---
-    steps: int = 6000  # optimizer steps (the plan: 5000-8000)
-    batch_size: int = 2  # images per micro-batch (the plan: 2-4)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-4  # AdamW learning rate for the LoRA weights
-    lr_scheduler: str = "cosine"  # any diffusers.optimization scheduler name
-    warmup_steps: int = 100  # linear warm-up steps of the LR schedule
-    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
-    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit when installed (CUDA only)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype; frozen weights are stored in it
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
-    seed: int = 0  # seeds LoRA init, data order, noise and timesteps: same seed, same run
+    steps: int = field(default=6000, metadata={
+        "help": "optimizer steps (5000-8000 suit 50-100 paintings at rank 4; fewer underfit the strokes)"})
+    batch_size: int = field(default=2, metadata={
+        "help": "images per micro-batch (2-4 fit 512 px SD1.5 training on a 16 GB GPU)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate for the LoRA weights"})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "any diffusers.optimization scheduler name"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps of the LR schedule"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW decoupled weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit when installed (CUDA only)"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "autocast dtype; frozen weights are stored in it"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute UNet activations in backward (less memory, ~30% slower)"})
+    seed: int = field(
+        default=0, metadata={"help": "seeds LoRA init, data order, noise and timesteps: same seed, same run"})
 
     # --- loss: alpha * MSE(noise) + beta * LPIPS + gamma * Gram style loss ---
-    mse_weight: float = 1.0  # alpha: weight of the denoising MSE
-    lpips_weight: float = 0.0  # beta: LPIPS(predicted clean image, training image), low-noise steps only
-    style_weight: float = 0.0  # gamma: Gram-matrix style loss (Gatys et al. 2016) on the predicted clean image
-    perceptual_max_timestep: int = 200  # perceptual terms only for t below this, where the x0 prediction is meaningful
-    min_snr_gamma: float | None = 5.0  # min-SNR loss weighting (Hang et al. 2023); None disables
-    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0.05-0.1 helps very dark/bright styles
+    mse_weight: float = field(default=1.0, metadata={"help": "alpha: weight of the denoising MSE"})
+    lpips_weight: float = field(
+        default=0.0, metadata={"help": "beta: LPIPS(predicted clean image, training image), low-noise steps only"})
+    style_weight: float = field(
+        default=0.0,
+        metadata={"help": "gamma: Gram-matrix style loss (Gatys et al. 2016) on the predicted clean image"})
+    perceptual_max_timestep: int = field(
+        default=200, metadata={"help": "perceptual terms only for t below this, where the x0 prediction is meaningful"})
+    min_snr_gamma: float | None = field(
+        default=5.0, metadata={"help": "min-SNR loss weighting (Hang et al. 2023); None disables"})
+    noise_offset: float = field(
+        default=0.0, metadata={"help": "offset noise (Guttenberg 2023); 0.05-0.1 helps very dark/bright styles"})
 
     # --- bookkeeping ---
-    checkpoint_every: int = 500  # save a resumable checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 3  # complete checkpoints kept; older ones are deleted
-    log_every: int = 10  # CSV (and TensorBoard) log interval in steps
-    log_with: Literal["csv", "tensorboard"] = "csv"  # tensorboard also writes CSV
-    preview_every: int = 0  # stylise --preview-content images every N steps (0: never)
-    preview_content: str | None = None  # folder of content photos for previews
-    preview_strength: float = 0.6  # img2img denoise of the previews
-    preview_steps: int = 20  # sampler steps of the previews
+    checkpoint_every: int = field(
+        default=500, metadata={"help": "save a resumable checkpoint every N steps (0: only at the end)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "complete checkpoints kept; older ones are deleted"})
+    log_every: int = field(default=10, metadata={"help": "CSV (and TensorBoard) log interval in steps"})
+    log_with: Literal["csv", "tensorboard"] = field(default="csv", metadata={"help": "tensorboard also writes CSV"})
+    preview_every: int = field(
+        default=0, metadata={"help": "stylise --preview-content images every N steps (0: never)"})
+    preview_content: str | None = field(default=None, metadata={"help": "folder of content photos for previews"})
+    preview_strength: float = field(default=0.6, metadata={"help": "img2img denoise of the previews"})
+    preview_steps: int = field(default=20, metadata={"help": "sampler steps of the previews"})
 
     def __post_init__(self) -> None:
         positive = ("resolution", "rank", "steps", "batch_size", "grad_accum", "min_images", "preview_steps")
@@ -117,29 +141,6 @@ class LoraTrainConfig(_TrainerSettings):
 
 
 
-def config_fields(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a JSON or TOML file of config fields (CLI flags override it). Unknown keys are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: cannot parse ({e})") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
-    known = config_fields(cls)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
-    if "target_modules" in values:
-        values["target_modules"] = tuple(values["target_modules"])
-    return values
 
 
 
@@ -149,48 +150,70 @@ class DreamBoothConfig(_TrainerSettings):
     preservation). Saved into the checkpoint's metadata."""
 
     # --- data and model ---
-    data: str  # folder of instance (style) images
-    output: str  # the .safetensors to write: a full SD1.x checkpoint, or a LoRA with lora=True
-    base_model: str = DEFAULT_BASE_MODEL  # hub id, diffusers folder, or single-file SD1.x checkpoint
-    base_config: str | None = None  # diffusers config folder for a single-file checkpoint; None = shipped SD1.5
-    instance_prompt: str = "sks style painting"  # prompt of the instance images, with a rare token
-    class_prompt: str = "painting"  # prompt of the prior-preservation class images
-    class_data: str | None = None  # folder of class images; None generates them with the base model
-    class_images_dir: str | None = None  # where generated class images are kept; None = <output>.class_images
-    num_class_images: int = 100  # class images to generate (or use from class_data)
-    class_sample_steps: int = 30  # sampler steps per generated class image
-    class_guidance: float = 7.5  # classifier-free guidance scale of class-image generation
-    prior_loss_weight: float = 1.0  # weight of the class (prior-preservation) loss
-    min_images: int = 3  # fewer usable instance images than this is an error
-    max_image_pixels: int = 100_000_000  # larger images are refused as decompression bombs
+    data: str = field(metadata={"help": "folder of instance (style) images"})
+    output: str = field(
+        metadata={"help": "the .safetensors to write: a full SD1.x checkpoint, or a LoRA with lora=True"})
+    base_model: str = field(
+        default=DEFAULT_BASE_MODEL, metadata={"help": "hub id, diffusers folder, or single-file SD1.x checkpoint"})
+    base_config: str | None = field(
+        default=None, metadata={"help": "diffusers config folder for a single-file checkpoint; None = shipped SD1.5"})
+    instance_prompt: str = field(
+        default="sks style painting", metadata={"help": "prompt of the instance images, with a rare token"})
+    class_prompt: str = field(default="painting", metadata={"help": "prompt of the prior-preservation class images"})
+    class_data: str | None = field(
+        default=None, metadata={"help": "folder of class images; None generates them with the base model"})
+    class_images_dir: str | None = field(
+        default=None, metadata={"help": "where generated class images are kept; None = <output>.class_images"})
+    num_class_images: int = field(default=100, metadata={"help": "class images to generate (or use from class_data)"})
+    class_sample_steps: int = field(default=30, metadata={"help": "sampler steps per generated class image"})
+    class_guidance: float = field(
+        default=7.5, metadata={"help": "classifier-free guidance scale of class-image generation"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the class (prior-preservation) loss"})
+    min_images: int = field(default=3, metadata={"help": "fewer usable instance images than this is an error"})
+    max_image_pixels: int = field(
+        default=100_000_000, metadata={"help": "larger images are refused as decompression bombs"})
 
     # --- what is trained ---
-    train_text_encoder: bool = False  # also fine-tune the CLIP text encoder (full fine-tune only)
-    lora: bool = False  # DreamBooth-LoRA: LoRA adapters with prior preservation (like-for-like with style LoRAs)
-    rank: int = 4  # LoRA rank (lora=True)
-    alpha: float | None = None  # LoRA alpha; None = rank
-    target_modules: tuple[str, ...] = ATTENTION_PROJECTIONS  # LoRA target layers (lora=True)
+    train_text_encoder: bool = field(
+        default=False, metadata={"help": "also fine-tune the CLIP text encoder (full fine-tune only)"})
+    lora: bool = field(
+        default=False,
+        metadata={"help": "DreamBooth-LoRA: LoRA adapters with prior preservation (like-for-like with style LoRAs)"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank (lora=True)"})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank"})
+    target_modules: tuple[str, ...] = field(
+        default=ATTENTION_PROJECTIONS, metadata={"help": "LoRA target layers (lora=True)"})
 
     # --- optimisation ---
-    resolution: int = 512  # training side length (square centre crops)
-    steps: int = 1000  # optimizer steps (the plan: 800-1200)
-    batch_size: int = 1  # instance images per micro-batch (as many class images join it)
-    grad_accum: int = 2  # micro-batches per optimizer step
-    learning_rate: float | None = None  # None: 5e-6 for a full fine-tune, 1e-4 with lora=True
-    lr_scheduler: str = "constant"  # diffusers.optimization scheduler name (DreamBooth's default: constant)
-    warmup_steps: int = 0  # linear warm-up steps
-    adam_weight_decay: float = 1e-2  # AdamW decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping norm (0 disables)
-    use_8bit_adam: bool = True  # bitsandbytes AdamW8bit when installed (CUDA); else torch AdamW
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype (fp16 on a T4)
-    gradient_checkpointing: bool = True  # recompute activations in backward: a full UNet fine-tune needs it on 16 GB
-    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"  # dtype of the written weights
-    seed: int = 0  # seeds class images, data order, noise, timesteps
+    resolution: int = field(default=512, metadata={"help": "training side length (square centre crops)"})
+    steps: int = field(default=1000, metadata={
+        "help": "optimizer steps (800-1200: DreamBooth overfits beyond, Ruiz et al. 2023)"})
+    batch_size: int = field(
+        default=1, metadata={"help": "instance images per micro-batch (as many class images join it)"})
+    grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "None: 5e-6 for a full fine-tune, 1e-4 with lora=True"})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "diffusers.optimization scheduler name (DreamBooth's default: constant)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW decoupled weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    use_8bit_adam: bool = field(
+        default=True, metadata={"help": "bitsandbytes AdamW8bit when installed (CUDA); else torch AdamW"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "autocast dtype (fp16 on a T4)"})
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "recompute activations in backward: a full UNet fine-tune needs it on 16 GB"})
+    save_dtype: Literal["fp16", "bf16", "fp32"] = field(
+        default="fp16", metadata={"help": "dtype of the written weights"})
+    seed: int = field(default=0, metadata={"help": "seeds class images, data order, noise, timesteps"})
 
     # --- bookkeeping ---
-    checkpoint_every: int = 250  # resumable checkpoint interval in steps (0: none)
-    keep_checkpoints: int = 1  # complete checkpoints kept (a full SD1.5 UNet checkpoint with AdamW state is ~10 GB)
-    log_every: int = 10  # CSV log interval in steps
+    checkpoint_every: int = field(default=250, metadata={"help": "resumable checkpoint interval in steps (0: none)"})
+    keep_checkpoints: int = field(
+        default=1,
+        metadata={"help": "complete checkpoints kept (a full SD1.5 UNet checkpoint with AdamW state is ~10 GB)"})
+    log_every: int = field(default=10, metadata={"help": "CSV log interval in steps"})
 
     def __post_init__(self) -> None:
         for name in ("resolution", "steps", "batch_size", "grad_accum", "rank", "num_class_images",

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .images import IMAGE_EXTENSIONS, SIDECAR_EXTENSIONS, ImageLoadError, load_image, resize_cover
+from ..core.files import Skipped, scan_folder
+from ..core.images import ImageLoadError, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Skipped:
-    path: str  # the file, relative to the data folder
-    reason: str  # why it was not used
 
 
 @dataclass
@@ -67,21 +63,6 @@ def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> tup
     return min(sizes, key=lambda hw: abs(math.log(hw[1] / hw[0]) - target))
 
 
-def scan_folder(root: Path) -> tuple[list[Path], list[Skipped]]:
-    """Candidate image files under `root` (recursive, sorted) and the non-image files found."""
-    candidates, skipped = [], []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in p.relative_to(root).parts) or not p.is_file():
-            continue
-        ext = p.suffix.lower()
-        if ext in IMAGE_EXTENSIONS:
-            candidates.append(p)
-        elif ext not in SIDECAR_EXTENSIONS:
-            skipped.append(Skipped(rel, "not an image (extension)"))
-    return candidates, skipped
-
-
 def load_style_dataset(
     data: str | Path,
     resolution: int,
@@ -99,8 +80,6 @@ def load_style_dataset(
     smears brush strokes) are skipped as too small. Raises FileNotFoundError for a missing folder and
     ValueError when fewer than `min_images` images are usable, listing why the others were skipped.
     """
-    from tqdm.auto import tqdm
-
     root = Path(data)
     if not root.is_dir():
         raise FileNotFoundError(f"--data: {root} is not a folder of images")
@@ -181,3 +160,45 @@ class BatchOrder:
         if epoch != self._epoch:
             self._epoch, self._batches = epoch, epoch_batches(self.dataset, self.batch_size, self.seed, epoch)
         return self._batches[i]
+
+
+def encode_prompt(tokenizer, text_encoder, prompt: str, device: torch.device) -> torch.Tensor:
+    """CLIP last hidden state [77, D] of `prompt` ("" for the unconditional/promptless embedding)."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(device))[0][0].float().cpu()
+
+
+def encode_latents(vae, dataset: StyleDataset, flip: bool, device: torch.device, show: bool
+                    ) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """VAE posterior (mean, std) per image, [4, H/8, W/8] each; index 1 holds the mirrored images."""
+    out = []
+    for mirrored in ([False, True] if flip else [False]):
+        means, stds = [], []
+        for px in tqdm(dataset.pixels, desc="Encoding latents" + (" (mirrored)" if mirrored else ""),
+                       unit="img", disable=not show):
+            x = px.flip(-1) if mirrored else px
+            with torch.no_grad():
+                dist = vae.encode(x[None].to(device, torch.float32) / 127.5 - 1).latent_dist
+            means.append(dist.mean[0].cpu())
+            stds.append(dist.std[0].cpu())
+        out.append((means, stds))
+    return out
+
+
+def batch_latents(ids: list[int], dataset: StyleDataset, cache, vae, flip: bool, g: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor, list[bool]]:
+    """Unscaled latents [B, 4, H/8, W/8] sampled from the VAE posterior of images `ids`, mirrored at random
+    when `flip`; also returns which images were mirrored."""
+    if cache is not None:
+        mirrored = (torch.randint(0, 2, (len(ids),), generator=g) if flip else torch.zeros(len(ids))).bool().tolist()
+        mean = torch.stack([cache[int(m)][0][i] for i, m in zip(ids, mirrored)])
+        std = torch.stack([cache[int(m)][1][i] for i, m in zip(ids, mirrored)])
+        return mean + std * torch.randn(mean.shape, generator=g), mirrored
+    pixels = torch.stack([dataset.pixels[i] for i in ids])
+    mirror = bool(flip and torch.rand((), generator=g) < 0.5)
+    if mirror:
+        pixels = pixels.flip(-1)
+    with torch.no_grad():
+        dist = vae.encode(pixels.to(device, torch.float32) / 127.5 - 1).latent_dist
+    return dist.mean.cpu() + dist.std.cpu() * torch.randn(dist.mean.shape, generator=g), [mirror] * len(ids)

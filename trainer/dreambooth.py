@@ -1,43 +1,45 @@
-"""`train_dreambooth`: the plan's comparison baseline, DreamBooth with prior preservation (Ruiz et al. 2023).
+"""`train_dreambooth`: the comparison baseline, DreamBooth with prior preservation (Ruiz et al. 2023).
 
 The UNet (optionally the text encoder) is fine-tuned on the instance images under a rare-token prompt while
 class images of the base model, under the class prompt, keep the prior: loss = MSE(instance) +
 prior_loss_weight * MSE(class). The result is a single-file SD1.x checkpoint in the original layout; with
 lora=True it is a kohya LoRA trained the same way, for a like-for-like comparison with style LoRAs.
-Data scan, checkpoints, resume, logs and the diffusion loss are the LoRA trainer's.
+Data scan, checkpoints, resume, logs and the diffusion loss are the LoRA trainer's; the step loop is
+trainer/loop.py's.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
+from ..core.files import atomic_write
+from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
+from ..core.version import __version__
+from .base_model import load_base_model
+from .checkpoint import RunCheckpoints, start_or_resume
 from .config import DreamBoothConfig
-from .dataset import BatchOrder, load_style_dataset
-from .files import atomic_write
-from .lora import (
-    RunCheckpoints,
+from .dataset import BatchOrder, batch_latents, encode_latents, encode_prompt, load_style_dataset
+from .ldm_layout import pipeline_to_ldm
+from .loop import (
     TrainProgress,
     TrainResult,
-    batch_latents,
-    denoising_loss,
-    encode_latents,
-    encode_prompt,
-    make_optimizer,
-    optimizer_step,
-    release_accelerator_state,
-    run_record,
-    start_or_resume,
+    add_lora_adapters,
+    finish_run,
+    optimizer_and_schedule,
+    start_accelerator,
+    train_steps,
 )
-from .lora_file import DTYPES, peft_to_kohya, save_lora
-
-logger = logging.getLogger(__name__)
+from .losses import denoising_loss
 
 RESUME_INVARIANTS = ("data", "base_model", "base_config", "instance_prompt", "class_prompt", "class_data",
                      "num_class_images", "prior_loss_weight", "train_text_encoder", "lora", "rank", "alpha",
@@ -48,17 +50,6 @@ RESUME_INVARIANTS = ("data", "base_model", "base_config", "instance_prompt", "cl
 def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: bool = False,
                      progress: bool = True) -> TrainResult:
     """Fine-tune SD1.x on cfg.data with prior preservation and write cfg.output. See DreamBoothConfig."""
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from tqdm.auto import tqdm
-
-    from ..eval.cost import peak_memory_mb, write_resource_record
-    from .base_model import load_base_model
-
     t_start = time.time()
     output = Path(cfg.output)
 
@@ -66,11 +57,8 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
     resume_from = start_or_resume(output, resume, overwrite)
 
     # 2. Accelerator: devices, mixed precision, gradient accumulation, multi-GPU.
-    release_accelerator_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    show = progress and accelerator.is_local_main_process
 
     # 3. Instance images, scanned like a style folder (every skip reported with its reason).
     instances = load_style_dataset(cfg.data, cfg.resolution, "center", use_captions=False,
@@ -95,11 +83,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
     vae.to(device, dtype=torch.float32)
     if cfg.lora:
         unet.to(device, dtype=weight_dtype)
-        torch.manual_seed(cfg.seed)
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.target_modules)))
-        if cfg.mixed_precision != "no":
-            cast_training_params(unet, dtype=torch.float32)
+        add_lora_adapters(unet, cfg)
     else:
         unet.to(device)  # trained weights stay fp32; autocast runs the forward pass in the mixed dtype
         unet.requires_grad_(True)
@@ -127,10 +111,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
     scaling = float(vae.config.scaling_factor)
 
     # 7. Optimizer and learning-rate schedule.
-    optimizer = make_optimizer(params, cfg.lr, cfg.adam_weight_decay, cfg.use_8bit_adam)
-    lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
-                                num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
-                                num_training_steps=cfg.steps * accelerator.num_processes)
+    optimizer, lr_schedule = optimizer_and_schedule(accelerator, params, cfg, cfg.lr)
     if cfg.train_text_encoder:
         unet, text_encoder, optimizer, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, lr_schedule)
     else:
@@ -144,14 +125,7 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             state.update({f"text_encoder.{k}": v for k, v in te.state_dict().items()})
         return state
 
-    # 8. Resume: trained weights, optimizer and schedule from the newest complete checkpoint.
-    fingerprint = instances.fingerprint + ":" + classes.fingerprint
-    checkpoints = RunCheckpoints(accelerator, output, trainable_state, optimizer, lr_schedule,
-                                 {"config": cfg.to_dict(), "dataset_fingerprint": fingerprint}, cfg.keep_checkpoints)
-    start_step = 0
-    if resume_from is not None:
-        start_step, folder = resume_from
-        state = checkpoints.restore(folder, cfg, RESUME_INVARIANTS)
+    def load_trainable(state: dict[str, torch.Tensor]) -> None:
         te_state = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
         unet_state = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
         if cfg.lora:
@@ -160,77 +134,54 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
             accelerator.unwrap_model(unet).load_state_dict(unet_state)
         if te_state:
             accelerator.unwrap_model(text_encoder).load_state_dict(te_state)
-        if show:
-            tqdm.write(f"Resuming from step {start_step} of {cfg.steps} ({folder})")
 
-    # 9. Training: each micro-batch holds instance images under the instance prompt and as many class images
-    #    under the class prompt; the class half is the prior-preservation loss.
+    # 8. Resume: trained weights, optimizer and schedule from the newest complete checkpoint.
+    fingerprint = instances.fingerprint + ":" + classes.fingerprint
+    checkpoints = RunCheckpoints(accelerator, output, trainable_state, optimizer, lr_schedule,
+                                 {"config": cfg.to_dict(), "dataset_fingerprint": fingerprint}, cfg.keep_checkpoints)
+    start_step = checkpoints.resume(resume_from, cfg, RESUME_INVARIANTS, load_trainable, show)
+
+    # 9. One micro-batch: instance images under the instance prompt and as many class images under the class
+    #    prompt; the class half is the prior-preservation loss.
+    inst_order = BatchOrder(instances, cfg.batch_size, cfg.seed)
+    class_order = BatchOrder(classes, cfg.batch_size, cfg.seed + 1)
+
+    def micro_step(index: int, g: torch.Generator) -> torch.Tensor:
+        inst_ids, class_ids = inst_order[index], class_order[index]
+        inst, _ = batch_latents(inst_ids, instances, instance_cache, None, False, g, device)
+        cls, _ = batch_latents(class_ids, classes, class_cache, None, False, g, device)
+        latents = (torch.cat([inst, cls]) * scaling).to(device, weight_dtype)
+        which = torch.tensor([0] * len(inst_ids) + [1] * len(class_ids))
+        if cfg.train_text_encoder:
+            states = text_encoder(prompt_ids[which].to(device))[0]
+        else:
+            states = fixed_embeds[which].to(device, weight_dtype)
+        mse, *_ = denoising_loss(unet, noise_scheduler, latents, states, g)
+        n = len(inst_ids)
+        return mse[:n].mean() + cfg.prior_loss_weight * mse[n:].mean()
+
+    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints.
     track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "DreamBooth", show,
                           enabled=accelerator.is_main_process)
-    inst_order, class_order = BatchOrder(instances, cfg.batch_size, cfg.seed), BatchOrder(classes, cfg.batch_size,
-                                                                                         cfg.seed + 1)
     unet.train()
     if cfg.train_text_encoder:
         text_encoder.train()
-    step = start_step
-    try:
-        while step < cfg.steps:
-            track.begin_step()
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-                inst_ids, class_ids = inst_order[index], class_order[index]
-                with accelerator.accumulate(unet):
-                    inst, _ = batch_latents(inst_ids, instances, instance_cache, None, False, g, device)
-                    cls, _ = batch_latents(class_ids, classes, class_cache, None, False, g, device)
-                    latents = (torch.cat([inst, cls]) * scaling).to(device, weight_dtype)
-                    which = torch.tensor([0] * len(inst_ids) + [1] * len(class_ids))
-                    if cfg.train_text_encoder:
-                        states = text_encoder(prompt_ids[which].to(device))[0]
-                    else:
-                        states = fixed_embeds[which].to(device, weight_dtype)
-                    mse, *_ = denoising_loss(unet, noise_scheduler, latents, states, g)
-                    n = len(inst_ids)
-                    loss = mse[:n].mean() + cfg.prior_loss_weight * mse[n:].mean()
-                    optimizer_step(accelerator, loss, params, optimizer, lr_schedule, cfg.max_grad_norm)
-                step_loss += loss.detach().item() / cfg.grad_accum
-            step += 1
-            track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                checkpoints.save(step)
-    except KeyboardInterrupt:
-        if step > start_step:
-            checkpoints.save(step)
-            logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
-        raise
-    finally:
-        track.close()
+    step = train_steps(accelerator, unet, params, optimizer, lr_schedule, checkpoints, track, cfg, start_step,
+                       micro_step)
 
-    # 10. Write the result (single-file checkpoint or kohya LoRA), its metadata and its resource record.
-    accelerator.wait_for_everyone()
-    peak_mb = peak_memory_mb(device)
-    seconds = time.time() - t_start
-    if accelerator.is_main_process:
+    # 11. Write the result (single-file checkpoint or kohya LoRA) with its metadata, and the resource record.
+    def write_result(seconds: float, peak_mb: float) -> None:
         meta = dreambooth_metadata(cfg, base, len(instances), len(classes), step, seconds, fingerprint)
         final_unet = accelerator.unwrap_model(unet)
         if cfg.lora:
             save_lora(output, peft_to_kohya(get_peft_model_state_dict(final_unet), cfg.lora_alpha,
                                             DTYPES[cfg.save_dtype]), meta)
         else:
-            from safetensors.torch import save_file
-
-            from .ldm_layout import pipeline_to_ldm
-
             sd = pipeline_to_ldm(final_unet, vae, accelerator.unwrap_model(text_encoder), DTYPES[cfg.save_dtype])
             atomic_write(output, lambda tmp: save_file(sd, tmp, metadata=meta))
-        write_resource_record(output, run_record("dreambooth_lora" if cfg.lora else "dreambooth", cfg, device, track,
-                                                 start_step, seconds, peak_mb, class_image_seconds=class_seconds))
-        logger.info("wrote %s (%d steps)", output, step)
-    if cfg.checkpoint_every:
-        checkpoints.save(step)  # every process: it ends on a barrier
-    return TrainResult(output, step, start_step, track.final_loss, track.losses, instances.skipped, seconds,
-                       track.step_seconds, peak_mb)
+
+    return finish_run(accelerator, checkpoints, track, cfg, "dreambooth_lora" if cfg.lora else "dreambooth",
+                      start_step, step, t_start, instances.skipped, write_result, class_image_seconds=class_seconds)
 
 
 def class_images_folder(cfg: DreamBoothConfig) -> Path:
@@ -246,9 +197,6 @@ def generate_class_images(base, prompt: str, count: int, folder: Path, resolutio
     image i uses the CPU generator seeded with (seed, i), whatever the device. Images already present are kept,
     so an interrupted run resumes; a folder made with other settings is refused rather than mixed.
     device None: only wait for the images (another process generates them)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     settings = {"prompt": prompt, "seed": seed, "steps": steps, "guidance": guidance, "resolution": resolution,
                 "base_model_sha256": base.sha256, "sampler": "DDIM"}
@@ -282,8 +230,6 @@ def generate_class_images(base, prompt: str, count: int, folder: Path, resolutio
 def dreambooth_metadata(cfg: DreamBoothConfig, base, n_instances: int, n_classes: int, steps: int, seconds: float,
                         fingerprint: str) -> dict[str, str]:
     """Header of a DreamBooth checkpoint or DreamBooth-LoRA: what it was trained from and how."""
-    from .. import __version__
-
     kind = "dreambooth_lora" if cfg.lora else "dreambooth"
     meta: dict[str, Any] = {
         "stylora.version": __version__,

@@ -8,7 +8,9 @@ The trimmed core-node schema the offline test falls back on             -> tests
 
 Widget order, link types and output slots come from the node schema: ComfyUI's /object_info for the core
 nodes (default: ../shared/comfyui/object_info-0.3.64.json) and our own node declarations, so the two formats
-cannot drift apart. Roles that `stylora run` substitutes are found by node title (`_meta.title`).
+cannot drift apart. Roles that `stylora run` substitutes are found by node title (`_meta.title`); the titles
+come from workflows/roles.py, the one list both sides read. Runnable as a script and importable as
+`stylora.workflows.build`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+if __package__:  # imported as stylora.workflows.build
+    from ..nodes import NODE_CLASS_MAPPINGS
+    from . import roles
+else:  # run as `python workflows/build.py`: the installed pack (`pip install -e .`)
+    from stylora.nodes import NODE_CLASS_MAPPINGS
+    from stylora.workflows import roles
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info-0.3.64.json"
@@ -29,10 +38,8 @@ CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the SD1.5 file most ComfyUI us
 
 def our_schema() -> dict[str, dict]:
     """Our nodes as /object_info would list them (style lists are empty without a server)."""
-    import stylora  # the installed pack (`pip install -e .`)
-
     out = {}
-    for name, cls in stylora.NODE_CLASS_MAPPINGS.items():
+    for name, cls in NODE_CLASS_MAPPINGS.items():
         inputs = cls.INPUT_TYPES()
         out[name] = {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()},
                      "output": list(cls.RETURN_TYPES), "output_name": list(cls.RETURN_NAMES),
@@ -174,16 +181,18 @@ Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer -
 def style_transfer(extra: dict | None = None) -> list[Node]:
     e = extra or {}
     return [
-        Node(1, "CheckpointLoaderSimple", "Checkpoint", (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
-        Node(2, "LoadStyleLoRA", "Style", (360, 0), {"style": "monet.safetensors", "strength": 1.0,
+        Node(1, "CheckpointLoaderSimple", roles.CHECKPOINT.title, (0, 0), {"ckpt_name": CHECKPOINT},
+             size=(320, 100)),
+        Node(2, "LoadStyleLoRA", roles.STYLE.title, (360, 0), {"style": "monet.safetensors", "strength": 1.0,
                                                        **e.get("style", {})}, {"model": (1, 0), "clip": (1, 1)},
              size=(320, 220)),
-        Node(3, "StyleStrength", "Strength", (720, 0), {"strength": 0.5, "max_denoise": 0.75}, {"model": (2, 0)}),
+        Node(3, "StyleStrength", roles.STRENGTH.title, (720, 0), {"strength": 0.5, "max_denoise": 0.75},
+             {"model": (2, 0)}),
         Node(4, "CLIPTextEncode", "Positive prompt", (360, 260), {"text": PROMPT}, {"clip": (2, 1)}),
         Node(5, "CLIPTextEncode", "Negative prompt", (360, 440), {"text": NEGATIVE}, {"clip": (2, 1)}),
-        Node(6, "LoadImage", "Content", (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
+        Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
         Node(7, "ContentEncode", "Content encode", (0, 560), {}, {"image": (6, 0), "vae": (1, 2)}, size=(320, 220)),
-        Node(8, "KSampler", "Sampler", (720, 180), SAMPLER, {"model": (3, 0), "positive": (4, 0),
+        Node(8, "KSampler", roles.SAMPLER.title, (720, 180), SAMPLER, {"model": (3, 0), "positive": (4, 0),
                                                               "negative": (5, 0), "latent_image": (7, 0),
                                                               "denoise": (3, 1)}, size=(320, 270)),
         Node(9, "VAEDecode", "Decode", (1080, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
@@ -195,7 +204,8 @@ def style_transfer(extra: dict | None = None) -> list[Node]:
 
 def masked_style() -> list[Node]:
     nodes = [n for n in style_transfer() if n.id not in (9, 10, 11)]
-    nodes[5] = Node(6, "LoadImage", "Content", (0, 160), {"image": "stylora_content_masked.png"}, size=(320, 360))
+    nodes[5] = Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content_masked.png"},
+                    size=(320, 360))
     nodes += [
         Node(12, "MaskedStyleApply", "Mask the latent", (360, 620), {"feather": 16, "invert": False},
              {"content": (7, 1), "mask": (6, 1), "latent": (7, 0)}, size=(320, 170)),
@@ -245,7 +255,7 @@ csv_path appends one row per run. Metrics whose network weights are missing say 
 Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors \
 --style-image painting.jpg""")
     nodes += [
-        Node(12, "LoadImage", "Style image", (1440, 0), {"image": "stylora_style.jpg"}, size=(320, 300)),
+        Node(12, "LoadImage", roles.STYLE_IMAGE.title, (1440, 0), {"image": "stylora_style.jpg"}, size=(320, 300)),
         Node(13, "StyleMetrics", "Metrics", (1440, 340), {"style_folder": "", "csv_path": "", "label": "monet"},
              {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 200)),
     ]
@@ -254,13 +264,13 @@ Headless: stylora run ... --workflow style_metrics --content photo.jpg --style m
 
 def dreambooth() -> list[Node]:
     return [
-        Node(1, "CheckpointLoaderSimple", "Style checkpoint", (0, 0), {"ckpt_name": "stylora_dreambooth.safetensors"},
-             size=(320, 100)),
+        Node(1, "CheckpointLoaderSimple", roles.STYLE_CHECKPOINT.title, (0, 0),
+             {"ckpt_name": "stylora_dreambooth.safetensors"}, size=(320, 100)),
         Node(4, "CLIPTextEncode", "Positive prompt", (360, 0), {"text": "sks style painting"}, {"clip": (1, 1)}),
         Node(5, "CLIPTextEncode", "Negative prompt", (360, 200), {"text": NEGATIVE}, {"clip": (1, 1)}),
-        Node(6, "LoadImage", "Content", (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
+        Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
         Node(7, "ContentEncode", "Content encode", (0, 560), {}, {"image": (6, 0), "vae": (1, 2)}, size=(320, 220)),
-        Node(8, "KSampler", "Sampler", (720, 0), {**SAMPLER, "cfg": 7.0, "denoise": 0.6},
+        Node(8, "KSampler", roles.SAMPLER.title, (720, 0), {**SAMPLER, "cfg": 7.0, "denoise": 0.6},
              {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)}, size=(320, 270)),
         Node(9, "VAEDecode", "Decode", (1080, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
         Node(10, "SaveImage", "Save", (1080, 100), {"filename_prefix": "stylora/dreambooth"}, {"images": (9, 0)},

@@ -2,8 +2,7 @@
 
 Only the standard library talks to the server: POST /upload/image, POST /prompt, GET /history/<id> (polled;
 GET /queue says whether the prompt waits or runs), GET /view for the outputs. Inputs are found by node title
-(`_meta.title`), as the bundled workflows name them: "Content", "Style", "Strength", "Sampler", "Checkpoint",
-"Style checkpoint", "Style image", "Save", "Metrics".
+(`_meta.title`); workflows/roles.py lists the titles and what each node does for the run.
 """
 
 from __future__ import annotations
@@ -18,34 +17,57 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..trainer.files import atomic_write, atomic_write_text
-from ..trainer.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.files import atomic_write, atomic_write_text
+from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..nodes import NODE_CLASS_MAPPINGS
+from ..nodes.strength import style_schedule
+from .roles import (
+    CHECKPOINT,
+    CONTENT,
+    SAMPLER,
+    STRENGTH,
+    STYLE,
+    STYLE_CHECKPOINT,
+    STYLE_IMAGE,
+    WorkflowError,
+    find,
+    node_titled,
+    require,
+)
 
 logger = logging.getLogger(__name__)
 
-API_DIR = Path(__file__).resolve().parent.parent / "workflows" / "api"
+API_DIR = Path(__file__).resolve().parent / "api"
 UPLOAD_SUBFOLDER = "stylora"  # uploads land in ComfyUI/input/stylora/
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    content: str  # a photo, or a folder of photos (a batch; rerun to resume)
-    out: str  # output image (single photo) or folder (batch, or when the workflow saves several images)
-    server: str = "http://127.0.0.1:8188"  # ComfyUI server URL
-    workflow: str = "style_transfer"  # a bundled workflow name (see --list) or an API-format .json file
-    style: tuple[str, ...] = ()  # style file(s) on the server, NAME or NAME:WEIGHT (up to 3); dreambooth: checkpoint
-    strength: float | None = None  # style strength 0..1 (default: the workflow's)
-    mask: str | None = None  # black/white mask image, white = styled (masked_style)
-    style_image: str | None = None  # style image for the Gram loss (style_metrics)
-    checkpoint: str | None = None  # SD1.5 checkpoint on the server (default: the workflow's)
-    seed: int | None = None  # sampler seed (default: the workflow's)
-    set: tuple[str, ...] = ()  # more overrides, "Node title.input=value" (value parsed as JSON when it can be)
-    timeout: float = 3600.0  # seconds to wait for one image
-    overwrite: bool = False  # redo photos whose output exists (default: skip them, so a rerun resumes)
+    content: str = field(metadata={"help": "a photo, or a folder of photos (a batch; rerun to resume)"})
+    out: str = field(
+        metadata={"help": "output image (single photo) or folder (batch, or when the workflow saves several images)"})
+    server: str = field(default="http://127.0.0.1:8188", metadata={"help": "ComfyUI server URL"})
+    workflow: str = field(
+        default="style_transfer", metadata={"help": "a bundled workflow name (see --list) or an API-format .json file"})
+    style: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "style file(s) on the server, NAME or NAME:WEIGHT (up to 3); dreambooth: checkpoint"})
+    strength: float | None = field(default=None, metadata={"help": "style strength 0..1 (default: the workflow's)"})
+    mask: str | None = field(default=None, metadata={"help": "black/white mask image, white = styled (masked_style)"})
+    style_image: str | None = field(default=None, metadata={"help": "style image for the Gram loss (style_metrics)"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
+    seed: int | None = field(default=None, metadata={"help": "sampler seed (default: the workflow's)"})
+    set: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "more overrides, \"Node title.input=value\" (value parsed as JSON when it can be)"})
+    timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for one image"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "redo photos whose output exists (default: skip them, so a rerun resumes)"})
 
 
 class ServerError(RuntimeError):
@@ -84,8 +106,8 @@ class Server:
         """Upload an image into ComfyUI's input folder; returns the name LoadImage takes ("stylora/<name>")."""
         boundary = uuid.uuid4().hex
         parts = []
-        for field, value in (("type", "input"), ("subfolder", UPLOAD_SUBFOLDER), ("overwrite", "true")):
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode())
+        for key, value in (("type", "input"), ("subfolder", UPLOAD_SUBFOLDER), ("overwrite", "true")):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
                      f"Content-Type: {mime}\r\n\r\n".encode() + data + b"\r\n")
@@ -135,10 +157,6 @@ def load_workflow(name: str) -> dict[str, dict]:
     return graph
 
 
-def find(graph: dict, title: str) -> dict | None:
-    return next((n for n in graph.values() if n.get("_meta", {}).get("title") == title), None)
-
-
 def _parse_value(text: str) -> Any:
     try:
         return json.loads(text)
@@ -148,14 +166,9 @@ def _parse_value(text: str) -> Any:
 
 def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name: str | None) -> dict:
     """The workflow with this run's inputs filled in (a copy). Raises ValueError naming what does not fit."""
-    from .strength import style_schedule
-
     g = json.loads(json.dumps(graph))
-    content = find(g, "Content")
-    if content is None:
-        raise ValueError(f"workflow {cfg.workflow}: no node titled 'Content' to take the photo")
-    content["inputs"]["image"] = content_name
-    style = find(g, "Style")
+    require(g, CONTENT, cfg.workflow)["inputs"]["image"] = content_name
+    style = find(g, STYLE)
     if cfg.style:
         if style is not None and style["class_type"] == "LoadStyleLoRA":
             if len(cfg.style) > 3:
@@ -168,35 +181,30 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
                     style["inputs"]["weight" + suffix] = float(weight) if weight else 1.0
                 elif weight:
                     style["inputs"]["strength"] = float(weight)
-        elif find(g, "Style checkpoint") is not None:
+        elif find(g, STYLE_CHECKPOINT) is not None:
             if len(cfg.style) != 1:
                 raise ValueError(f"style: workflow {cfg.workflow} takes one checkpoint, got {list(cfg.style)}")
-            find(g, "Style checkpoint")["inputs"]["ckpt_name"] = cfg.style[0]
+            find(g, STYLE_CHECKPOINT)["inputs"]["ckpt_name"] = cfg.style[0]
         else:
-            raise ValueError(f"style: workflow {cfg.workflow} has no 'Style' node")
+            raise WorkflowError(f"style: workflow {cfg.workflow!r} has no node titled {STYLE.title!r} (role: "
+                                f"{STYLE.purpose}) or {STYLE_CHECKPOINT.title!r} (role: {STYLE_CHECKPOINT.purpose})")
     if cfg.strength is not None:
-        strength = find(g, "Strength")
+        strength = find(g, STRENGTH)
         if strength is not None:
             style_schedule(cfg.strength)  # validates 0..1
             strength["inputs"]["strength"] = cfg.strength
         else:  # no StyleStrength node (DreamBooth): the same mapping onto the sampler's denoise
-            find(g, "Sampler")["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
+            require(g, SAMPLER, cfg.workflow)["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
     if cfg.seed is not None:
-        find(g, "Sampler")["inputs"]["seed"] = cfg.seed
+        require(g, SAMPLER, cfg.workflow)["inputs"]["seed"] = cfg.seed
     if cfg.checkpoint is not None:
-        ckpt = find(g, "Checkpoint")
-        if ckpt is None:
-            raise ValueError(f"checkpoint: workflow {cfg.workflow} has no 'Checkpoint' node (use --style for its "
-                             "checkpoint)")
-        ckpt["inputs"]["ckpt_name"] = cfg.checkpoint
+        require(g, CHECKPOINT, cfg.workflow)["inputs"]["ckpt_name"] = cfg.checkpoint
     if style_image_name is not None:
-        if find(g, "Style image") is None:
-            raise ValueError(f"style_image: workflow {cfg.workflow} takes no style image (use style_metrics)")
-        find(g, "Style image")["inputs"]["image"] = style_image_name
+        require(g, STYLE_IMAGE, cfg.workflow)["inputs"]["image"] = style_image_name
     for item in cfg.set:
         target, eq, value = item.partition("=")
         title, dot, field = target.rpartition(".")
-        node = find(g, title) if dot and eq else None
+        node = node_titled(g, title) if dot and eq else None
         if node is None:
             raise ValueError(f"set: {item!r} must be 'Node title.input=value' with a title in the workflow "
                              f"({sorted(n.get('_meta', {}).get('title', '') for n in g.values())})")
@@ -208,8 +216,6 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
     """Every node installed, every file name (checkpoints, styles) present on the server."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
     if missing:
-        from . import NODE_CLASS_MAPPINGS
-
         ours = [m for m in missing if m in NODE_CLASS_MAPPINGS]
         hint = (" (the Stylora pack: clone it into ComfyUI/custom_nodes, pip install -r requirements.txt, restart"
                 " ComfyUI, and check its log for IMPORT FAILED)") if ours else ""
@@ -254,9 +260,9 @@ def content_upload(path: Path, mask_path: str | None) -> tuple[str, bytes]:
 
 @dataclass
 class RunResult:
-    done: list[tuple[str, list[str], float]]  # (photo, outputs written, seconds)
-    skipped: list[str]  # photos whose output existed (resumed batch)
-    failed: list[tuple[str, str]]  # (photo, why)
+    done: list[tuple[str, list[str], float]] = field(metadata={"help": "(photo, outputs written, seconds)"})
+    skipped: list[str] = field(metadata={"help": "photos whose output existed (resumed batch)"})
+    failed: list[tuple[str, str]] = field(metadata={"help": "(photo, why)"})
 
 
 def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll: float = 0.5) -> RunResult:
@@ -271,7 +277,7 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
         raise ValueError(f"mask: workflow {cfg.workflow} has no MaskedStyleApply node; use --workflow masked_style")
     if cfg.mask is not None and not Path(cfg.mask).is_file():
         raise FileNotFoundError(f"mask: no such file {cfg.mask}")
-    if find(graph, "Style image") is not None and cfg.style_image is None:
+    if find(graph, STYLE_IMAGE) is not None and cfg.style_image is None:
         raise ValueError(f"style_image: workflow {cfg.workflow} compares with a style image; pass --style-image")
     content = Path(cfg.content)
     if content.is_dir():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .files import atomic_write_text
+
 
 def process_peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB.
@@ -69,8 +71,6 @@ def measure(device: torch.device | str | None = None):
 
 def write_resource_record(output: str | Path, record: dict) -> Path:
     """`<output stem>.resources.json` beside a trained artifact: what it cost to make (time, memory, size)."""
-    from ..trainer.files import atomic_write_text
-
     output = Path(output)
     record = {"artifact": output.name, "bytes": output.stat().st_size if output.exists() else None, **record}
     path = output.parent / f"{output.stem}.resources.json"

@@ -24,25 +24,30 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .dataset import scan_folder
-from .files import atomic_write, atomic_write_text
-from .images import ImageLoadError, load_image, resize_cover
+from ..core.files import atomic_write, atomic_write_text, scan_folder
+from ..core.images import ImageLoadError, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: str  # WikiArt root (Kaggle folders or parquet files), or a COCO val2017 image folder
-    out: str  # folder to write the prepared images and manifest into
-    count: int = 100  # images to keep
-    style: str | None = None  # WikiArt style to select, e.g. "Impressionism" (case, spaces, '_' and '-' ignored)
-    artist: str | None = None  # optional WikiArt artist filter, e.g. "claude-monet" (same matching)
-    resolution: int = 512  # side of the square centre crops written
-    min_side: int = 256  # smaller source images are skipped (upscaling smears strokes)
-    dedupe_distance: int = 6  # two images whose 64-bit dHashes differ in <= this many bits are duplicates
-    seed: int = 0  # selection order; same seed, same selection
-    quality: int = 95  # JPEG quality of the written images
+    source: str = field(
+        metadata={"help": "WikiArt root (Kaggle folders or parquet files), or a COCO val2017 image folder"})
+    out: str = field(metadata={"help": "folder to write the prepared images and manifest into"})
+    count: int = field(default=100, metadata={"help": "images to keep"})
+    style: str | None = field(
+        default=None,
+        metadata={"help": "WikiArt style to select, e.g. \"Impressionism\" (case, spaces, '_' and '-' ignored)"})
+    artist: str | None = field(
+        default=None, metadata={"help": "optional WikiArt artist filter, e.g. \"claude-monet\" (same matching)"})
+    resolution: int = field(default=512, metadata={"help": "side of the square centre crops written"})
+    min_side: int = field(
+        default=256, metadata={"help": "smaller source images are skipped (upscaling smears strokes)"})
+    dedupe_distance: int = field(
+        default=6, metadata={"help": "two images whose 64-bit dHashes differ in <= this many bits are duplicates"})
+    seed: int = field(default=0, metadata={"help": "selection order; same seed, same selection"})
+    quality: int = field(default=95, metadata={"help": "JPEG quality of the written images"})
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -262,7 +267,7 @@ def prepare(cfg: PrepareConfig, kind: str, progress: bool = True) -> dict[str, A
     return manifest
 
 
-# --- statistics (the plan's EDA) ---
+# --- statistics (what a style set holds before training on it) ---
 
 def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: int = 8) -> dict[str, Any]:
     """Counts per style, size and aspect histograms and a sample grid of image folders, as PNGs and summary.md.

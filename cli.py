@@ -14,82 +14,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
+import json
 import logging
 import os
-import re
 import sys
-import types
-import typing
 from pathlib import Path
 
-from .config import DreamBoothConfig, LoraTrainConfig, read_config_file
+from .core.files import atomic_write_text
+from .core.lora_file import describe
+from .core.resources import cost_table
+from .core.settings import add_config_arguments, build_config
+from .core.version import __version__
+from .data.prepare import PrepareConfig, dataset_stats, prepare
+from .eval.report import EvalConfig, evaluate
+from .trainer.config import DreamBoothConfig, LoraTrainConfig
+from .workflows.client import RunConfig, bundled_workflows, run_workflow
 
 EXIT_USAGE = 2
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` after each field in the dataclass source: the flag's help text."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if m:
-            comments[m.group(1)] = m.group(2).strip()
-    return comments
-
-
-def _float_or_none(text: str) -> float | None:
-    return None if text.lower() in ("none", "off") else float(text)
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per config field (`batch_size` -> `--batch-size`), defaults left to the dataclass."""
-    helps = _field_comments(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = helps.get(f.name, "")
-        if default is not None and f.name not in ("data", "output"):
-            help_text += f" (default: {list(default) if isinstance(default, tuple) else default})"
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif origin is tuple:
-            kwargs["nargs"] = "+"
-            kwargs["type"] = str
-        elif origin in (typing.Union, types.UnionType) and type(None) in args:
-            inner = next(a for a in args if a is not type(None))
-            kwargs["type"] = _float_or_none if inner is float else inner
-            kwargs["metavar"] = f.name.upper()
-        else:
-            kwargs["type"] = hint
-        parser.add_argument(flag, **kwargs)
-
-
-def build_config(cls: type, args: argparse.Namespace) -> object:
-    """Dataclass defaults < --config file < command-line flags."""
-    values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
-               if f.default is dataclasses.MISSING and f.name not in values]
-    if missing:
-        raise ValueError(f"missing required setting(s): {', '.join(missing)} (on the command line or in --config)")
-    return cls(**values)
-
-
 def make_parser() -> argparse.ArgumentParser:
-    from .. import __version__
-
     parser = argparse.ArgumentParser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
     parser.add_argument("--version", action="version", version=f"stylora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -123,14 +67,10 @@ def make_parser() -> argparse.ArgumentParser:
                                     "and writes report.json, report.csv, report.md, plots and grid.png to --out. "
                                     "Several --styled folders are compared side by side.")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    from ..eval.report import EvalConfig
-
     add_config_arguments(ev, EvalConfig)
 
     prep = sub.add_parser("prepare", help="prepare WikiArt style folders and COCO content sets; dataset statistics")
     prep_sub = prep.add_subparsers(dest="what", required=True)
-    from .prepare import PrepareConfig
-
     wiki = prep_sub.add_parser("wikiart", help="select, de-duplicate and crop one WikiArt style for training",
                                description="Reads the Kaggle layout (<root>/<Style>/<artist>_<title>.jpg) or the "
                                            "Hugging Face parquet layout (style/artist/genre labels).")
@@ -148,8 +88,6 @@ def make_parser() -> argparse.ArgumentParser:
                                      "queues it, waits and downloads the result. A folder as --content is a batch; "
                                      "rerunning it skips photos whose output exists.")
     run.add_argument("--list", action="store_true", help="list the bundled workflows and exit")
-    from ..nodes.workflow import RunConfig
-
     add_config_arguments(run, RunConfig)
 
     info = sub.add_parser("lora", help="inspect LoRA files")
@@ -167,7 +105,8 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train_lora(args: argparse.Namespace) -> int:
-    from .lora import train_lora
+    # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
+    from .trainer.lora import train_lora
 
     cfg = build_config(LoraTrainConfig, args)
     result = train_lora(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -190,7 +129,8 @@ def _print_result(result) -> None:
 
 
 def cmd_train_dreambooth(args: argparse.Namespace) -> int:
-    from .dreambooth import train_dreambooth
+    # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
+    from .trainer.dreambooth import train_dreambooth
 
     cfg = build_config(DreamBoothConfig, args)
     result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -199,11 +139,6 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    import json
-
-    from ..eval.cost import cost_table
-    from .files import atomic_write_text
-
     records = []
     for f in args.records:
         try:
@@ -218,8 +153,6 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..eval.report import EvalConfig, evaluate
-
     cfg = build_config(EvalConfig, args)
     report = evaluate(cfg, progress=not args.no_progress)
     markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8")
@@ -231,8 +164,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .prepare import PrepareConfig, dataset_stats, prepare
-
     if args.what == "stats":
         summary = dataset_stats(args.folders, args.out)
         print(f"{summary['images']} images; per style: {summary['per_style']}")
@@ -246,16 +177,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_info(args: argparse.Namespace) -> int:
-    from .lora_file import describe
-
     for f in args.file:
         print(describe(f))
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..nodes.workflow import RunConfig, bundled_workflows, run_workflow
-
     if args.list:
         print("\n".join(bundled_workflows()))
         return 0

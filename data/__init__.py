@@ -1,0 +1,1 @@
+"""Data preparation: WikiArt style folders, COCO content sets, dataset statistics."""

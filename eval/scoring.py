@@ -1,0 +1,229 @@
+"""Scoring stylised images: the feature networks, per-image and set metrics of a batch, their text and a CSV
+row. The StyleMetrics node's back end; the folder report (eval/report.py) scores with the same functions."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..core.files import atomic_write, index_by_stem
+from ..core.images import ImageLoadError, load_image
+from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
+from .weights import WeightsUnavailable
+
+logger = logging.getLogger(__name__)
+
+PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "gram")  # one value per styled image
+SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
+ALL_METRICS = PAIR_METRICS + SET_METRICS
+# Which way is better, for the tables.
+HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "gram": False,
+                    "fid": False, "kid": False, "artfid": False}
+DESCRIPTION = {
+    "ssim": "SSIM to the content photo (structure kept)",
+    "lpips": "LPIPS (AlexNet) to the content photo",
+    "lpips_vgg": "LPIPS (VGG-16) to the content photo",
+    "content": "VGG-19 relu4_2 content loss to the content photo",
+    "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
+    "fid": "FID of the outputs against the style set",
+    "kid": "KID of the outputs against the style set",
+    "artfid": "ArtFID = (1 + LPIPS) * (1 + FID)",
+}
+
+
+def to_tensor(img) -> torch.Tensor:
+    """PIL RGB -> [1, 3, H, W] float in 0..1."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def load_tensor(path: Path) -> torch.Tensor:
+    return to_tensor(load_image(path))
+
+
+@torch.no_grad()
+def mean_grams(vgg: VGGStyle, files: list[Path], max_side: int, device, progress: bool) -> list[torch.Tensor]:
+    sums, n = None, 0
+    for f in tqdm(files, desc="Style Gram matrices", unit="img", disable=not progress):
+        try:
+            img = load_image(f)
+        except ImageLoadError as e:
+            logger.warning("style image skipped: %s", e)
+            continue
+        scale = max_side / max(img.size)
+        if scale < 1:  # explicit, documented: style statistics at a bounded size (EvalConfig.style_max_side)
+            img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))),
+                             Image.Resampling.LANCZOS)
+        grams = vgg.grams(to_tensor(img).to(device))
+        sums = grams if sums is None else [s + g for s, g in zip(sums, grams)]
+        n += 1
+    if not n:
+        raise ValueError("--style: no usable style image")
+    return [s / n for s in sums]
+
+
+@torch.no_grad()
+def features_of(net: InceptionFeatures, files: list[Path], progress: bool, desc: str) -> np.ndarray:
+    feats = []
+    for f in tqdm(files, desc=desc, unit="img", disable=not progress):
+        try:
+            feats.append(net(load_tensor(f)).numpy()[0])
+        except ImageLoadError as e:
+            logger.warning("skipped for FID/KID: %s", e)
+    return np.stack(feats) if feats else np.zeros((0, 2048))
+
+
+def set_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def style_set_features(net: InceptionFeatures, files: list[Path], cache_dir: str | None, progress: bool,
+                    cacheable: bool) -> np.ndarray:
+    """Inception features of the style set, cached by the set's fingerprint: one style set serves many runs."""
+    cache = Path(cache_dir or os.environ.get("STYLORA_CACHE", Path.home() / ".cache" / "stylora")) / "features"
+    path = cache / f"fid-inception-2015-12-05-{set_fingerprint(files)[:32]}.safetensors"
+    if cacheable and path.is_file():
+        logger.info("style-set features from cache %s", path)
+        return load_file(str(path))["features"]
+    feats = features_of(net, files, progress, "Inception features (style set)")
+    if cacheable and len(feats):
+        try:
+            atomic_write(path, lambda tmp: save_file({"features": feats}, tmp))
+        except OSError as e:
+            logger.warning("could not cache style features at %s: %s", path, e)
+    return feats
+
+
+def fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.4g}"
+
+
+def load_nets(wanted: set[str], nets: dict[str, torch.nn.Module] | None = None
+              ) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
+    """The feature networks the wanted metrics need, with published weights; a network whose weights are missing
+    makes its metrics unavailable (metric -> reason) instead of failing. `nets` supplies prebuilt ones."""
+    nets = dict(nets or {})
+    unavailable: dict[str, str] = {}
+    needs = {"lpips": {"lpips", "artfid"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
+             "inception": {"fid", "kid", "artfid"}}
+    builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
+                "inception": lambda: InceptionFeatures()}
+    for key, metrics in needs.items():
+        if key in nets or not wanted & metrics:
+            continue
+        try:
+            nets[key] = builders[key]()
+        except WeightsUnavailable as e:
+            for metric in sorted(wanted & metrics):
+                unavailable[metric] = str(e)
+    return nets, unavailable
+
+
+@torch.no_grad()
+def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
+                 style_folder: str | None = None, metrics: tuple[str, ...] = ALL_METRICS,
+                 nets: dict[str, torch.nn.Module] | None = None, device: torch.device | str = "cpu",
+                 style_max_side: int = 512) -> dict[str, Any]:
+    """Metrics of a batch of styled images (the StyleMetrics node's work).
+
+    content, styled: [B, H, W, 3] (ComfyUI IMAGE) or [B, 3, H, W], values 0..1, same H and W (batches of 1
+    broadcast); style: optional style image(s) of any size, for the Gram loss; style_folder: optional folder of
+    style images, for the Gram loss (its mean Gram matrices) and FID/KID/ArtFID (needs >= 2 styled images).
+    Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why}}.
+    """
+    wanted = set(metrics)
+    x, y = as_bchw(styled, "styled").to(device), as_bchw(content, "content").to(device)
+    same_size(x, y, ("styled", "content"))
+    # 1. Networks (missing weights -> unavailable, with the file and where to get it).
+    nets, unavailable = load_nets(wanted, nets)
+    nets = {k: v.to(device) for k, v in nets.items()}
+    if style is None and style_folder is None:
+        unavailable.update({m: "no style image or style folder given" for m in ("gram",) if m in wanted})
+    if style_folder is None:
+        unavailable.update({m: "no style folder given" for m in ("fid", "kid", "artfid") if m in wanted})
+    # 2. Per-image metrics.
+    per: dict[str, list[float]] = {}
+    if "ssim" in wanted:
+        per["ssim"] = ssim(x, y).tolist()
+    for key in ("lpips", "lpips_vgg"):
+        if key in wanted and key in nets:
+            per[key] = nets[key](x, y).tolist()
+    files = list(index_by_stem(Path(style_folder), "style_folder").values()) if style_folder else []
+    if style_folder and not files:
+        raise ValueError(f"style_folder {style_folder}: no images in it")
+    if "vgg" in nets:
+        if "content" in wanted:
+            per["content"] = nets["vgg"].content_loss(x, y).tolist()
+        if "gram" in wanted and "gram" not in unavailable:
+            target = (nets["vgg"].grams(as_bchw(style, "style").to(device)) if style is not None
+                      else mean_grams(nets["vgg"], files, style_max_side, device, progress=False))
+            if style is not None and len(target[0]) > 1:  # several style images: their mean statistics
+                target = [g.mean(0, keepdim=True) for g in target]
+            per["gram"] = nets["vgg"].gram_loss(x, target).tolist()
+    out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
+                           "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
+    # 3. Set metrics against the style folder.
+    if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
+        feats = nets["inception"](x).numpy()
+        style_feats = style_set_features(nets["inception"], files, None, False,
+                                      cacheable=getattr(nets["inception"], "published", False))
+        if len(feats) < 2 or len(style_feats) < 2:
+            why = f"needs at least 2 styled images and 2 style images (got {len(feats)} and {len(style_feats)})"
+            unavailable.update({m: why for m in ("fid", "kid", "artfid") if m in wanted})
+        else:
+            f = fid(feats, style_feats)
+            if "fid" in wanted:
+                out["metrics"]["fid"] = f
+            if "kid" in wanted:
+                out["metrics"]["kid"] = kid(feats, style_feats, subsets=100, subset_size=1000)[0]
+            if "artfid" in wanted and "lpips" in out["metrics"]:
+                out["metrics"]["artfid"] = artfid(out["metrics"]["lpips"], f)
+    return out
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """The readable text of `score_images`'s result: one line per metric, then the unavailable ones and why."""
+    lines = [f"{scores['images']} image(s)"]
+    for name in ALL_METRICS:
+        if name in scores["metrics"]:
+            better = "higher" if HIGHER_IS_BETTER[name] else "lower"
+            lines.append(f"{name}: {fmt(scores['metrics'][name])}  ({DESCRIPTION[name]}; {better} is better)")
+    for name, why in scores["unavailable"].items():
+        lines.append(f"{name}: unavailable - {why}")
+    return "\n".join(lines)
+
+
+def append_csv(path: str | Path, row: dict[str, Any]) -> None:
+    """Add one row to a CSV (header from the first row; new columns extend it), rewriting the file atomically."""
+    path = Path(path)
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    rows.append(row)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
