@@ -39,7 +39,7 @@ class TrainResult:
     steps: int  # optimizer steps completed in total (including resumed ones)
     resumed_from: int  # step the run resumed from (0: fresh start)
     final_loss: float  # mean loss over the last logging window
-    losses: list[float] = field(default_factory=list)  # per-step loss of this process's run
+    losses: list[float] = field(default_factory=list)  # per-step loss of this run (mean over processes)
     skipped: list[Skipped] = field(default_factory=list)  # data files not used, with reasons
     seconds: float = 0.0  # wall time of this run
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step of this run
@@ -176,7 +176,8 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
 
                     # 9d. Backward and (on the last micro-batch) the optimizer step.
                     optimizer_step(accelerator, loss, lora_params, optimizer, lr_schedule, cfg.max_grad_norm)
-                step_loss += loss.detach().item() / cfg.grad_accum
+                # The mean over processes: the loss of the global batch, whatever the process count.
+                step_loss += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
             step += 1
             track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -203,7 +204,8 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
         meta = lora_metadata(cfg, base, dataset, step, seconds)
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
         save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
-        write_resource_record(output, run_record("style_lora", cfg, device, track, start_step, seconds, peak_mb))
+        write_resource_record(output, run_record("style_lora", cfg, device, track, start_step, seconds, peak_mb,
+                                                 processes=accelerator.num_processes))
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoints.save(step)  # every process: it ends on a barrier
