@@ -115,7 +115,12 @@ def cmd_train_lora(args: argparse.Namespace) -> int:
 
 
 def _print_result(result) -> None:
-    """What a training run did: skipped files, where it resumed, what it wrote and what it cost."""
+    """What a training run did: skipped files, where it resumed, what it wrote and what it cost. Printed once,
+    by the main process, under `accelerate launch`."""
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     if result.skipped:
         print(f"Skipped {len(result.skipped)} file(s):")
         for s in result.skipped:

@@ -242,7 +242,15 @@ def test_perceptual_terms_backpropagate_into_lora_weights_only(tiny_model):
     with_grad = {n for n, p in pipe.unet.named_parameters() if p.grad is not None}
     lora = {n for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert with_grad == lora
-    assert all(pipe.unet.get_parameter(n).grad.abs().sum() > 0 for n in lora)
+    # At 64 px the mid-block is 1x1: its self-attention sees a single token, softmax over one key is 1 whatever
+    # q and k are, so mid-block attn1 to_q/to_k get no gradient by construction (exactly 0, or float round-off
+    # of ~1e-12 depending on the attention kernel). Every other adapter must get a real gradient.
+    one_token = {n for n in lora if n.startswith("mid_block.") and (".attn1.to_q." in n or ".attn1.to_k." in n)}
+    assert len(one_token) == 4  # lora_A and lora_B of to_q and to_k
+    grad = {n: pipe.unet.get_parameter(n).grad.abs().max().item() for n in lora}
+    scale = max(grad.values())
+    assert all(grad[n] <= 1e-6 * scale for n in one_token), {n: grad[n] for n in one_token}
+    assert all(grad[n] > 1e-6 * scale for n in lora - one_token), min((grad[n], n) for n in lora - one_token)
     frozen = [*pipe.vae.parameters(), *perceptual.parameters(), *pipe.text_encoder.parameters()]
     assert all(p.grad is None for p in frozen)
 

@@ -121,7 +121,7 @@ def start_or_resume(output: Path, resume: bool, overwrite: bool) -> tuple[int, P
         raise FileExistsError(f"{ckpt_root} holds checkpoints of an earlier run; pass --resume to continue it "
                               "or --overwrite to start again")
     if overwrite and ckpt_root.is_dir():  # a later --resume must not pick up the replaced run's steps
-        shutil.rmtree(ckpt_root)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # every process of a multi-GPU run clears it at once
     return None
 
 

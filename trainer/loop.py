@@ -36,7 +36,7 @@ class TrainResult:
     steps: int  # optimizer steps completed in total (including resumed ones)
     resumed_from: int  # step the run resumed from (0: fresh start)
     final_loss: float  # mean loss over the last logging window
-    losses: list[float] = field(default_factory=list)  # per-step loss of this process's run
+    losses: list[float] = field(default_factory=list)  # per-step loss of this run (mean over processes)
     skipped: list[Skipped] = field(default_factory=list)  # data files not used, with reasons
     seconds: float = 0.0  # wall time of this run
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step of this run
@@ -132,7 +132,8 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
                 with accelerator.accumulate(model):
                     loss = micro_step(index, g)
                     optimizer_step(accelerator, loss, params, optimizer, lr_schedule, cfg.max_grad_norm)
-                step_loss += loss.detach().item() / cfg.grad_accum
+                # The mean over processes: the loss of the global batch, whatever the process count.
+                step_loss += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
             step += 1
             track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
@@ -161,7 +162,7 @@ def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: Tra
     if accelerator.is_main_process:
         write_output(seconds, peak_mb)
         write_resource_record(output, run_record(kind, cfg, accelerator.device, track, start_step, seconds, peak_mb,
-                                                 **extra))
+                                                 processes=accelerator.num_processes, **extra))
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoints.save(step)
@@ -187,7 +188,7 @@ class TrainProgress:
     def __init__(self, output: Path, total: int, start_step: int, log_every: int, desc: str, show: bool,
                  log_with: str = "csv", enabled: bool = True):
         self.total, self.start_step, self.log_every, self.enabled = total, start_step, log_every, enabled
-        self.losses: list[float] = []  # per-step loss of this process's run
+        self.losses: list[float] = []  # per-step loss of this run (mean over processes)
         self.step_seconds: list[float] = []  # wall time of each optimizer step of this run
         self._window: list[float] = []
         self._t0, self._t_step = time.time(), time.perf_counter()
