@@ -15,13 +15,9 @@ import torch
 
 from ..core.files import atomic_write, atomic_write_text, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
+from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SET_METRICS, EvalConfig
 from .metrics import InceptionFeatures, artfid, fid, kid, ssim
 from .scoring import (
-    ALL_METRICS,
-    DESCRIPTION,
-    HIGHER_IS_BETTER,
-    PAIR_METRICS,
-    SET_METRICS,
     fmt,
     load_nets,
     load_tensor,
@@ -31,39 +27,6 @@ from .scoring import (
 )
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class EvalConfig:
-    content: str = field(metadata={"help": "folder of content photos"})
-    styled: tuple[str, ...] = field(
-        metadata={"help": "folders of stylised outputs, paired with content photos by file stem"})
-    out: str = field(metadata={"help": "folder for the report"})
-    style: str | None = field(
-        default=None, metadata={"help": "folder of style images (needed for gram, fid, kid, artfid)"})
-    names: tuple[str, ...] = field(
-        default=(), metadata={"help": "a label per styled folder; default: the folder names"})
-    metrics: tuple[str, ...] = field(default=ALL_METRICS, metadata={"help": "which metrics to compute"})
-    resize_content: bool = field(
-        default=False,
-        metadata={"help": "resize a content photo to its output's size when they differ (else: an error row)"})
-    style_max_side: int = field(
-        default=512, metadata={"help": "style images are scaled down to this longest side for Gram statistics"})
-    kid_subsets: int = field(default=100, metadata={"help": "KID: number of random subsets"})
-    kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped by the set sizes)"})
-    grid_rows: int = field(default=6, metadata={"help": "rows of the content | style | output grid"})
-    device: str | None = field(default=None, metadata={"help": "\"cuda\", \"cpu\"; None picks CUDA when available"})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "style-set Inception feature cache; None: ~/.cache/stylora/features"})
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.metrics) - set(ALL_METRICS))
-        if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; choose from {list(ALL_METRICS)}")
-        if not self.styled:
-            raise ValueError("styled: give at least one folder of stylised outputs")
-        if self.names and len(self.names) != len(self.styled):
-            raise ValueError(f"names: {len(self.names)} labels for {len(self.styled)} styled folders")
-
 
 @dataclass
 class MethodResult:
@@ -112,8 +75,8 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
 
     # 2. Feature networks for the requested metrics; missing weights make a metric unavailable, not an error.
     nets, unavailable = load_nets(wanted, nets)
-    for metric, why in unavailable.items():
-        logger.warning("unavailable: %s (%s)", metric, why)
+    for metric, why in unavailable.items():  # the caller shows them (the CLI prints each once)
+        logger.debug("unavailable: %s (%s)", metric, why)
     nets = {k: v.to(device) for k, v in nets.items()}
     if cfg.style is None:
         for metric in sorted(wanted & {"gram", "fid", "kid", "artfid"}):

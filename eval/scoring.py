@@ -19,27 +19,12 @@ from tqdm.auto import tqdm
 
 from ..core.files import atomic_write, index_by_stem
 from ..core.images import ImageLoadError, load_image
+from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER
 from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
 from .weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
 
-PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "gram")  # one value per styled image
-SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
-ALL_METRICS = PAIR_METRICS + SET_METRICS
-# Which way is better, for the tables.
-HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "gram": False,
-                    "fid": False, "kid": False, "artfid": False}
-DESCRIPTION = {
-    "ssim": "SSIM to the content photo (structure kept)",
-    "lpips": "LPIPS (AlexNet) to the content photo",
-    "lpips_vgg": "LPIPS (VGG-16) to the content photo",
-    "content": "VGG-19 relu4_2 content loss to the content photo",
-    "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
-    "fid": "FID of the outputs against the style set",
-    "kid": "KID of the outputs against the style set",
-    "artfid": "ArtFID = (1 + LPIPS) * (1 + FID)",
-}
 
 
 def to_tensor(img) -> torch.Tensor:
