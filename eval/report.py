@@ -177,23 +177,37 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
             row["error"] = (f"size mismatch: content {content_img.size[0]}x{content_img.size[1]}, output {w}x{h} "
                             "(pass --resize-content to compare at the output's size)")
             if "gram" in wanted and "gram" not in unavailable and style_grams is not None:
-                row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+                try:
+                    row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+                except (RuntimeError, ValueError) as e:
+                    row["error"] += f"; gram: {' '.join(str(e).split())[:160]}"
             return feat
         from PIL import Image
 
         row["resized_content"] = f"{content_img.size[0]}x{content_img.size[1]} -> {w}x{h}"
         content_img = content_img.resize((w, h), Image.Resampling.LANCZOS)
     content = to_tensor(content_img).to(device)
-    if "ssim" in wanted:
-        row["ssim"] = float(ssim(styled, content)[0])
-    for metric, key in (("lpips", "lpips"), ("lpips_vgg", "lpips_vgg")):
-        if metric in wanted and key in nets:
-            row[metric] = float(nets[key](styled, content)[0])
-    if "vgg" in nets:
-        if "content" in wanted:
-            row["content"] = float(nets["vgg"].content_loss(styled, content)[0])
-        if "gram" in wanted and style_grams is not None:
-            row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+    # Each metric on its own: an image too small for one (SSIM's 11x11 window, VGG's four poolings) is reported
+    # in its row and the other metrics, and the other pairs, are still scored.
+    scores = {
+        "ssim": lambda: ssim(styled, content),
+        "lpips": lambda: nets["lpips"](styled, content),
+        "lpips_vgg": lambda: nets["lpips_vgg"](styled, content),
+        "content": lambda: nets["vgg"].content_loss(styled, content),
+        "gram": lambda: nets["vgg"].gram_loss(styled, style_grams),
+    }
+    needs = {"lpips": "lpips", "lpips_vgg": "lpips_vgg", "content": "vgg", "gram": "vgg"}
+    problems = []
+    for metric, score in scores.items():
+        if metric not in wanted or (metric in needs and needs[metric] not in nets) or \
+                (metric == "gram" and style_grams is None):
+            continue
+        try:
+            row[metric] = float(score()[0])
+        except (RuntimeError, ValueError) as e:
+            problems.append(f"{metric}: {' '.join(str(e).split())[:160]}")
+    if problems:
+        row["error"] = f"{row['styled_file']} ({w}x{h}): not scored for " + "; ".join(problems)
     return feat
 
 

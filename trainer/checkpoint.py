@@ -180,8 +180,8 @@ def start_or_resume(output: Path, resume: bool, overwrite: bool, steps: int | No
         raise NotADirectoryError(f"{ckpt_root} (where --output's checkpoints go) is a file; move it away")
     done = complete_checkpoints(ckpt_root)
     if resume:
-        unfinished = [c for c in done if steps is None or c[0] < steps]
-        if output.exists() and not unfinished:
+        finished = not done or (steps is not None and done[-1][0] >= steps)
+        if output.exists() and finished:
             raise FileExistsError(f"--output {output} is already finished (no checkpoint of an unfinished run in "
                                   f"{ckpt_root}); nothing to resume. Pass --overwrite instead of --resume to "
                                   "train it again, or choose another --output")

@@ -22,7 +22,7 @@ def check_at_least(cfg: Any, names: tuple[str, ...], low: float) -> None:
         if value is None:
             continue
         if not math.isfinite(value) or not value >= low:
-            raise ValueError(f"{name} must be a finite number >= {low:g}, got {value!r}")
+            raise ValueError(f"{name} must be >= {low:g} and finite, got {value!r}")
 
 
 def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
@@ -30,7 +30,7 @@ def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or not value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
 
 
 class _TrainerSettings:
