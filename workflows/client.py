@@ -70,7 +70,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
-            raise ValueError(f"strength must be a number in 0..1, got {self.strength!r}")
+            raise ValueError(f"strength must be in 0..1, got {self.strength!r}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
         if self.seed is not None and self.seed < 0:
