@@ -18,23 +18,40 @@ import json
 import logging
 import os
 import sys
+import traceback
+import typing
 from pathlib import Path
 
 from .core.files import atomic_write_text
-from .core.lora_file import describe
-from .core.resources import cost_table
 from .core.settings import add_config_arguments, build_config
 from .core.version import __version__
-from .data.prepare import PrepareConfig, dataset_stats, prepare
-from .eval.report import EvalConfig, evaluate
+from .data.prepare import PrepareConfig
+from .eval.config import EvalConfig
 from .trainer.config import DreamBoothConfig, LoraTrainConfig
-from .workflows.client import RunConfig, bundled_workflows, run_workflow
+from .workflows.client import RunConfig, bundled_workflows
 
-EXIT_USAGE = 2
+EXIT_RUNTIME = 1  # the command ran and failed (I/O, a damaged file, a diverged run, out of memory)
+EXIT_USAGE = 2  # the command line or the inputs it names are wrong
+# Errors the library raises about the inputs the user named (paths, settings, files): a usage error.
+USAGE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                IsADirectoryError)
+MEMORY_HINTS = {
+    "train": "lower --batch-size (raise --grad-accum to keep the effective batch) or --resolution, or add "
+             "--gradient-checkpointing, --mixed-precision fp16, --use-8bit-adam; keep latent caching on "
+             "(--no-cache-latents costs memory)",
+    "eval": "pass --device cpu, or score smaller images",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the command's one-line error format: `stylora: error: <what> (<what to do>)`, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"stylora: error: {message} (see `{self.prog} --help`)\n")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
+    parser = Parser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
     parser.add_argument("--version", action="version", version=f"stylora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,8 +94,10 @@ def make_parser() -> argparse.ArgumentParser:
     coco = prep_sub.add_parser("coco", help="select and crop COCO 2017 val photos as the evaluation content set")
     for p in (wiki, coco):
         p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(wiki, PrepareConfig)
-    add_config_arguments(coco, PrepareConfig, exclude=("style", "artist"))
+    add_config_arguments(wiki, PrepareConfig,
+                         help_overrides={"source": "WikiArt root: Kaggle style folders or Hugging Face parquet files"})
+    add_config_arguments(coco, PrepareConfig, exclude=("style", "artist"),
+                         help_overrides={"source": "COCO 2017 image folder (e.g. coco/val2017)"})
     stats = prep_sub.add_parser("stats", help="counts per style, size/aspect histograms, sample grid, summary.md")
     stats.add_argument("folders", nargs="+", metavar="DIR", help="image folders (prepared or not)")
     stats.add_argument("--out", default="dataset-stats", help="folder for the plots and summary (default: %(default)s)")
@@ -150,6 +169,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
             records.append(json.loads(Path(f).read_text(encoding="utf-8")))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{f}: not a readable resource record ({e})") from e
+    from .core.resources import cost_table  # heavy: imports torch (peak-memory helpers)
+
     table = cost_table(records)
     print(table, end="")
     if args.out:
@@ -158,6 +179,8 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.report import evaluate  # heavy: torch and the feature networks
+
     cfg = build_config(EvalConfig, args)
     report = evaluate(cfg, progress=not args.no_progress)
     markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8")
@@ -169,6 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import dataset_stats, prepare  # heavy: matplotlib for the statistics plots
+
     if args.what == "stats":
         summary = dataset_stats(args.folders, args.out)
         print(f"{summary['images']} images; per style: {summary['per_style']}")
@@ -182,6 +207,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_info(args: argparse.Namespace) -> int:
+    from .core.lora_file import describe  # heavy: imports torch
+
     for f in args.file:
         print(describe(f))
     return 0
@@ -191,6 +218,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(bundled_workflows()))
         return 0
+    from .workflows.client import run_workflow  # heavy: the nodes package imports torch
+
     cfg = build_config(RunConfig, args)
     result = run_workflow(cfg, say=print)
     print(f"{len(result.done)} done, {len(result.skipped)} skipped (output existed), {len(result.failed)} failed")
@@ -199,10 +228,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def error_line(e: BaseException, command: str) -> tuple[str, int]:
+    """One line `<what, naming the input> (<what to do>)` and the exit code for an exception from a command."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower()):
+        return f"out of memory ({text[:200]}); {MEMORY_HINTS.get(command, 'use smaller inputs')}", EXIT_RUNTIME
+    if isinstance(e, OSError) and e.filename and not isinstance(e, (FileNotFoundError, FileExistsError)):
+        what = {PermissionError: "permission denied", IsADirectoryError: "is a folder, not a file",
+                NotADirectoryError: "is not a folder"}.get(type(e), e.strerror or type(e).__name__)
+        return f"{e.filename}: {what} (check the path and its folder's permissions)", EXIT_RUNTIME
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)) and e.filename:
+        return f"{e.filename}: {e.strerror or text}", EXIT_USAGE
+    if isinstance(e, USAGE_ERRORS):
+        return text, EXIT_USAGE
+    if isinstance(e, (OSError, RuntimeError, FloatingPointError)):
+        return text, EXIT_RUNTIME
+    return (f"{type(e).__name__}: {text} (unexpected; rerun with --verbose or STYLORA_DEBUG=1 for the traceback)",
+            EXIT_RUNTIME)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = make_parser()
     args = parser.parse_args(argv)
+    debug = args.verbose or os.environ.get("STYLORA_DEBUG", "") not in ("", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
@@ -213,14 +262,15 @@ def main(argv: list[str] | None = None) -> int:
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, KeyError) as e:
-        if args.verbose:
-            raise
-        print(f"stylora: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("stylora: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # every failure ends in one line; --verbose / STYLORA_DEBUG=1 show the traceback
+        if debug:
+            traceback.print_exc()
+        message, code = error_line(e, args.command)
+        print(f"stylora: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

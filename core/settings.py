@@ -1,6 +1,9 @@
 """Settings: a frozen config dataclass becomes command-line flags and reads JSON/TOML config files. Each field's
 help text lives in its `metadata["help"]` (the peft LoraConfig convention): one source for `--help`, config files
 and the settings saved into trained files' metadata.
+
+Values are checked against the field types here (a config file's `steps = 2.5` or `"abc"` is an error naming the
+key); ranges and finiteness are each config's `__post_init__`.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -15,29 +19,46 @@ from typing import Any
 
 import tomllib
 
+NONE_WORDS = ("none", "off")
+
 
 def _float_or_none(text: str) -> float | None:
-    return None if text.lower() in ("none", "off") else float(text)
+    return None if text.lower() in NONE_WORDS else float(text)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = (),
+                         help_overrides: dict[str, str] | None = None) -> None:
     """One flag per config field (`batch_size` -> `--batch-size`), defaults left to the dataclass; the help text is
-    the field's `metadata["help"]`."""
+    the field's `metadata["help"]` (or `help_overrides[name]`, where one subcommand reads a field differently).
+    Fields without a default go into a "required" group: required on the command line or in --config."""
     hints = typing.get_type_hints(cls)
+    required = parser.add_argument_group("required (on the command line or in --config)")
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        if default is not None and f.name not in ("data", "output"):
+        help_text = (help_overrides or {}).get(f.name, f.metadata.get("help", ""))
+        if default is not None:
             help_text += f" (default: {list(default) if isinstance(default, tuple) else default})"
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse %-formats help strings: a literal "%" (e.g. "~30% slower") must be doubled
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         origin, args = typing.get_origin(hint), typing.get_args(hint)
+        flags = [_flag(f.name)]
         if hint is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is typing.Literal:
+            # --x / --no-x by hand: BooleanOptionalAction under ArgumentDefaultsHelpFormatter prints its internals
+            # when the help holds a "%"; two plain store actions on one dest show two clean lines.
+            kwargs["action"] = "store_true"
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(*flags, **kwargs)
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                               default=argparse.SUPPRESS, help=f"turn {flags[0]} off")
+            continue
+        if origin is typing.Literal:
             kwargs["choices"] = list(args)
         elif origin is tuple:
             kwargs["nargs"] = "+"
@@ -48,20 +69,69 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
             kwargs["metavar"] = f.name.upper()
         else:
             kwargs["type"] = hint
-        parser.add_argument(flag, **kwargs)
+        (required if f.default is dataclasses.MISSING else parser).add_argument(*flags, **kwargs)
 
 
 def build_config(cls: type, args: argparse.Namespace) -> object:
-    """Dataclass defaults < --config file < command-line flags."""
-    values = read_config_file(args.config, cls) if getattr(args, "config", None) else {}
+    """Dataclass defaults < --config file < command-line flags. Every value is checked against its field's type
+    (see `coerce`) before the dataclass checks ranges."""
+    config_path = getattr(args, "config", None)
+    values = read_config_file(config_path, cls) if config_path else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    missing = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(cls)
+    hints = typing.get_type_hints(cls)
+    where = f"--config {config_path}: " if config_path else ""
+    values = {k: coerce(v, hints[k], k, where) for k, v in values.items()}
+    missing = [_flag(f.name) for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
-        raise ValueError(f"missing required setting(s): {', '.join(missing)} (on the command line or in --config)")
+        how = "on the command line or in --config" if hasattr(args, "config") else "on the command line"
+        raise ValueError(f"missing required setting(s): {', '.join(missing)} ({how})")
     return cls(**values)
+
+
+def coerce(value: Any, hint: Any, name: str, where: str = "") -> Any:
+    """`value` as the type `hint` of field `name`: ints stay ints (2.0 -> 2, 2.5 refused), an int is a float, lists
+    become tuples, "none"/"off" is None for optional fields. Anything else is a ValueError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{where}{name}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in NONE_WORDS):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], name, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad("a whole number")
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+        if isinstance(value, int):
+            return value
+        raise bad("a whole number")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where}{name}: expected one of {list(args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    return value
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -72,8 +142,11 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a JSON or TOML file of config fields (CLI flags override it). Unknown keys are an error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config: no such file: {path}")
-    text = path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path}: cannot read ({e})") from e
     try:
         values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
@@ -84,4 +157,4 @@ def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return dict(values)

@@ -56,6 +56,12 @@ class PrepareConfig:
             raise ValueError(f"resolution must be >= 64, got {self.resolution}")
         if not 0 <= self.dedupe_distance <= 64:
             raise ValueError(f"dedupe_distance must be in 0..64, got {self.dedupe_distance}")
+        if self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be in 1..100 (JPEG quality), got {self.quality}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclass

@@ -15,13 +15,9 @@ import torch
 
 from ..core.files import atomic_write, atomic_write_text, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
+from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SET_METRICS, EvalConfig
 from .metrics import InceptionFeatures, artfid, fid, kid, ssim
 from .scoring import (
-    ALL_METRICS,
-    DESCRIPTION,
-    HIGHER_IS_BETTER,
-    PAIR_METRICS,
-    SET_METRICS,
     fmt,
     load_nets,
     load_tensor,
@@ -31,39 +27,6 @@ from .scoring import (
 )
 
 logger = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class EvalConfig:
-    content: str = field(metadata={"help": "folder of content photos"})
-    styled: tuple[str, ...] = field(
-        metadata={"help": "folders of stylised outputs, paired with content photos by file stem"})
-    out: str = field(metadata={"help": "folder for the report"})
-    style: str | None = field(
-        default=None, metadata={"help": "folder of style images (needed for gram, fid, kid, artfid)"})
-    names: tuple[str, ...] = field(
-        default=(), metadata={"help": "a label per styled folder; default: the folder names"})
-    metrics: tuple[str, ...] = field(default=ALL_METRICS, metadata={"help": "which metrics to compute"})
-    resize_content: bool = field(
-        default=False,
-        metadata={"help": "resize a content photo to its output's size when they differ (else: an error row)"})
-    style_max_side: int = field(
-        default=512, metadata={"help": "style images are scaled down to this longest side for Gram statistics"})
-    kid_subsets: int = field(default=100, metadata={"help": "KID: number of random subsets"})
-    kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped by the set sizes)"})
-    grid_rows: int = field(default=6, metadata={"help": "rows of the content | style | output grid"})
-    device: str | None = field(default=None, metadata={"help": "\"cuda\", \"cpu\"; None picks CUDA when available"})
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "style-set Inception feature cache; None: ~/.cache/stylora/features"})
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.metrics) - set(ALL_METRICS))
-        if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; choose from {list(ALL_METRICS)}")
-        if not self.styled:
-            raise ValueError("styled: give at least one folder of stylised outputs")
-        if self.names and len(self.names) != len(self.styled):
-            raise ValueError(f"names: {len(self.names)} labels for {len(self.styled)} styled folders")
-
 
 @dataclass
 class MethodResult:
@@ -112,8 +75,8 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
 
     # 2. Feature networks for the requested metrics; missing weights make a metric unavailable, not an error.
     nets, unavailable = load_nets(wanted, nets)
-    for metric, why in unavailable.items():
-        logger.warning("unavailable: %s (%s)", metric, why)
+    for metric, why in unavailable.items():  # the caller shows them (the CLI prints each once)
+        logger.debug("unavailable: %s (%s)", metric, why)
     nets = {k: v.to(device) for k, v in nets.items()}
     if cfg.style is None:
         for metric in sorted(wanted & {"gram", "fid", "kid", "artfid"}):
@@ -214,23 +177,37 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
             row["error"] = (f"size mismatch: content {content_img.size[0]}x{content_img.size[1]}, output {w}x{h} "
                             "(pass --resize-content to compare at the output's size)")
             if "gram" in wanted and "gram" not in unavailable and style_grams is not None:
-                row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+                try:
+                    row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+                except (RuntimeError, ValueError) as e:
+                    row["error"] += f"; gram: {' '.join(str(e).split())[:160]}"
             return feat
         from PIL import Image
 
         row["resized_content"] = f"{content_img.size[0]}x{content_img.size[1]} -> {w}x{h}"
         content_img = content_img.resize((w, h), Image.Resampling.LANCZOS)
     content = to_tensor(content_img).to(device)
-    if "ssim" in wanted:
-        row["ssim"] = float(ssim(styled, content)[0])
-    for metric, key in (("lpips", "lpips"), ("lpips_vgg", "lpips_vgg")):
-        if metric in wanted and key in nets:
-            row[metric] = float(nets[key](styled, content)[0])
-    if "vgg" in nets:
-        if "content" in wanted:
-            row["content"] = float(nets["vgg"].content_loss(styled, content)[0])
-        if "gram" in wanted and style_grams is not None:
-            row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
+    # Each metric on its own: an image too small for one (SSIM's 11x11 window, VGG's four poolings) is reported
+    # in its row and the other metrics, and the other pairs, are still scored.
+    scores = {
+        "ssim": lambda: ssim(styled, content),
+        "lpips": lambda: nets["lpips"](styled, content),
+        "lpips_vgg": lambda: nets["lpips_vgg"](styled, content),
+        "content": lambda: nets["vgg"].content_loss(styled, content),
+        "gram": lambda: nets["vgg"].gram_loss(styled, style_grams),
+    }
+    needs = {"lpips": "lpips", "lpips_vgg": "lpips_vgg", "content": "vgg", "gram": "vgg"}
+    problems = []
+    for metric, score in scores.items():
+        if metric not in wanted or (metric in needs and needs[metric] not in nets) or \
+                (metric == "gram" and style_grams is None):
+            continue
+        try:
+            row[metric] = float(score()[0])
+        except (RuntimeError, ValueError) as e:
+            problems.append(f"{metric}: {' '.join(str(e).split())[:160]}")
+    if problems:
+        row["error"] = f"{row['styled_file']} ({w}x{h}): not scored for " + "; ".join(problems)
     return feat
 
 

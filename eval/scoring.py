@@ -19,27 +19,12 @@ from tqdm.auto import tqdm
 
 from ..core.files import atomic_write, index_by_stem
 from ..core.images import ImageLoadError, load_image
+from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER
 from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
 from .weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
 
-PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "gram")  # one value per styled image
-SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
-ALL_METRICS = PAIR_METRICS + SET_METRICS
-# Which way is better, for the tables.
-HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "gram": False,
-                    "fid": False, "kid": False, "artfid": False}
-DESCRIPTION = {
-    "ssim": "SSIM to the content photo (structure kept)",
-    "lpips": "LPIPS (AlexNet) to the content photo",
-    "lpips_vgg": "LPIPS (VGG-16) to the content photo",
-    "content": "VGG-19 relu4_2 content loss to the content photo",
-    "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
-    "fid": "FID of the outputs against the style set",
-    "kid": "KID of the outputs against the style set",
-    "artfid": "ArtFID = (1 + LPIPS) * (1 + FID)",
-}
 
 
 def to_tensor(img) -> torch.Tensor:
@@ -90,11 +75,24 @@ def set_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()
 
 
+def weights_fingerprint(net: torch.nn.Module) -> str:
+    """sha256 of a network's parameters and buffers (names, shapes, values): features cached under it are never
+    served for other weights, e.g. after the weights file was replaced."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(net.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def style_set_features(net: InceptionFeatures, files: list[Path], cache_dir: str | None, progress: bool,
-                    cacheable: bool) -> np.ndarray:
-    """Inception features of the style set, cached by the set's fingerprint: one style set serves many runs."""
+                       cacheable: bool) -> np.ndarray:
+    """Inception features of the style set, cached by the set's fingerprint and the network's weights: one style
+    set serves many runs."""
     cache = Path(cache_dir or os.environ.get("STYLORA_CACHE", Path.home() / ".cache" / "stylora")) / "features"
-    path = cache / f"fid-inception-2015-12-05-{set_fingerprint(files)[:32]}.safetensors"
+    key = hashlib.sha256(f"{set_fingerprint(files)}:{weights_fingerprint(net)}".encode()).hexdigest()
+    path = cache / f"fid-inception-2015-12-05-{key[:32]}.safetensors"
     if cacheable and path.is_file():
         logger.info("style-set features from cache %s", path)
         return load_file(str(path))["features"]

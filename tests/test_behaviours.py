@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_style_folder
+from stylora.core.lora_file import DTYPES, kohya_modules, kohya_name, peft_to_kohya, read_lora, save_lora
 from stylora.eval import backbones
 from stylora.eval.metrics import LPIPS, ssim
 from stylora.eval.weights import ALEXNET, FID_INCEPTION, LPIPS_LINEAR, VGG19
@@ -23,7 +24,6 @@ from stylora.trainer import lora as lora_training
 from stylora.trainer.config import DreamBoothConfig, LoraTrainConfig
 from stylora.trainer.dreambooth import train_dreambooth
 from stylora.trainer.lora import train_lora
-from stylora.core.lora_file import DTYPES, kohya_modules, kohya_name, peft_to_kohya, read_lora, save_lora
 
 # --- 1. LoadStyleLoRA: a blend patches each style at strength x its normalised weight -------------------------
 

@@ -21,10 +21,10 @@ import pytest
 import stylora
 import torch
 from safetensors.torch import load_file
+from stylora.core.lora_file import read_lora
 from stylora.trainer.checkpoint import checkpoint_root
 from stylora.trainer.config import LoraTrainConfig
 from stylora.trainer.lora import train_lora
-from stylora.core.lora_file import read_lora
 
 TRAINER_MODULE = "stylora.cli"  # what `accelerate launch -m` runs
 

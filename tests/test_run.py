@@ -205,7 +205,7 @@ def test_clear_errors_for_server_node_style_and_execution_problems(photos, tmp_p
     closed.close()
     with pytest.raises(ServerError, match="cannot reach it"):
         run_workflow(RunConfig(**base, server=closed.url))
-    assert cli_main(["run", "--server", closed.url, "--content", photo, "--out", base["out"]]) == 2
+    assert cli_main(["run", "--server", closed.url, "--content", photo, "--out", base["out"]]) == 1
     assert "stylora: error: server http://127.0.0.1" in capsys.readouterr().err
     no_pack = FakeComfy(without=("LoadStyleLoRA", "StyleStrength", "ContentEncode"))
     with pytest.raises(ServerError, match="ContentEncode, LoadStyleLoRA, StyleStrength not installed .*custom_nodes"):

@@ -223,6 +223,8 @@ def test_resume_refuses_changed_settings(tiny_model, style_folder, tmp_path):
     cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "r.safetensors"),
                           base_model=str(tiny_model["diffusers"]), steps=4, checkpoint_every=2, **TRAIN)
     train_lora(cfg, progress=False)
+    cfg_output = tmp_path / "r.safetensors"
+    cfg_output.unlink()  # a run killed after its last checkpoint: checkpoints, no output
     changed = LoraTrainConfig(**{**cfg.to_dict(), "target_modules": cfg.target_modules, "rank": 8, "steps": 4})
     with pytest.raises(ValueError, match="rank: 4 -> 8"):
         train_lora(changed, resume=True, progress=False)

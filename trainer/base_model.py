@@ -67,6 +67,12 @@ def classify_source(source: str) -> str:
     return "hub"
 
 
+def resolve_source(source: str) -> str:
+    """A local file or folder as its absolute path (what a metadata reader can find again); a hub id as typed."""
+    p = Path(source).expanduser()
+    return str(p.resolve()) if p.exists() else source
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -135,21 +141,34 @@ def load_base_model(source: str, config_dir: str | Path | None = None, dtype: to
     kind = classify_source(source)
     if kind == "single_file":
         config_dir = Path(config_dir) if config_dir else SHIPPED_SD15_CONFIG
-        unet_cfg = json.loads((config_dir / "unet" / "config.json").read_text())
-        check_sd1_single_file(source, int(unet_cfg["cross_attention_dim"]))
+        try:
+            unet_cfg = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+            width = int(unet_cfg["cross_attention_dim"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"--base-config {config_dir}: no readable diffusers configs (unet/config.json with "
+                             f"cross_attention_dim: {type(e).__name__}: {e})") from e
+        check_sd1_single_file(source, width)
         logger.info("loading single-file checkpoint %s (configs: %s)", source, config_dir)
-        pipe = StableDiffusionPipeline.from_single_file(
-            source, config=str(config_dir), local_files_only=True, dtype=dtype,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                source, config=str(config_dir), local_files_only=True, dtype=dtype,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # diffusers' loading errors
+            raise ValueError(f"--base-model {source}: cannot load it as an SD1.x checkpoint with the configs in "
+                             f"{config_dir} ({type(e).__name__}: {_first_line(e)})") from e
         sha, legacy, name = file_sha256(source), legacy_model_hash(source), Path(source).stem
     else:
         folder = Path(source) if kind == "diffusers_dir" else _download_hub(source)
         logger.info("loading diffusers pipeline %s", folder)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), dtype=dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True,
-        )
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(folder), dtype=dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, local_files_only=True,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:  # diffusers' loading errors
+            raise ValueError(f"--base-model {source}: cannot load the diffusers pipeline in {folder} "
+                             f"({type(e).__name__}: {_first_line(e)}); is a component missing or damaged?") from e
         width = int(pipe.unet.config.cross_attention_dim)
         if width != 768 and kind == "hub":
             raise ValueError(f"--base-model {source}: cross_attention_dim {width}; not an SD1.x pipeline")
@@ -163,6 +182,11 @@ def load_base_model(source: str, config_dir: str | Path | None = None, dtype: to
         module.eval()
     return BaseModel(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, dict(pipe.scheduler.config),
                      source, name, sha, legacy)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def build_random_pipeline(config_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32):

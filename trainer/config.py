@@ -4,6 +4,7 @@ metadata saved in every LoRA file (the pattern of whisper's `DecodingOptions` an
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,6 +12,25 @@ DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # The attention projections of every UNet transformer block (self- and cross-attention): the style-LoRA
 # target of diffusers' train_text_to_image_lora.py; style lives in how features attend to each other.
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def check_at_least(cfg: Any, names: tuple[str, ...], low: float) -> None:
+    """Each field in `names` is a finite number >= `low`; `not (x >= low)` also refuses NaN, which every
+    comparison lets through."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or not value >= low:
+            raise ValueError(f"{name} must be >= {low:g} and finite, got {value!r}")
+
+
+def check_positive(cfg: Any, names: tuple[str, ...]) -> None:
+    """Each field in `names` (when not None) is a finite number > 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and (not math.isfinite(value) or not value > 0):
+            raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
 
 
 class _TrainerSettings:
@@ -114,25 +134,27 @@ class LoraTrainConfig(_TrainerSettings):
     preview_steps: int = field(default=20, metadata={"help": "sampler steps of the previews"})
 
     def __post_init__(self) -> None:
-        positive = ("resolution", "rank", "steps", "batch_size", "grad_accum", "min_images", "preview_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_at_least(self, ("resolution", "rank", "steps", "batch_size", "grad_accum", "min_images",
+                              "preview_steps", "max_image_pixels"), 1)
         if self.resolution % 64:
             raise ValueError(f"resolution must be a multiple of 64 (VAE+UNet downsample 64x), got {self.resolution}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("mse_weight", "lpips_weight", "style_weight", "noise_offset", "warmup_steps",
-                     "checkpoint_every", "log_every", "preview_every", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        check_positive(self, ("learning_rate", "alpha"))
+        check_at_least(self, ("mse_weight", "lpips_weight", "style_weight", "noise_offset", "warmup_steps",
+                              "checkpoint_every", "keep_checkpoints", "log_every", "preview_every", "max_grad_norm",
+                              "adam_weight_decay", "perceptual_max_timestep", "seed"), 0)
+        # min-SNR weights are min(SNR, gamma) / SNR: gamma <= 0 gives zero or negative weights (training backwards)
+        check_positive(self, ("min_snr_gamma",))
+        if self.mse_weight + self.lpips_weight + self.style_weight == 0:
+            raise ValueError("mse_weight, lpips_weight and style_weight are all 0: there is nothing to train on")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.crop not in ("center", "buckets"):
             raise ValueError(f"crop must be 'center' or 'buckets', got {self.crop!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.save_dtype not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"save_dtype must be 'fp16', 'bf16' or 'fp32', got {self.save_dtype!r}")
-        if not 0 < self.preview_strength <= 1:
+        if not 0 < self.preview_strength <= 1:  # False for NaN too
             raise ValueError(f"preview_strength must be in (0, 1], got {self.preview_strength}")
         if self.preview_every and not self.preview_content:
             raise ValueError("preview_every needs preview_content: a folder of content photos to stylise")
@@ -216,16 +238,13 @@ class DreamBoothConfig(_TrainerSettings):
     log_every: int = field(default=10, metadata={"help": "CSV log interval in steps"})
 
     def __post_init__(self) -> None:
-        for name in ("resolution", "steps", "batch_size", "grad_accum", "rank", "num_class_images",
-                     "class_sample_steps", "min_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        check_at_least(self, ("resolution", "steps", "batch_size", "grad_accum", "rank", "num_class_images",
+                              "class_sample_steps", "min_images", "max_image_pixels", "log_every"), 1)
         if self.resolution % 64:
             raise ValueError(f"resolution must be a multiple of 64, got {self.resolution}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.prior_loss_weight < 0:
-            raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+        check_positive(self, ("learning_rate", "alpha"))
+        check_at_least(self, ("prior_loss_weight", "class_guidance", "warmup_steps", "adam_weight_decay",
+                              "max_grad_norm", "checkpoint_every", "keep_checkpoints", "seed"), 0)
         if self.lora and self.train_text_encoder:
             raise ValueError("train_text_encoder is for the full fine-tune; with lora=True only the UNet gets adapters")
         if not str(self.output).endswith(".safetensors"):

@@ -10,6 +10,7 @@ trainer/loop.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import datetime, timezone
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from ..core.files import atomic_write
 from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
 from ..core.version import __version__
-from .base_model import load_base_model
+from .base_model import load_base_model, resolve_source
 from .checkpoint import RunCheckpoints, start_or_resume
 from .config import DreamBoothConfig
 from .dataset import BatchOrder, batch_latents, encode_latents, encode_prompt, load_style_dataset
@@ -51,10 +52,12 @@ def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: 
                      progress: bool = True) -> TrainResult:
     """Fine-tune SD1.x on cfg.data with prior preservation and write cfg.output. See DreamBoothConfig."""
     t_start = time.time()
+    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
     output = Path(cfg.output)
 
-    # 1. Fresh run or resumption; earlier work is never overwritten silently.
-    resume_from = start_or_resume(output, resume, overwrite)
+    # 1. Fresh run or resumption, and a writable --output; nothing is deleted here (an earlier run's
+    #    checkpoints go when this run writes its first one, after the data and base model loaded).
+    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
 
     # 2. Accelerator: devices, mixed precision, gradient accumulation, multi-GPU.
     accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)

@@ -25,9 +25,13 @@ from tqdm.auto import tqdm
 
 from ..core.files import Skipped
 from ..core.resources import peak_memory_mb, write_resource_record
-from .checkpoint import RunCheckpoints
+from .checkpoint import RunCheckpoints, check_finite
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf: the run stops before the bad step changes the weights."""
 
 
 @dataclass
@@ -93,6 +97,9 @@ def optimizer_and_schedule(accelerator: Accelerator, params: list[torch.nn.Param
                            ) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (see make_optimizer) and the diffusers LR schedule `cfg.lr_scheduler` with `cfg.warmup_steps` of
     linear warm-up over `cfg.steps`; accelerate steps the schedule once per process, hence the scaling."""
+    if cfg.warmup_steps > cfg.steps:
+        logger.warning("warmup_steps %d is more than steps %d: the learning rate never reaches %g",
+                       cfg.warmup_steps, cfg.steps, lr)
     optimizer = make_optimizer(params, lr, cfg.adam_weight_decay, cfg.use_8bit_adam)
     lr_schedule = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
                                 num_warmup_steps=cfg.warmup_steps * accelerator.num_processes,
@@ -131,6 +138,12 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
                 with accelerator.accumulate(model):
                     loss = micro_step(index, g)
+                    if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay as they were
+                        kept = checkpoints.last_saved or "none written yet"
+                        raise TrainingDiverged(
+                            f"training diverged: the loss is {loss.detach().item()} at step {step + 1}; nothing "
+                            f"written (last good checkpoint: {kept}). Lower --learning-rate or --noise-offset, "
+                            "keep --max-grad-norm > 0, then --resume")
                     optimizer_step(accelerator, loss, params, optimizer, lr_schedule, cfg.max_grad_norm)
                 # The mean over processes: the loss of the global batch, whatever the process count.
                 step_loss += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
@@ -160,12 +173,14 @@ def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: Tra
     peak_mb = peak_memory_mb(accelerator.device)
     seconds = time.time() - t_start
     if accelerator.is_main_process:
+        check_finite(checkpoints.weights(), f"--output {output}")
         write_output(seconds, peak_mb)
         write_resource_record(output, run_record(kind, cfg, accelerator.device, track, start_step, seconds, peak_mb,
                                                  processes=accelerator.num_processes, **extra))
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoints.save(step)
+    checkpoints.drop_earlier()
     return TrainResult(output, step, start_step, track.final_loss, track.losses, skipped, seconds,
                        track.step_seconds, peak_mb)
 

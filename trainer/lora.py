@@ -8,6 +8,7 @@ logs are trainer/loop.py's, shared with the DreamBooth baseline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from ..core.files import atomic_write, scan_folder
 from ..core.images import ImageLoadError, load_image, resize_cover
 from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
 from ..core.version import __version__
-from .base_model import load_base_model
+from .base_model import load_base_model, resolve_source
 from .checkpoint import RunCheckpoints, start_or_resume
 from .config import LoraTrainConfig
 from .dataset import BatchOrder, StyleDataset, batch_latents, encode_latents, encode_prompt, load_style_dataset
@@ -56,10 +57,12 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     cfg.lpips_weight or cfg.style_weight > 0; by default it is built from the published weights.
     """
     t_start = time.time()
+    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
     output = Path(cfg.output)
 
-    # 1. Decide between a fresh run and a resumption; never silently overwrite earlier work.
-    resume_from = start_or_resume(output, resume, overwrite)
+    # 1. Fresh run or resumption, and a writable --output; nothing is deleted here (an earlier run's
+    #    checkpoints go when this run writes its first one, after the data and base model loaded).
+    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
 
     # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
     accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)

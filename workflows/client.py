@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import mimetypes
 import time
 import urllib.error
@@ -23,8 +24,6 @@ from typing import Any
 
 from ..core.files import atomic_write, atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
-from ..nodes import NODE_CLASS_MAPPINGS
-from ..nodes.strength import style_schedule
 from .roles import (
     CHECKPOINT,
     CONTENT,
@@ -69,6 +68,15 @@ class RunConfig:
     overwrite: bool = field(
         default=False, metadata={"help": "redo photos whose output exists (default: skip them, so a rerun resumes)"})
 
+    def __post_init__(self) -> None:
+        if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
+            raise ValueError(f"strength must be in 0..1, got {self.strength!r}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        server_url(self.server)
+
 
 class ServerError(RuntimeError):
     """The ComfyUI server is unreachable, lacks a node or a file, or failed to run the prompt."""
@@ -76,11 +84,23 @@ class ServerError(RuntimeError):
 
 # --- Talking to the server ------------------------------------------------------------------------------------
 
+def server_url(url: str) -> str:
+    """`url` as http(s)://host[:port][/path] (http:// added when no scheme is given); ValueError naming --server
+    for anything urllib could not open (a bad port, spaces, another scheme, no host)."""
+    full = url if "://" in url else "http://" + url
+    try:
+        parts = urllib.parse.urlsplit(full)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        raise ValueError(f"--server {url!r}: not a valid URL ({e}); e.g. http://127.0.0.1:8188") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in full):
+        raise ValueError(f"--server {url!r}: not an http(s) URL with a host; e.g. http://127.0.0.1:8188")
+    return full.rstrip("/")
+
+
 class Server:
     def __init__(self, url: str, timeout: float = 60.0):
-        if not url.startswith(("http://", "https://")):
-            url = "http://" + url
-        self.url = url.rstrip("/")
+        self.url = server_url(url)
         self.timeout = timeout
 
     def request(self, path: str, data: bytes | None = None, headers: dict | None = None) -> bytes:
@@ -91,7 +111,7 @@ class Server:
         except urllib.error.HTTPError as e:
             body = e.read().decode("utf-8", "replace")
             raise ServerError(f"{self.url}{path}: HTTP {e.code}: {_error_text(body)}") from e
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, ValueError) as e:  # http.client.InvalidURL is a ValueError
             reason = getattr(e, "reason", e)
             raise ServerError(f"server {self.url}: cannot reach it ({reason}); is ComfyUI running there? "
                               "(python main.py --listen; or pass --server URL)") from e
@@ -190,6 +210,9 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
                                 f"{STYLE.purpose}) or {STYLE_CHECKPOINT.title!r} (role: {STYLE_CHECKPOINT.purpose})")
     if cfg.strength is not None:
         strength = find(g, STRENGTH)
+        # heavy: the nodes package imports torch; `stylora --help` and `run --list` should not wait for it
+        from ..nodes.strength import style_schedule
+
         if strength is not None:
             style_schedule(cfg.strength)  # validates 0..1
             strength["inputs"]["strength"] = cfg.strength
@@ -216,6 +239,9 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
     """Every node installed, every file name (checkpoints, styles) present on the server."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
     if missing:
+        # heavy: the nodes package imports torch; only this error message needs the pack's node names
+        from ..nodes import NODE_CLASS_MAPPINGS
+
         ours = [m for m in missing if m in NODE_CLASS_MAPPINGS]
         hint = (" (the Stylora pack: clone it into ComfyUI/custom_nodes, pip install -r requirements.txt, restart"
                 " ComfyUI, and check its log for IMPORT FAILED)") if ours else ""

@@ -1,0 +1,290 @@
+"""Bad input on the command line: every failure is one `stylora: error:` line naming the input, with exit 2 (usage)
+or 1 (runtime), and nothing an earlier run wrote is changed or deleted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from stylora.cli import main
+from stylora.trainer.checkpoint import checkpoint_root
+
+FAST = ["--resolution", "64", "--batch-size", "2", "--min-images", "4", "--warmup-steps", "0", "--no-progress",
+        "--log-every", "1"]
+
+
+def _digests(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under `roots` (files or folders)."""
+    out = {}
+    for root in roots:
+        for f in ([root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())):
+            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stylora: error: "), err
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert n in last, (n, last)
+    return last
+
+
+def _train(tiny_model, style_folder, output, *extra):
+    return main(["train", "lora", "--data", str(style_folder), "--output", str(output),
+                 "--base-model", str(tiny_model["diffusers"]), *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model, tmp_path_factory):
+    """A finished 2-step run with checkpoints at steps 1 and 2 (copied per test by `run`)."""
+    from conftest import make_style_folder
+
+    root = tmp_path_factory.mktemp("finished")
+    style = make_style_folder(root / "style")
+    out = root / "run" / "s.safetensors"
+    assert _train(tiny_model, style, out, "--steps", "2", "--checkpoint-every", "1") == 0
+    return style, out
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    import shutil
+
+    style, out = finished
+    shutil.copytree(out.parent, tmp_path / "run")
+    return style, tmp_path / "run" / out.name
+
+
+# --- 10. data loss ---------------------------------------------------------------------------------------------
+
+def test_resume_of_a_finished_output_without_checkpoints_touches_nothing(tiny_model, run, capsys):
+    style, out = run
+    import shutil
+
+    shutil.rmtree(checkpoint_root(out))
+    before = _digests(out.parent)
+    assert _train(tiny_model, style, out, "--steps", "2", "--resume") == 2
+    _one_error_line(capsys, str(out), "already finished")
+    assert _digests(out.parent) == before
+
+
+@pytest.mark.parametrize("bad", ["data", "base_model", "output_dir"])
+def test_overwrite_deletes_nothing_before_the_new_run_is_valid(tiny_model, run, tmp_path, capsys, bad):
+    style, out = run
+    before = _digests(out.parent)
+    data = tmp_path / "typo" if bad == "data" else style
+    base = tmp_path / "no-model" if bad == "base_model" else tiny_model["diffusers"]
+    if bad == "output_dir":
+        (out.parent / "dir.safetensors").mkdir()
+        out = out.parent / "dir.safetensors"
+        before = _digests(out.parent)
+    code = main(["train", "lora", "--data", str(data), "--output", str(out), "--base-model", str(base), *FAST,
+                 "--steps", "2", "--checkpoint-every", "1", "--overwrite"])
+    assert code == 2
+    _one_error_line(capsys, {"data": "--data", "base_model": "--base-model", "output_dir": "--output"}[bad])
+    assert _digests(out.parent) == before
+
+
+# --- 11. silently wrong LoRAs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag,value", [("--learning-rate", "inf"), ("--alpha", "nan"), ("--noise-offset", "nan"),
+                                        ("--min-snr-gamma", "-1"), ("--learning-rate", "-0"),
+                                        ("--max-grad-norm", "nan")])
+def test_non_finite_or_out_of_range_settings_are_refused(tiny_model, style_folder, tmp_path, capsys, flag, value):
+    out = tmp_path / "o.safetensors"
+    assert _train(tiny_model, style_folder, out, "--steps", "1", flag, value) == 2
+    _one_error_line(capsys, flag[2:].replace("-", "_"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,expected", [("steps", 2.5, "whole number"), ("steps", "abc", "whole number"),
+                                                ("target_modules", "to_q", "list of strings"),
+                                                ("learning_rate", "fast", "a number"), ("flip", "yes", "true")])
+def test_config_file_values_of_the_wrong_type_name_the_key(style_folder, tmp_path, capsys, key, value, expected):
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({key: value}))
+    assert main(["train", "lora", "--config", str(conf), "--data", str(style_folder),
+                 "--output", str(tmp_path / "o.safetensors")]) == 2
+    _one_error_line(capsys, str(conf), key, expected)
+
+
+def test_a_diverging_loss_stops_the_run_keeping_the_last_good_checkpoint(tiny_model, style_folder, tmp_path,
+                                                                         monkeypatch, capsys):
+    import stylora.trainer.lora as lora
+
+    real = lora.denoising_loss
+    calls = {"n": 0}
+
+    def nan_at_step_three(*args, **kwargs):
+        mse, *rest = real(*args, **kwargs)
+        calls["n"] += 1
+        return (mse * float("nan") if calls["n"] == 3 else mse), *rest
+
+    monkeypatch.setattr(lora, "denoising_loss", nan_at_step_three)
+    out = tmp_path / "d.safetensors"
+    assert _train(tiny_model, style_folder, out, "--steps", "4", "--checkpoint-every", "2") == 1
+    _one_error_line(capsys, "step 3", "step-00000002")
+    assert not out.exists()
+    from safetensors.torch import load_file
+
+    kept = load_file(str(checkpoint_root(out) / "step-00000002" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert not (checkpoint_root(out) / "step-00000003").exists()
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    from stylora.trainer.checkpoint import save_checkpoint
+
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        save_checkpoint(tmp_path / "c", 1, {"w": torch.tensor([1.0, math.nan])}, {}, {})
+    assert not any((tmp_path / "c").glob("step-*"))
+
+
+# --- 12. damaged checkpoints -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["trainable.safetensors", "state.pt", "info.json"])
+def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tiny_model, run, capsys, caplog, damage):
+    style, out = run
+    out.unlink()  # killed after its last checkpoint
+    newest = checkpoint_root(out) / "step-00000002" / damage
+    newest.write_bytes(newest.read_bytes()[: len(newest.read_bytes()) // 2])
+    older = _digests(checkpoint_root(out) / "step-00000001")
+    assert _train(tiny_model, style, out, "--steps", "2", "--checkpoint-every", "1", "--resume") == 0
+    assert "Resumed from step 1" in capsys.readouterr().out
+    assert any("skipping checkpoint step 2" in r.message and damage in r.message for r in caplog.records)
+    assert out.is_file()
+    assert _digests(checkpoint_root(out) / "step-00000001") == older
+
+
+# --- 13. evaluation --------------------------------------------------------------------------------------------
+
+def test_a_tiny_pair_is_reported_in_its_row_and_the_others_are_scored(tmp_path):
+    from conftest import skimage_photos
+    from stylora.eval.metrics import LPIPS, VGGStyle
+    from stylora.eval.report import EvalConfig, evaluate
+
+    content, styled = tmp_path / "content", tmp_path / "styled"
+    content.mkdir()
+    styled.mkdir()
+    for name, arr in list(skimage_photos().items())[:2]:
+        img = Image.fromarray(arr).resize((64, 64))
+        img.save(content / f"{name}.png")
+        img.rotate(5).save(styled / f"{name}.png")
+    for side in (7, 15):
+        Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(content / f"tiny{side}.png")
+        Image.fromarray(np.full((side, side, 3), 100, np.uint8)).save(styled / f"tiny{side}.png")
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    report = evaluate(EvalConfig(content=str(content), styled=(str(styled),), out=str(tmp_path / "r"),
+                                 metrics=("ssim", "lpips", "content")), nets=nets, progress=False)
+    rows = {r["image"]: r for r in report["methods"]["styled"]["rows"]}
+    assert "ssim" in rows["tiny7"]["error"] and "tiny7.png" in rows["tiny7"]["error"]
+    assert "ssim" not in rows["tiny7"]
+    assert rows["tiny15"]["ssim"] is not None  # 15 px fits the SSIM window
+    for name in list(skimage_photos())[:2]:
+        assert "error" not in rows[name] and {"ssim", "lpips", "content"} <= set(rows[name])
+
+
+def test_style_feature_cache_is_keyed_by_the_network_weights(tmp_path):
+    from stylora.eval.metrics import InceptionFeatures
+    from stylora.eval.scoring import style_set_features
+
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"s{i}.png")
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(files[-1])
+    a, b = InceptionFeatures(pretrained=False), InceptionFeatures(pretrained=False)
+    with torch.no_grad():  # "another weights file": same architecture, one layer changed
+        next(b.parameters()).mul_(3.0)
+    fa = style_set_features(a, files, str(tmp_path / "cache"), False, cacheable=True)
+    fb = style_set_features(b, files, str(tmp_path / "cache"), False, cacheable=True)
+    assert not np.allclose(fa, fb)
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 2
+
+
+# --- 14/15. one-line errors and messages -----------------------------------------------------------------------
+
+def test_run_with_an_invalid_server_url_is_one_line(tmp_path, capsys):
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(photo)
+    assert main(["run", "--server", "http://127.0.0.1:99999", "--content", str(photo), "--out",
+                 str(tmp_path / "o.png"), "--style", "s.safetensors"]) == 2
+    _one_error_line(capsys, "--server")
+    assert main(["run", "--content", str(photo)]) == 2
+    last = _one_error_line(capsys, "--out")
+    assert "--config" not in last
+
+
+def test_lora_info_and_prepare_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
+    assert main(["lora", "info", str(tmp_path / "broken.safetensors")]) in (1, 2)
+    _one_error_line(capsys, "broken.safetensors")
+    assert main(["prepare", "coco", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
+                 "--count", "0"]) == 2
+    _one_error_line(capsys, "count")
+
+
+def test_an_output_under_a_file_fails_before_training(tiny_model, style_folder, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert _train(tiny_model, style_folder, tmp_path / "afile" / "o.safetensors", "--steps", "1") == 2
+    _one_error_line(capsys, "--output", "is a file, not a folder")
+    assert not (tmp_path / "afile.train_log.csv").exists() and not any(tmp_path.glob("*.resources.json"))
+
+
+def test_an_unwritable_output_folder_fails_before_training(tiny_model, style_folder, tmp_path, capsys):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that ignores folder permissions")
+        code = _train(tiny_model, style_folder, locked / "o.safetensors", "--steps", "1")
+        assert code == 1
+        _one_error_line(capsys, str(locked), "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_help_is_clean(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "lora", "--help"])
+    text = capsys.readouterr().out
+    assert "option_strings" not in text and "~30% slower" in text
+    assert "required (on the command line or in --config)" in text
+    with pytest.raises(SystemExit):
+        main(["prepare", "coco", "--help"])
+    assert "WikiArt" not in capsys.readouterr().out
+
+
+def test_cli_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from stylora.cli import make_parser; make_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+
+
+def test_warmup_longer_than_the_run_warns_and_base_model_is_absolute(tiny_model, style_folder, tmp_path, caplog,
+                                                                     monkeypatch):
+    from stylora.core.lora_file import read_lora
+
+    monkeypatch.chdir(tiny_model["diffusers"].parent)
+    out = tmp_path / "w.safetensors"
+    code = main(["train", "lora", "--data", str(style_folder), "--output", str(out), "--base-model",
+                 tiny_model["diffusers"].name, *FAST, "--steps", "1", "--warmup-steps", "5",
+                 "--checkpoint-every", "0"])
+    assert code == 0
+    assert any("warmup_steps 5 is more than steps 1" in r.message for r in caplog.records)
+    meta = read_lora(out)[1]
+    assert meta["stylora.base_model"] == str(tiny_model["diffusers"].resolve())
