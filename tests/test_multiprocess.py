@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import stylora
 import torch
@@ -125,7 +126,13 @@ def test_two_processes_write_once_match_one_process_and_resume_after_kill(tiny_m
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read().decode()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
+    # The launcher starts its workers in process groups of their own: kill the whole tree, or orphaned workers
+    # would finish the run behind the test's back.
+    launcher = psutil.Process(proc.pid)
+    tree = [*launcher.children(recursive=True), launcher]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=60)
     proc.wait()
     proc.stderr.close()
     assert not Path(killed.output).exists()
