@@ -98,7 +98,7 @@ class StudyConfig:
             if key not in known:
                 raise ValueError(f"train.{method}: unknown setting {key!r}; known: {sorted(known)}")
         for method in TRAINED:  # every training setting checked now, not hours into the study
-            if method in self.methods:
+            if method in self.methods or any(m == method for m, _, _ in self.train):
                 self.train_config(method, self.styles[0][1], "check.safetensors")
 
     @property

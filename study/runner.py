@@ -303,6 +303,7 @@ class Manifest:
     def __init__(self, path: Path, cfg: StudyConfig):
         self.path = path
         self.data: dict[str, Any] = {"config": cfg.to_dict(), "sections": {}, "stage_seconds": {}}
+        self._running: tuple[str, float] | None = None
         if path.is_file():
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
@@ -331,7 +332,12 @@ class Manifest:
         return bool(value and value.get("done"))
 
     def stage_seconds(self) -> dict[str, float]:
-        return dict(self.data["stage_seconds"])
+        """Seconds per stage over every run of this study, the running stage's time so far included."""
+        seconds = dict(self.data["stage_seconds"])
+        if self._running is not None:
+            name, start = self._running
+            seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+        return seconds
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -347,9 +353,11 @@ class Manifest:
             package.setLevel(logging.INFO)
         package.addHandler(handler)
         start = time.monotonic()
+        self._running = (name, start)
         try:
             yield
         finally:
+            self._running = None
             seconds = self.data["stage_seconds"]
             seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
             self.save()
