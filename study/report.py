@@ -187,9 +187,13 @@ def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, f
           f"seed(s) {', '.join(str(s) for s in cfg.seeds)} (metrics averaged over seeds).", "",
           f"## Comparison at strength {strength:g}", ""]
     md += _table(shown)
-    reasons = sorted({f"{c}: {w}" for r in shown for c, w in r["unavailable"].items() if w != NO_TRAINING})
-    if reasons:
-        md += ["", "Unavailable:", ""] + [f"- {w}" for w in reasons]
+    by_reason: dict[str, list[str]] = {}
+    for r in shown:
+        for column, why in r["unavailable"].items():
+            if why != NO_TRAINING and HEADERS[column].split()[0] not in by_reason.setdefault(why, []):
+                by_reason[why].append(HEADERS[column].split()[0])
+    if by_reason:
+        md += ["", "Unavailable:", ""] + [f"- {', '.join(cols)}: {why}" for why, cols in by_reason.items()]
     md += ["", "Seconds per image are wall time per photo as `stylora run` sees it (upload, queue, sample, "
                "download) on the servers used; training time, peak memory and file size come from the trainers' "
                "resource records.", "",

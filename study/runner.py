@@ -139,7 +139,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
             else:
                 eval_cfg = EvalConfig(content=str(content), styled=tuple(str(f) for f in folders), out=str(eval_out),
                                       style=str(style_folder), names=tuple(j.key for j in style_jobs),
-                                      metrics=cfg.metrics, device=cfg.eval_device, grid_rows=cfg.grid_rows)
+                                      metrics=cfg.metrics, device=cfg.eval_device, grid_rows=cfg.grid_rows,
+                                      resize_content=True)  # the workflows shrink photos above max_side
                 reports[style] = evaluate(eval_cfg, nets=nets, progress=False)
                 manifest.record("evaluate", style, fingerprint)
             bar.update(1)
@@ -169,7 +170,11 @@ def same_settings(artifact: Path, train_cfg: Any) -> bool:
         saved = json.loads(read_metadata(artifact).get("stylora.config", "null"))
     except (OSError, ValueError):
         return False
-    return saved == json.loads(json.dumps(train_cfg.to_dict()))
+    wanted = json.loads(json.dumps(train_cfg.to_dict()))
+    if not isinstance(saved, dict):
+        return False
+    # Where the file is written does not change what is trained: a copied study folder reuses its files.
+    return {k: v for k, v in saved.items() if k != "output"} == {k: v for k, v in wanted.items() if k != "output"}
 
 
 def train_artifact(method: str, train_cfg: Any, progress: bool) -> Path:

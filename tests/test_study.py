@@ -79,6 +79,9 @@ rank = 8
         load_study_config(_toml(tmp_path, 'colour = "red"\n'))
     with pytest.raises(ValueError, match="missing required setting --content"):
         load_study_config(None, {"out": "o", "styles": ["a=b"]})
+    example = load_study_config(Path(__file__).parent.parent / "examples" / "study_wikiart.toml")
+    assert [n for n, _ in example.styles] == ["monet", "ukiyo-e", "pop-art", "sketch", "minimalism"]
+    assert example.train_config("dreambooth", "d", "o.safetensors").steps == 1000
 
 
 def test_training_is_reused_resumed_or_redone_by_its_saved_settings(tmp_path, monkeypatch):
