@@ -287,7 +287,9 @@ def _images(folder: Path, name: str) -> list[Path]:
 
 
 def _count_images(folder: Path) -> int:
-    return len(_images(folder, "styled")) if folder.is_dir() and any(folder.iterdir()) else 0
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
 
 
 def _folders_fingerprint(folders: list[Path], metrics: tuple[str, ...]) -> str:
