@@ -212,6 +212,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.name in ("styles", "train", "set", "server", "server_models", "methods"):
             kwargs.update(action="extend", nargs="+", type=str)
+            kwargs["metavar"] = {"styles": "NAME=DIR", "train": "METHOD.KEY=VALUE", "server": "URL",
+                                 "server_models": "DIR", "set": "TITLE.INPUT=VALUE", "methods": "METHOD"}[f.name]
         elif f.name in ("strengths", "seeds", "metrics"):
             kwargs.update(nargs="+", type={"strengths": float, "seeds": int, "metrics": str}[f.name])
         elif f.name in ("max_side", "sampler_steps", "grid_rows"):

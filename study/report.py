@@ -261,7 +261,7 @@ def _grid(path: Path, cfg: StudyConfig, jobs: list[tuple[str, str, float, int, s
         for c, f in enumerate(cells):
             x, y = c * cell, 20 + i * cell
             if f is None or not f.is_file():
-                draw.text((x + 4, y + 4), "missing", fill="red")
+                draw.text((x + 4, y + 4), "not run", fill="red")
                 continue
             try:
                 canvas.paste(resize_cover(load_image(f), cell, cell), (x, y))
@@ -300,7 +300,7 @@ def _sweep(path: Path, method: str, rows: list[dict[str, Any]], mean: list[dict[
                 ax.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.axhline(SSIM_TARGET, color="red", linestyle=":", label=f"SSIM {SSIM_TARGET}")
     title = f"{method}: SSIM crosses {SSIM_TARGET} at " + (
-        f"strength {crossing['strength']:.2f}" if crossing["strength"] is not None else "no strength shown")
+        f"strength {crossing['strength']:.2f}" if crossing["strength"] is not None else "no strength run")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("Gram style loss (lower: closer to the style)" if xkey else "strength (Gram unavailable)")
     ax.set_ylabel("SSIM to the content photo")
