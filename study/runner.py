@@ -293,13 +293,13 @@ def _count_images(folder: Path) -> int:
 
 
 def _folders_fingerprint(folders: list[Path], metrics: tuple[str, ...]) -> str:
-    """Names, sizes and modification times of every file in the folders: changes when any output changes."""
+    """Names and sizes of every file in the folders (the study never rewrites an output in place, so a new,
+    removed or replaced output changes it; modification times alone do not)."""
     h = hashlib.sha256(json.dumps(sorted(metrics)).encode())
     for folder in folders:
         for f in sorted(folder.iterdir()) if folder.is_dir() else []:
             if f.is_file() and not f.name.startswith("."):
-                st = f.stat()
-                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{f}\0{f.stat().st_size}\n".encode())
     return h.hexdigest()
 
 

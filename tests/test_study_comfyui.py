@@ -138,8 +138,11 @@ def test_study_on_real_comfyui_resumes_after_kill_and_survives_a_lost_server(ser
         monkeypatch.setattr(runner, name, counted)
     prompts = _history(a["url"])
     stamps = {p: p.stat().st_mtime_ns for p in (reference / "styled").rglob("*.png")}
+    fingerprints = json.loads((reference / "study.json").read_text())["sections"]["evaluate"]
     runner.run_study(config(flags(reference, a)), progress=False)
-    assert counts == {"train_lora": 0, "train_dreambooth": 0, "evaluate": 0} and _history(a["url"]) == prompts
+    assert _history(a["url"]) == prompts
+    assert counts == {"train_lora": 0, "train_dreambooth": 0, "evaluate": 0}, (
+        fingerprints, json.loads((reference / "study.json").read_text())["sections"]["evaluate"])
     assert stamps == {p: p.stat().st_mtime_ns for p in (reference / "styled").rglob("*.png")}
 
     # 3. SIGKILL in the stylising stage, then the same command: it completes, with the uninterrupted run's outputs.
