@@ -9,6 +9,7 @@
     stylora prepare coco --source DIR --count N --out DIR
     stylora prepare stats DIR ... [--out DIR]
     stylora run --server URL --workflow NAME --content IMG|DIR --style NAME [--strength S] [--mask IMG] --out PATH
+    stylora study --config study.toml [flags override the file]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .core.settings import add_config_arguments, build_config
 from .core.version import __version__
 from .data.prepare import PrepareConfig
 from .eval.config import EvalConfig
+from .study.config import add_study_arguments, load_study_config
 from .trainer.config import DreamBoothConfig, LoraTrainConfig
 from .workflows.client import RunConfig, bundled_workflows
 
@@ -107,7 +109,16 @@ def make_parser() -> argparse.ArgumentParser:
                                      "queues it, waits and downloads the result. A folder as --content is a batch; "
                                      "rerunning it skips photos whose output exists.")
     run.add_argument("--list", action="store_true", help="list the bundled workflows and exit")
-    add_config_arguments(run, RunConfig)
+    add_config_arguments(run, RunConfig, exclude=("server",))
+    run.add_argument("--server", dest="server", action="extend", nargs="+", default=argparse.SUPPRESS,
+                     help="ComfyUI server URL(s), repeatable; photos are spread over them (default: "
+                          "http://127.0.0.1:8188)")
+
+    study = sub.add_parser("study", help="the comparison study: train, stylise on ComfyUI, score, report",
+                           description="Trains what the methods need per style, stylises every content photo with "
+                                       "every method at every strength on the ComfyUI server(s), scores them and "
+                                       "writes <out>/report/. Rerun the same command to continue a killed study.")
+    add_study_arguments(study)
 
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
@@ -247,6 +258,20 @@ def error_line(e: BaseException, command: str) -> tuple[str, int]:
             EXIT_RUNTIME)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    # heavy: the study runner imports the trainers, torch and diffusers
+    from .study.runner import run_study
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "what", "verbose", "config", "no_progress")}
+    cfg = load_study_config(args.config, flags)
+    report = run_study(cfg, progress=not args.no_progress)
+    markdown = (Path(cfg.out) / "report" / "report.md").read_text(encoding="utf-8")
+    print("\n".join(line for line in markdown.splitlines() if line.startswith("|")))
+    print(f"Report written to {cfg.out}/report (report.md, report.json, grids, sweeps); "
+          f"{report['total_seconds']:.0f} s in all")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = make_parser()
@@ -258,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
                 ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
-                ("run", None): cmd_run,
+                ("run", None): cmd_run, ("study", None): cmd_study,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("trainer",),
     ("nodes",),
     ("workflows",),
+    ("study",),
     ("cli", "__init__"),
 )
 # On top of the tier order: nodes sit on core and eval only; they never reach into the trainer.

@@ -8,6 +8,7 @@ import json
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,11 +34,16 @@ def _object_info(without: tuple[str, ...] = ()) -> dict:
 
 class FakeComfy:
     """Answers /object_info, /upload/image, /prompt, /history, /queue and /view. 'Running' a prompt inverts the
-    Content image; `fail_with` makes the sampler fail the way ComfyUI reports execution errors."""
+    Content image; `fail_with` makes the sampler fail the way ComfyUI reports execution errors. `models`: a
+    models folder whose styles/ and checkpoints/ files are listed too. `drop_after`: after that many prompts the
+    server stops answering (drops every connection), as a killed ComfyUI does."""
 
-    def __init__(self, without: tuple[str, ...] = (), fail_with: str | None = None):
+    def __init__(self, without: tuple[str, ...] = (), fail_with: str | None = None, models: Path | None = None,
+                 drop_after: int | None = None):
         self.object_info = _object_info(without)
         self.fail_with = fail_with
+        self.models = models
+        self.drop_after = drop_after
         self.uploads: dict[str, bytes] = {}
         self.prompts: list[dict] = []
         self.history: dict[str, dict] = {}
@@ -56,9 +62,11 @@ class FakeComfy:
                 self.wfile.write(body)
 
             def do_GET(self):
+                if fake.dropped():
+                    return
                 url = urllib.parse.urlparse(self.path)
                 if url.path == "/object_info":
-                    return self._send(200, json.dumps(fake.object_info).encode())
+                    return self._send(200, json.dumps(fake.info()).encode())
                 if url.path == "/queue":
                     running = [[0, pid, {}, {}, []] for pid in fake.history if fake.polls.get(pid, 0) < 2]
                     return self._send(200, json.dumps({"queue_running": running, "queue_pending": []}).encode())
@@ -73,6 +81,8 @@ class FakeComfy:
                 self._send(404, b"{}")
 
             def do_POST(self):
+                if fake.dropped():
+                    return
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.path == "/upload/image":
                     msg = email.parser.BytesParser().parsebytes(
@@ -91,6 +101,19 @@ class FakeComfy:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def dropped(self) -> bool:
+        return self.drop_after is not None and len(self.prompts) >= self.drop_after
+
+    def info(self) -> dict:
+        if self.models is None:
+            return self.object_info
+        info = json.loads(json.dumps(self.object_info))
+        for folder, node, key in (("styles", "LoadStyleLoRA", "style"), ("checkpoints", "CheckpointLoaderSimple",
+                                                                          "ckpt_name")):
+            files = sorted(p.name for p in (self.models / folder).glob("*.safetensors"))
+            info[node]["input"]["required"][key][0] += files
+        return info
 
     def queue(self, prompt: dict) -> tuple[int, bytes]:
         unknown = [n["class_type"] for n in prompt.values() if n["class_type"] not in self.object_info]
@@ -223,3 +246,35 @@ def test_clear_errors_for_server_node_style_and_execution_problems(photos, tmp_p
     result = run_workflow(RunConfig(**base, server=failing.url), poll=0.01)
     assert result.failed == [(photo, "node 8 (KSampler) failed: RuntimeError: CUDA out of memory")]
     failing.close()
+
+
+def test_photos_are_spread_over_servers_and_a_server_that_drops_out_hands_its_work_over(photos, tmp_path):
+    for p in sorted(photos.iterdir()):  # six photos, so two servers both get work
+        Image.open(p).rotate(180).save(photos / f"{p.stem}_turned.png")
+    base = dict(content=str(photos), style=("monet.safetensors",), strength=0.3, seed=7)
+
+    def outputs(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+    one = FakeComfy()
+    run_workflow(RunConfig(**base, out=str(tmp_path / "one"), server=one.url), poll=0.01)
+    a, b = FakeComfy(), FakeComfy()
+    result = run_workflow(RunConfig(**base, out=str(tmp_path / "two"), server=(a.url, b.url)), poll=0.05)
+    assert len(result.done) == 6 and a.prompts and b.prompts and len(a.prompts) + len(b.prompts) == 6
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
+    assert {p["8"]["inputs"]["seed"] for p in a.prompts + b.prompts} == {7}  # the split does not change a seed
+    dropping, steady = FakeComfy(drop_after=1), FakeComfy()  # its first photo is in flight when it goes
+    result = run_workflow(RunConfig(**base, out=str(tmp_path / "dropped"), server=(dropping.url, steady.url)),
+                          poll=0.05)
+    assert len(result.done) == 6 and not result.failed and len(steady.prompts) >= 5
+    assert outputs(tmp_path / "dropped") == outputs(tmp_path / "one")
+    alone = FakeComfy(drop_after=2)
+    with pytest.raises(ServerError, match="cannot reach"):
+        run_workflow(RunConfig(**base, out=str(tmp_path / "alone"), server=alone.url), poll=0.01)
+    assert len(list((tmp_path / "alone").iterdir())) == 1  # finished outputs are kept
+    c, d = FakeComfy(), FakeComfy()
+    assert cli_main(["run", "--server", c.url, "--server", d.url, "--content", str(photos), "--out",
+                     str(tmp_path / "cli")]) == 0
+    assert len(c.prompts) + len(d.prompts) == 6
+    for server in (one, a, b, dropping, steady, alone, c, d):
+        server.close()

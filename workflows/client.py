@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import mimetypes
+import queue
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -49,7 +51,9 @@ class RunConfig:
     content: str = field(metadata={"help": "a photo, or a folder of photos (a batch; rerun to resume)"})
     out: str = field(
         metadata={"help": "output image (single photo) or folder (batch, or when the workflow saves several images)"})
-    server: str = field(default="http://127.0.0.1:8188", metadata={"help": "ComfyUI server URL"})
+    server: tuple[str, ...] = field(
+        default=("http://127.0.0.1:8188",),
+        metadata={"help": "ComfyUI server URL(s); photos are spread over them"})
     workflow: str = field(
         default="style_transfer", metadata={"help": "a bundled workflow name (see --list) or an API-format .json file"})
     style: tuple[str, ...] = field(
@@ -69,13 +73,18 @@ class RunConfig:
         default=False, metadata={"help": "redo photos whose output exists (default: skip them, so a rerun resumes)"})
 
     def __post_init__(self) -> None:
+        servers = (self.server,) if isinstance(self.server, str) else tuple(self.server)
+        if not servers or not all(isinstance(s, str) and s for s in servers):
+            raise ValueError(f"server: give at least one ComfyUI server URL, got {self.server!r}")
+        object.__setattr__(self, "server", servers)
         if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
             raise ValueError(f"strength must be in 0..1, got {self.strength!r}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        server_url(self.server)
+        for url in servers:
+            server_url(url)
 
 
 class ServerError(RuntimeError):
@@ -321,39 +330,90 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
         targets = {content: out / f"{content.stem}.png" if out.is_dir() or not out.suffix else out}
     else:
         raise FileNotFoundError(f"content: no such file or folder {content}")
-    # 2. The server: reachable, has every node and every named file.
-    server = Server(cfg.server)
-    object_info = server.get_json("/object_info")
+    # 2. The servers: reachable, with every node and every named file. With several, one that cannot be
+    #    reached is left out (its photos go to the others); one server that cannot be reached is an error.
     placeholder = "placeholder.png" if cfg.style_image else None
-    check_against_server(substitute(graph, cfg, placeholder, placeholder), object_info, cfg.workflow)
-    style_image_name = None
-    if cfg.style_image is not None:
-        style_image_name = server.upload(*content_upload(Path(cfg.style_image), None))
-    # 3. Each photo: upload, queue, wait, download. A failing photo is reported; the others still run.
+    checked = substitute(graph, cfg, placeholder, placeholder)
+    servers: list[Server] = []
+    style_image_names: dict[str, str | None] = {}
+    for url in cfg.server:
+        server = Server(url)
+        try:
+            check_against_server(checked, server.get_json("/object_info"), cfg.workflow)
+            style_image_names[server.url] = (server.upload(*content_upload(Path(cfg.style_image), None))
+                                             if cfg.style_image is not None else None)
+        except ServerError as e:
+            if len(cfg.server) == 1 or not _unreachable(e):
+                raise
+            say(f"{server.url}: left out ({e})")
+            continue
+        servers.append(server)
+    if not servers:
+        raise ServerError(f"none of the servers {list(cfg.server)} can be reached")
+
+    # 3. Each photo: upload, queue, wait, download, on whichever server is free (a work queue, one worker
+    #    thread per server). A failing photo is reported and the others still run; a server that drops out
+    #    puts its photo back for the others. Seeds come from the config, so the split does not change a result.
     result = RunResult([], [], [])
+    todo: queue.Queue[tuple[int, Path]] = queue.Queue()
     for i, photo in enumerate(photos, 1):
         target = targets[photo]
-        tag = f"[{i}/{len(photos)}] {photo.name}"
         if target.exists() and not cfg.overwrite:
             result.skipped.append(str(photo))
-            say(f"{tag}: {target} exists, skipped (--overwrite redoes it)")
-            continue
-        try:
-            name = server.upload(*content_upload(photo, cfg.mask))
-            prompt = substitute(graph, cfg, name, style_image_name)
-            start = time.monotonic()
-            reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-            entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s, t=tag: say(f"{t}: {s}"))
-            written = _download(server, prompt, entry, target)
-            seconds = time.monotonic() - start
-            result.done.append((str(photo), [str(w) for w in written], seconds))
-            say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s)")
-        except (ImageLoadError, ServerError, OSError) as e:
-            if isinstance(e, ServerError) and "cannot reach" in str(e):
-                raise  # the server went away: stop, the finished outputs are kept
-            result.failed.append((str(photo), str(e)))
-            say(f"{tag}: FAILED: {e}")
+            say(f"[{i}/{len(photos)}] {photo.name}: {target} exists, skipped (--overwrite redoes it)")
+        else:
+            todo.put((i, photo))
+    lock = threading.Lock()
+    lost: list[tuple[Server, ServerError]] = []
+
+    def work(server: Server) -> None:
+        where = f" on {server.url}" if len(cfg.server) > 1 else ""
+        while True:
+            try:
+                i, photo = todo.get_nowait()
+            except queue.Empty:
+                return
+            tag = f"[{i}/{len(photos)}] {photo.name}"
+            try:
+                name = server.upload(*content_upload(photo, cfg.mask))
+                prompt = substitute(graph, cfg, name, style_image_names[server.url])
+                start = time.monotonic()
+                reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+                entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s, t=tag: say(f"{t}: {s}{where}"))
+                written = _download(server, prompt, entry, targets[photo])
+                seconds = time.monotonic() - start
+                with lock:
+                    result.done.append((str(photo), [str(w) for w in written], seconds))
+                say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s){where}")
+            except (ImageLoadError, ServerError, OSError) as e:
+                if isinstance(e, ServerError) and _unreachable(e):
+                    todo.put((i, photo))  # the server went away: another one takes the photo
+                    with lock:
+                        lost.append((server, e))
+                    say(f"{tag}: {server.url} dropped out ({e})")
+                    return
+                with lock:
+                    result.failed.append((str(photo), str(e)))
+                say(f"{tag}: FAILED: {e}")
+
+    alive = servers
+    while not todo.empty() and alive:
+        threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in alive]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        alive = [s for s in alive if s not in {gone for gone, _ in lost}]
+    if not todo.empty():
+        raise lost[-1][1]  # every server went away: stop, the finished outputs are kept
+    order = {str(p): k for k, p in enumerate(photos)}
+    result.done.sort(key=lambda d: order[d[0]])
+    result.failed.sort(key=lambda f: order[f[0]])
     return result
+
+
+def _unreachable(e: ServerError) -> bool:
+    return "cannot reach" in str(e)
 
 
 def _wait(server: Server, prompt_id: str, timeout: float, poll: float, say: Callable[[str], None]) -> dict:

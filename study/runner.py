@@ -1,0 +1,375 @@
+"""`run_study`: train what the methods need, stylise every content photo with every method at every strength on
+ComfyUI, score the outputs and write one report. Killed at any point and rerun, it continues where it stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core.files import atomic_write_text
+from ..core.images import IMAGE_EXTENSIONS
+from ..core.lora_file import read_metadata
+from ..eval.config import EvalConfig
+from ..eval.report import evaluate
+from ..trainer.checkpoint import checkpoint_root, complete_checkpoints
+from ..trainer.dreambooth import train_dreambooth
+from ..trainer.lora import train_lora
+from ..workflows.client import API_DIR, RunConfig, Server, ServerError, run_workflow
+from .config import TRAINED, StudyConfig
+from .report import BASE, write_report
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("train", "place", "stylize", "evaluate", "report")
+IMAGE_NODE = "StyleFromImage"  # the training-free painting-style node the `image` method needs on the server
+IMAGE_WORKFLOW = "style_from_image"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One folder of outputs: a method at one strength and seed (for one style, or BASE)."""
+
+    style: str
+    method: str
+    strength: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.style}/{self.method}/s{self.strength:.2f}_seed{self.seed}"
+
+
+def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = None) -> dict[str, Any]:
+    """Run (or continue) the study `cfg` describes and write `<cfg.out>/report/`. Returns the report as a dict.
+
+    `nets` may supply the metrics' feature networks (see eval.report.evaluate), e.g. with random weights in tests.
+    """
+    from tqdm.auto import tqdm
+
+    # 1. The study folder and its manifest: what is finished, from earlier runs of the same study.
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    content = Path(cfg.content)
+    photos = _images(content, "content")
+    styles = dict(cfg.styles)
+    for name, folder in styles.items():
+        _images(Path(folder), f"styles.{name}")
+    manifest = Manifest(out / "study.json", cfg)
+    models = [Path(d) for d in cfg.server_models] or [out / "models"]
+
+    # 2. The work: trained artifacts per style and method, output folders per method, strength and seed.
+    trained = [(style, m) for style in styles for m in cfg.methods if m in TRAINED]
+    jobs = [Job(BASE, "base", s, seed) for s in cfg.strengths for seed in cfg.seeds if "base" in cfg.methods]
+    jobs += [Job(style, m, s, seed) for style in styles for m in cfg.methods if m not in ("base",)
+             for s in cfg.strengths for seed in cfg.seeds]
+    bar = tqdm(total=len(trained) + len(jobs) * len(photos) + len(styles) + 1, desc="Study", unit="task",
+               disable=not progress, dynamic_ncols=True)
+
+    # 3. Train: reuse a finished artifact with the same settings, resume an interrupted one, else train.
+    artifacts: dict[tuple[str, str], Path] = {}
+    with manifest.stage("train"):
+        for style, method in trained:
+            bar.set_postfix_str(f"train {style} {method}")
+            train_cfg = cfg.train_config(method, styles[style], str(out / "train" / style / f"{method}.safetensors"))
+            artifacts[style, method] = train_artifact(method, train_cfg, progress)
+            manifest.record("train", f"{style}/{method}", {"artifact": str(artifacts[style, method])})
+            bar.update(1)
+
+    # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints.
+    names: dict[tuple[str, str], str] = {}
+    with manifest.stage("place"):
+        for (style, method), path in artifacts.items():
+            kind = "checkpoints" if method == "dreambooth" else "styles"
+            names[style, method] = f"stylora-study-{style}-{method}-{_settings_digest(path)}.safetensors"
+            for root in models:
+                place(path, root / kind / names[style, method])
+
+    # 5. Stylise on the servers (a job at a time; run_workflow spreads its photos over the servers and skips
+    #    outputs that exist, so a killed run loses at most the images in flight).
+    missing_nodes = _missing_on_servers(cfg.server, IMAGE_NODE) if "image" in cfg.methods else []
+    with manifest.stage("stylize"):
+        for job in jobs:
+            bar.set_postfix_str(f"stylize {job.style} {job.method} s={job.strength:g}")
+            folder = out / "styled" / job.key
+            if manifest.done("stylize", job.key) and _count_images(folder) >= len(photos):
+                bar.update(len(photos))
+                continue
+            if job.method == "image":
+                why = (f"node {IMAGE_NODE} not available on this server ({', '.join(missing_nodes)})"
+                       if missing_nodes else None)
+                if why is None and not (API_DIR / f"{IMAGE_WORKFLOW}.json").is_file():
+                    why = f"no bundled workflow {IMAGE_WORKFLOW!r} for node {IMAGE_NODE}"
+                if why is not None:
+                    logger.warning("method image, style %s: skipped: %s", job.style, why)
+                    manifest.record("skipped", job.key, why)
+                    bar.update(len(photos))
+                    continue
+            run_cfg = job_run_config(cfg, job, styles, names, folder)
+            result = run_workflow(run_cfg, say=logger.info)
+            earlier = manifest.get("stylize", job.key) or {}
+            seconds = {**earlier.get("seconds", {}), **{Path(p).stem: s for p, _, s in result.done}}
+            manifest.record("stylize", job.key, {"done": not result.failed, "seconds": seconds,
+                                                 "failed": [list(f) for f in result.failed]})
+            bar.update(len(photos))
+
+    # 6. Score each style: every method, strength and seed folder against the style's paintings (skipped when
+    #    no output changed since the last scoring).
+    reports: dict[str, dict] = {}
+    with manifest.stage("evaluate"):
+        for style, style_folder in styles.items():
+            bar.set_postfix_str(f"evaluate {style}")
+            style_jobs = [j for j in jobs if j.style in (style, BASE) and _count_images(out / "styled" / j.key)]
+            eval_out = out / "eval" / style
+            if not style_jobs:
+                logger.warning("style %s: nothing stylised to score", style)
+                bar.update(1)
+                continue
+            folders = [out / "styled" / j.key for j in style_jobs]
+            fingerprint = _folders_fingerprint(folders + [Path(style_folder), content], cfg.metrics)
+            if manifest.get("evaluate", style) == fingerprint and (eval_out / "report.json").is_file():
+                reports[style] = json.loads((eval_out / "report.json").read_text(encoding="utf-8"))
+            else:
+                eval_cfg = EvalConfig(content=str(content), styled=tuple(str(f) for f in folders), out=str(eval_out),
+                                      style=str(style_folder), names=tuple(j.key for j in style_jobs),
+                                      metrics=cfg.metrics, device=cfg.eval_device, grid_rows=cfg.grid_rows,
+                                      resize_content=True)  # the workflows shrink photos above max_side
+                reports[style] = evaluate(eval_cfg, nets=nets, progress=False)
+                manifest.record("evaluate", style, fingerprint)
+            bar.update(1)
+
+    # 7. The report: comparison table, targets, grids, strength sweeps, costs and where the time went.
+    with manifest.stage("report"):
+        bar.set_postfix_str("report")
+        costs = {f"{style}/{method}": _resources(path) for (style, method), path in artifacts.items()}
+        report = write_report(out / "report", cfg, jobs=[(j.style, j.method, j.strength, j.seed, j.key) for j in jobs],
+                              reports=reports, stylize=manifest.section("stylize"), costs=costs,
+                              skipped=manifest.section("skipped"), stage_seconds=manifest.stage_seconds(),
+                              styled_root=out / "styled", photos=photos)
+        bar.update(1)
+    bar.close()
+    return report
+
+
+# --- Training -------------------------------------------------------------------------------------------------
+
+def same_settings(artifact: Path, train_cfg: Any) -> bool:
+    """Whether a finished artifact was trained with exactly these settings (its metadata's stylora.config) and
+    its resource record was written (the trainer's last step)."""
+    record = artifact.parent / f"{artifact.stem}.resources.json"
+    if not artifact.is_file() or not record.is_file():
+        return False
+    try:
+        saved = json.loads(read_metadata(artifact).get("stylora.config", "null"))
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps(train_cfg.to_dict()))
+    if not isinstance(saved, dict):
+        return False
+    # Where the file is written does not change what is trained: a copied study folder reuses its files.
+    return {k: v for k, v in saved.items() if k != "output"} == {k: v for k, v in wanted.items() if k != "output"}
+
+
+def train_artifact(method: str, train_cfg: Any, progress: bool) -> Path:
+    """The trained file of `method` for one style: reused when finished with these settings, resumed from its
+    newest complete checkpoint when interrupted, trained afresh otherwise (replacing one with other settings)."""
+    output = Path(train_cfg.output)
+    if same_settings(output, train_cfg):
+        logger.info("%s: finished with these settings, reused", output)
+        return output
+    train = train_lora if method == "lora" else train_dreambooth
+    if complete_checkpoints(checkpoint_root(output)) and not output.exists():
+        try:
+            logger.info("%s: resuming the interrupted run", output)
+            train(train_cfg, resume=True, progress=progress)
+            return output
+        except ValueError as e:  # the checkpoints belong to other settings or images
+            logger.warning("%s: cannot resume (%s); training afresh", output, e)
+    elif output.exists():
+        logger.warning("%s: trained with other settings; training afresh", output)
+    train(train_cfg, overwrite=True, progress=progress)
+    return output
+
+
+def _settings_digest(artifact: Path) -> str:
+    """8 hex digits of the artifact's training settings: files of different settings get different names on the
+    server, and a rerun finds its own copy."""
+    config = read_metadata(artifact).get("stylora.config", "")
+    return hashlib.sha256(config.encode()).hexdigest()[:8]
+
+
+def place(source: Path, target: Path) -> None:
+    """Make `target` (in a server's models folder) a copy of `source`, atomically: a hard link when both are on
+    one file system, else a copy; an existing target of the same size is kept."""
+    if target.is_file() and target.stat().st_size == source.stat().st_size:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+    logger.info("placed %s as %s", source, target)
+
+
+def _resources(artifact: Path) -> dict[str, Any] | None:
+    path = artifact.parent / f"{artifact.stem}.resources.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+# --- Stylising ------------------------------------------------------------------------------------------------
+
+def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: dict[tuple[str, str], str],
+                   folder: Path) -> RunConfig:
+    """The `stylora run` settings of one job. Every method samples with the same prompt, guidance, seed and
+    strength-to-denoise mapping (Style Strength's), so the outputs differ only in the model."""
+    sets = list(cfg.set)
+    if cfg.max_side is not None:
+        sets.append(f"Content encode.max_side={cfg.max_side}")
+    if cfg.sampler_steps is not None:
+        sets.append(f"Sampler.steps={cfg.sampler_steps}")
+    common = dict(content=cfg.content, out=str(folder), server=cfg.server, strength=job.strength, seed=job.seed,
+                  timeout=cfg.timeout)
+    if job.method == "base":  # plain img2img: the base checkpoint in the DreamBooth graph, the LoRA graph's prompt
+        return RunConfig(workflow="dreambooth", style=(cfg.checkpoint,), **common,
+                         set=(*sets, "Positive prompt.text=a painting", "Sampler.cfg=5.0"))
+    if job.method == "lora":
+        return RunConfig(workflow="style_transfer", style=(names[job.style, "lora"],), checkpoint=cfg.checkpoint,
+                         set=tuple(sets), **common)
+    trigger = cfg.train_config(job.method, styles[job.style], "x.safetensors").instance_prompt \
+        if job.method in ("dreambooth", "dreambooth-lora") else ""
+    if job.method == "dreambooth":
+        return RunConfig(workflow="dreambooth", style=(names[job.style, "dreambooth"],), **common,
+                         set=(*sets, f"Positive prompt.text={trigger}", "Sampler.cfg=5.0"))
+    if job.method == "dreambooth-lora":
+        return RunConfig(workflow="style_transfer", style=(names[job.style, "dreambooth-lora"],),
+                         checkpoint=cfg.checkpoint, set=(*sets, f"Positive prompt.text={trigger}"), **common)
+    painting = _images(Path(styles[job.style]), "styles")[0]  # image: the first painting is the style example
+    return RunConfig(workflow=IMAGE_WORKFLOW, style_image=str(painting), checkpoint=cfg.checkpoint,
+                     set=tuple(sets), **common)
+
+
+def _missing_on_servers(servers: tuple[str, ...], node: str) -> list[str]:
+    """The servers that lack `node` (or cannot be reached)."""
+    missing = []
+    for url in servers:
+        try:
+            if node not in Server(url).get_json("/object_info"):
+                missing.append(url)
+        except ServerError:
+            missing.append(url)
+    return missing
+
+
+# --- Files and state ------------------------------------------------------------------------------------------
+
+def _images(folder: Path, name: str) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{name}: not a folder: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    if not files:
+        raise ValueError(f"{name}: no images in {folder}")
+    return files
+
+
+def _count_images(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def _folders_fingerprint(folders: list[Path], metrics: tuple[str, ...]) -> str:
+    """Names and sizes of every file in the folders (the study never rewrites an output in place, so a new,
+    removed or replaced output changes it; modification times alone do not)."""
+    h = hashlib.sha256(json.dumps(sorted(metrics)).encode())
+    for folder in folders:
+        for f in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if f.is_file() and not f.name.startswith("."):
+                h.update(f"{f}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+class Manifest:
+    """`<out>/study.json`: finished work per stage and the time spent in each stage, rewritten atomically after
+    every change, so a killed study knows on rerun what it need not redo."""
+
+    def __init__(self, path: Path, cfg: StudyConfig):
+        self.path = path
+        self.data: dict[str, Any] = {"config": cfg.to_dict(), "sections": {}, "stage_seconds": {}}
+        self._running: tuple[str, float] | None = None
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                self.data["sections"] = saved.get("sections", {})
+                self.data["stage_seconds"] = saved.get("stage_seconds", {})
+            except (OSError, json.JSONDecodeError) as e:
+                logger.warning("%s unreadable (%s): starting a new manifest; finished files are still reused",
+                               path, e)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=1, allow_nan=False))
+
+    def record(self, section: str, key: str, value: Any) -> None:
+        self.data["sections"].setdefault(section, {})[key] = value
+        self.save()
+
+    def get(self, section: str, key: str) -> Any:
+        return self.data["sections"].get(section, {}).get(key)
+
+    def section(self, section: str) -> dict[str, Any]:
+        return dict(self.data["sections"].get(section, {}))
+
+    def done(self, section: str, key: str) -> bool:
+        value = self.get(section, key)
+        return bool(value and value.get("done"))
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Seconds per stage over every run of this study, the running stage's time so far included."""
+        seconds = dict(self.data["stage_seconds"])
+        if self._running is not None:
+            name, start = self._running
+            seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+        return seconds
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (added up over reruns) and copy the library's log records to `<out>/logs/<name>.log`."""
+        log_dir = self.path.parent / "logs"
+        log_dir.mkdir(exist_ok=True)
+        handler = logging.FileHandler(log_dir / f"{name}.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        package = logging.getLogger(__name__.split(".")[0])
+        level = package.level
+        if package.getEffectiveLevel() > logging.INFO:
+            package.setLevel(logging.INFO)
+        package.addHandler(handler)
+        start = time.monotonic()
+        self._running = (name, start)
+        try:
+            yield
+        finally:
+            self._running = None
+            seconds = self.data["stage_seconds"]
+            seconds[name] = seconds.get(name, 0.0) + time.monotonic() - start
+            self.save()
+            package.removeHandler(handler)
+            package.setLevel(level)
+            handler.close()
+

@@ -1,0 +1,185 @@
+"""`stylora study` with the tiny model and the stand-in ComfyUI server (the real server: test_study_comfyui.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_style_folder, skimage_photos
+from PIL import Image
+from safetensors.torch import save_file
+from stylora.cli import main as cli_main
+from stylora.eval.metrics import LPIPS, VGGStyle
+from stylora.study import runner
+from stylora.study.config import StudyConfig, load_study_config
+from stylora.trainer.config import LoraTrainConfig
+from test_run import FakeComfy
+
+TRAIN_TOML = """
+[train.lora]
+resolution = 64
+steps = 1
+batch_size = 1
+min_images = 1
+warmup_steps = 0
+checkpoint_every = 0
+
+[train.dreambooth-lora]
+resolution = 64
+steps = 1
+num_class_images = 1
+class_sample_steps = 1
+min_images = 1
+checkpoint_every = 0
+gradient_checkpointing = false
+use_8bit_adam = false
+"""
+
+
+def _toml(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "study.toml"
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+def test_config_from_toml_with_flags_on_top_and_bad_values_named(tmp_path):
+    path = _toml(tmp_path, """
+content = "photos"
+out = "study"
+server = ["http://a:8188", "http://b:8188"]
+methods = ["base", "lora"]
+strengths = [0.25, 0.5, 0.75]
+[styles]
+monet = "data/monet"
+ukiyo-e = "data/ukiyoe"
+[train.lora]
+steps = 100
+rank = 8
+""")
+    cfg = load_study_config(path, {"strengths": [0.5], "train": ["lora.steps=7"], "checkpoint": "x.safetensors"})
+    assert cfg.styles == (("monet", "data/monet"), ("ukiyo-e", "data/ukiyoe"))
+    assert cfg.server == ("http://a:8188", "http://b:8188") and cfg.strengths == (0.5,)
+    lora = cfg.train_config("lora", "data/monet", "m.safetensors")
+    assert isinstance(lora, LoraTrainConfig) and (lora.steps, lora.rank) == (7, 8)  # flag over file, file kept
+    assert cfg.checkpoint == "x.safetensors" and cfg.shown_strength == 0.5
+    assert load_study_config(path, {}).shown_strength == 0.5  # the middle of 0.25, 0.5, 0.75
+    assert cfg.train_config("dreambooth-lora", "d", "o.safetensors").lora
+    for flags, match in [({"methods": ["lora", "sdxl"]}, r"methods: unknown \['sdxl'\]"),
+                         ({"strengths": [1.5]}, r"strengths: each must be in 0..1, got \[1.5\]"),
+                         ({"train": ["lora.stepz=3"]}, r"train.lora: unknown setting 'stepz'"),
+                         ({"train": ["lora.steps=0"]}, r"train.lora: steps must be >= 1 and finite, got 0"),
+                         ({"train": ["dreambooth.resolution=100"]}, r"train.dreambooth: resolution must be a multiple"),
+                         ({"styles": ["monet"]}, r"--style: 'monet' must be KEY=VALUE"),
+                         ({"table_strength": 0.3}, r"table_strength: 0.3 is not one of strengths")]:
+        with pytest.raises(ValueError, match=match):
+            load_study_config(path, flags)
+    with pytest.raises(ValueError, match=r"unknown settings \['colour'\]"):
+        load_study_config(_toml(tmp_path, 'colour = "red"\n'))
+    with pytest.raises(ValueError, match="missing required setting --content"):
+        load_study_config(None, {"out": "o", "styles": ["a=b"]})
+    example = load_study_config(Path(__file__).parent.parent / "examples" / "study_wikiart.toml")
+    assert [n for n, _ in example.styles] == ["monet", "ukiyo-e", "pop-art", "sketch", "minimalism"]
+    assert example.train_config("dreambooth", "d", "o.safetensors").steps == 1000
+
+
+def test_training_is_reused_resumed_or_redone_by_its_saved_settings(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "train_lora", lambda cfg, **kw: calls.append(kw))
+    cfg = LoraTrainConfig(data="d", output=str(tmp_path / "lora.safetensors"), steps=3)
+
+    def finish(c):  # what the trainer leaves: the file with its settings in the metadata, and the resource record
+        save_file({"x": torch.zeros(1)}, c.output, metadata={"stylora.config": json.dumps(c.to_dict())})
+        Path(c.output).with_suffix(".resources.json").write_text("{}")
+
+    runner.train_artifact("lora", cfg, progress=False)
+    assert calls == [{"overwrite": True, "progress": False}]  # nothing there: a fresh run
+    finish(cfg)
+    runner.train_artifact("lora", cfg, progress=False)
+    assert len(calls) == 1  # finished with these settings: reused
+    runner.train_artifact("lora", LoraTrainConfig(**{**cfg.__dict__, "steps": 4}), progress=False)
+    assert calls[-1] == {"overwrite": True, "progress": False}  # other settings: trained again
+    Path(cfg.output).unlink()
+    (tmp_path / "lora.checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "lora.checkpoints" / "step-00000002" / "COMPLETE").write_text("")
+    runner.train_artifact("lora", cfg, progress=False)
+    assert calls[-1] == {"resume": True, "progress": False}  # interrupted: resumed
+
+
+@pytest.fixture
+def study_inputs(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, arr in list(skimage_photos().items())[:3]:
+        Image.fromarray(arr).convert("RGB").resize((64, 48)).save(photos / f"{name}.png")
+    return {"photos": photos, "style": make_style_folder(tmp_path / "monet"), "models": tmp_path / "models"}
+
+
+def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_inputs, tmp_path, monkeypatch):
+    # No Inception weights here (offline, empty caches): FID, KID and ArtFID must come out "unavailable".
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("STYLORA_WEIGHTS_DIR", raising=False)
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    counts = {"train_lora": 0, "train_dreambooth": 0, "evaluate": 0}
+    for name in counts:
+        real = getattr(runner, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(runner, name, counted)
+    path = _toml(tmp_path, TRAIN_TOML)
+    out = tmp_path / "study"
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]), "out": str(out),
+             "base_model": str(tiny_model["diffusers"]), "checkpoint": "sd15.safetensors",
+             "server_models": [str(study_inputs["models"])], "methods": ["base", "lora", "dreambooth-lora", "image"],
+             "strengths": [0.3, 0.6], "seeds": [0]}
+    cfg = load_study_config(path, flags)
+
+    # 1. Killed mid-way through stylising (the only server goes away after 4 prompts): an error, work kept.
+    dying = FakeComfy(models=study_inputs["models"], drop_after=4)
+    with pytest.raises(runner.ServerError, match="cannot reach"):
+        runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (dying.url,)}), progress=False, nets=nets)
+    assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 0}
+    # 2. Rerun: training reused, the 3 finished images kept, the rest stylised, scored, reported.
+    comfy = FakeComfy(models=study_inputs["models"])
+    report = runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (comfy.url,)}), progress=False, nets=nets)
+    assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 1}
+    assert len(comfy.prompts) == 3 * 6 - 3  # (base, lora, dreambooth-lora) x 2 strengths x 3 photos, minus 3 done
+    styled = sorted(p.relative_to(out / "styled") for p in (out / "styled").rglob("*.png"))
+    assert len(styled) == 18 and Path("_base/base/s0.30_seed0/astronaut.png") in styled
+    lora_prompt = next(p for p in comfy.prompts if "2" in p and
+                       p["4"]["inputs"]["text"] == "a painting")
+    assert lora_prompt["2"]["inputs"]["style"].startswith("stylora-study-monet-lora-")
+    assert (study_inputs["models"] / "styles" / lora_prompt["2"]["inputs"]["style"]).is_file()
+    # 3. The report: every method row and the mean, unavailable metrics named, the image method skipped.
+    md = (out / "report" / "report.md").read_text()
+    for method in ("base", "lora", "dreambooth-lora", "image"):
+        assert f"| {method} | monet |" in md and f"| {method} | all styles (mean) |" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora | monet |"))
+    cells = [c.strip() for c in lora_row.strip("|").split("|")]
+    assert cells[2] != "unavailable" and cells[6:9] == ["unavailable"] * 3  # SSIM measured; FID, KID, ArtFID not
+    assert "inception" in md.lower() and "not available on this server" in md
+    rows = {(r["method"], r["strength"]): r for r in report["rows"]}
+    assert rows["lora", 0.3]["values"]["fid"] is None and "pt_inception" in rows["lora", 0.3]["unavailable"]["fid"]
+    assert rows["base", 0.3]["values"]["train_seconds"] is None and rows["lora", 0.3]["values"]["train_seconds"] > 0
+    assert rows["lora", 0.3]["values"]["ssim"] == pytest.approx(report["mean"][2]["values"]["ssim"])
+    assert report["targets"]["verdicts"]["lora"]["fid"] == "unmeasured"
+    assert json.loads((out / "report" / "report.json").read_text(), parse_constant=pytest.fail)["photos"] == 3
+    for f in ("grid_monet.png", "sweep_base.png", "sweep_lora.png", "sweep_dreambooth-lora.png"):
+        assert (out / "report" / f).is_file()
+    assert {p.name for p in (out / "logs").iterdir()} >= {"train.log", "stylize.log", "evaluate.log", "report.log"}
+    assert set(report["stages"]) == {"train", "place", "stylize", "evaluate", "report"}
+    # 4. The same command again redoes nothing: no training, no prompt, no scoring; the outputs untouched.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "styled").rglob("*.png")}
+    argv = ["study", "--config", str(path), "--style", f"monet={study_inputs['style']}", "--content",
+            str(study_inputs["photos"]), "--out", str(out), "--base-model", str(tiny_model["diffusers"]),
+            "--checkpoint", "sd15.safetensors", "--server-models", str(study_inputs["models"]), "--methods", "base",
+            "lora", "dreambooth-lora", "image", "--strengths", "0.3", "0.6", "--server", comfy.url, "--no-progress"]
+    assert cli_main(argv) == 0
+    assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 1} and len(comfy.prompts) == 15
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "styled").rglob("*.png")}
+    dying.close()
+    comfy.close()
