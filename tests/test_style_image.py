@@ -228,9 +228,11 @@ def test_injection_under_cfg_with_a_batch_of_two_and_style_strength():
     # the reference rows take the negative prompt's conditioning (2.0).
     assert unet.seen[-1] == {"n": 7, "context": [1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0], "patched": True}
     assert out.shape == plain.shape == (4, 4, 5, 7) and (out - plain).abs().mean() > 1e-2
-    # A different painting, a different result.
+    # A different painting, a different result, through the attention alone too (AdaIN off).
     _, other, _ = _styled(painting_seed=9)
     assert (_sample_step(other, unet, x) - out).abs().mean() > 1e-3
+    kv_only = [_sample_step(_styled(painting_seed=seed, adain=0.0)[1], unet, x) for seed in (6, 9)]
+    assert (kv_only[0] - kv_only[1]).abs().mean() > 1e-3
     # Style Strength 0: the injection is gone, the step is the input model's bit for bit, and denoise 0.
     zero, denoise = StyleStrength().apply(styled, 0.0)
     assert denoise == 0.0 and zero.get_attachment(INJECTION_ATTACHMENT) is None
