@@ -71,7 +71,8 @@ class StyleStrength:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model output of Load Style LoRA (one or several chained)."}),
+                "model": ("MODEL", {"tooltip": "The model output of Load Style LoRA (one or several chained) or of "
+                                               "Style From Image."}),
                 "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "0: the photo unchanged; 0.3: recoloured, layout kept; 0.5: the "
                                                   "style's full weight; 1: strongest (denoise = max_denoise)."}),
