@@ -5,6 +5,7 @@ from .content import ContentEncode
 from .mask import MaskedStyleApply
 from .metrics import StyleMetrics
 from .strength import StyleStrength
+from .style_image import StyleFromImage
 from .style_lora import LoadStyleLoRA, register_model_folders
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StyleStrength": StyleStrength,
     "MaskedStyleApply": MaskedStyleApply,
     "StyleMetrics": StyleMetrics,
+    "StyleFromImage": StyleFromImage,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadStyleLoRA": "Load Style LoRA (Stylora)",
@@ -20,6 +22,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StyleStrength": "Style Strength (Stylora)",
     "MaskedStyleApply": "Masked Style Apply (Stylora)",
     "StyleMetrics": "Style Metrics (Stylora)",
+    "StyleFromImage": "Style From Image (Stylora)",
 }
 
 try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register

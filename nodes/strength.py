@@ -10,11 +10,14 @@ Why two ramps: denoise decides how much of the photo's layout survives (img2img,
 the LoRA weight how far the colours and strokes move toward the style. Low strengths should recolour without
 redrawing, so the LoRA ramps up faster than denoise. At s = 0 both are 0: the style's patches are removed
 (the model is the base model, bit for bit) and KSampler with denoise 0 returns the content latent untouched.
+Style From Image's injection follows the LoRA ramp (its output blend); at s = 0 it is removed too.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .style_image import INJECTION_ATTACHMENT, rescale_injection
 
 FULL_STYLE_AT = 0.5  # strength at which the LoRA reaches its trained weight
 STYLE_ATTACHMENT = "stylora_style_adapters"  # ModelPatcher attachment: the patch adapters LoadStyleLoRA added
@@ -68,7 +71,8 @@ class StyleStrength:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model output of Load Style LoRA (one or several chained)."}),
+                "model": ("MODEL", {"tooltip": "The model output of Load Style LoRA (one or several chained) or of "
+                                               "Style From Image."}),
                 "strength": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
                                        "tooltip": "0: the photo unchanged; 0.3: recoloured, layout kept; 0.5: the "
                                                   "style's full weight; 1: strongest (denoise = max_denoise)."}),
@@ -82,13 +86,17 @@ class StyleStrength:
 
         # 1. Which patches are the style's: LoadStyleLoRA records its adapters on the model.
         ours = model.get_attachment(STYLE_ATTACHMENT) if hasattr(model, "get_attachment") else None
-        if not ours:
-            raise ValueError("StyleStrength: model has no style applied by Load Style LoRA (Stylora); connect "
-                             "the model output of a Load Style LoRA node")
+        injection = model.get_attachment(INJECTION_ATTACHMENT) if hasattr(model, "get_attachment") else None
+        if not ours and injection is None:
+            raise ValueError("StyleStrength: model has no style applied by Load Style LoRA or Style From Image "
+                             "(Stylora); connect the model output of one of them")
         lora_scale, denoise = style_schedule(strength, max_denoise)
         # 2. Rescale on a clone (the input model stays as it is) and give it a new patches_uuid, so ComfyUI
         #    re-bakes the weights instead of reusing those of the unscaled model.
         out = model.clone()
-        out.patches = scale_patches(model.patches, {id(a) for a in ours}, lora_scale)
-        out.patches_uuid = uuid.uuid4()
+        if ours:
+            out.patches = scale_patches(model.patches, {id(a) for a in ours}, lora_scale)
+            out.patches_uuid = uuid.uuid4()
+        # 3. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
+        rescale_injection(out, lora_scale)
         return (out, denoise)

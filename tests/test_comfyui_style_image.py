@@ -1,0 +1,93 @@
+"""Style From Image in a real ComfyUI (skipped unless COMFYUI_DIR is set; see tests/test_comfyui.py for the
+environment variables). The graph is built by `style_from_image_graph`, the API-format description of the
+bundled `style_from_image` workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import REPO, skimage_textures
+from test_comfyui import run_in_comfyui, sd15_checkpoint  # noqa: F401  (the fixture)
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")]
+
+
+def style_from_image_graph(content: str = "stylora_content.jpg", painting: str = "stylora_style.jpg",
+                           checkpoint: str = "v1-5-pruned-emaonly.safetensors", strength: float = 0.5,
+                           denoise: float | None = None, steps: int = 20, max_side: int = 512, seed: int = 0,
+                           styled: bool = True) -> dict:
+    """API-format graph: photo + one painting -> styled photo. Titles are what `stylora run --set` addresses.
+
+    denoise None wires Style Strength's denoise into KSampler (as bundled); a number fixes it. styled False
+    leaves out Style From Image and Style Strength (plain img2img, for comparisons).
+    """
+    g = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint},
+              "_meta": {"title": "Checkpoint"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": content}, "_meta": {"title": "Content photo"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": painting}, "_meta": {"title": "Painting"}},
+        "4": {"class_type": "ContentEncode", "_meta": {"title": "Content encode"},
+              "inputs": {"image": ["2", 0], "vae": ["1", 2], "max_side": max_side, "size_multiple": 8,
+                         "rounding": "stretch", "resize_mode": "shrink only"}},
+        "5": {"class_type": "StyleFromImage", "_meta": {"title": "Style from image"},
+              "inputs": {"model": ["1", 0], "style_image": ["3", 0], "vae": ["1", 2], "latent": ["4", 0],
+                         "gamma": 0.75, "temperature": 1.5, "adain": 1.0, "blocks": "6-11"}},
+        "6": {"class_type": "StyleStrength", "_meta": {"title": "Style strength"},
+              "inputs": {"model": ["5", 0], "strength": strength, "max_denoise": 0.75}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}, "_meta": {"title": "Prompt"}},
+        "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]},
+              "_meta": {"title": "Negative prompt"}},
+        "9": {"class_type": "KSampler", "_meta": {"title": "Sampler"},
+              "inputs": {"model": ["6", 0], "seed": seed, "steps": steps, "cfg": 5.0, "sampler_name": "euler",
+                         "scheduler": "normal", "positive": ["7", 0], "negative": ["8", 0],
+                         "latent_image": ["4", 0], "denoise": ["6", 1] if denoise is None else denoise}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]},
+               "_meta": {"title": "Decode"}},
+        "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0], "filename_prefix": "stylora_from_image"},
+               "_meta": {"title": "Save"}},
+    }
+    if not styled:
+        del g["5"], g["6"]
+        g["9"]["inputs"].update(model=["1", 0], denoise=0.0 if denoise is None else denoise)
+    return g
+
+
+def _image(arr: np.ndarray, size: tuple[int, int]) -> list:
+    from PIL import Image
+
+    return (np.asarray(Image.fromarray(arr).convert("RGB").resize(size, Image.Resampling.LANCZOS)) / 255.0).tolist()
+
+
+def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):  # noqa: F811
+    from PIL import Image
+
+    photo = np.asarray(Image.open(REPO / "examples" / "stylora_content.jpg").convert("RGB"))
+    # Two photos of 104x72 px: a 13x9 latent, neither side a multiple of 8.
+    photos = [_image(photo, (104, 72)), _image(photo[:, ::-1].copy(), (104, 72))]
+    painting = np.asarray(Image.open(REPO / "examples" / "stylora_style.jpg").convert("RGB"))
+    images = {"photos.png": photos, "painting.png": [_image(painting, (80, 96))],
+              "other.png": [_image(skimage_textures()["brick"], (80, 96))]}
+    fast = dict(content="photos.png", painting="painting.png", steps=2, max_side=128, seed=1)
+    graphs = {
+        "styled": style_from_image_graph(**fast),
+        "styled_other": style_from_image_graph(**{**fast, "painting": "other.png"}),
+        "styled_s0": style_from_image_graph(**fast, strength=0.0),
+        "plain_d0": style_from_image_graph(**fast, styled=False),
+        "styled_s0_d05": style_from_image_graph(**fast, strength=0.0, denoise=0.5),
+        "styled_s05_d05": style_from_image_graph(**fast, strength=0.5, denoise=0.5),
+        "plain_d05": style_from_image_graph(**fast, styled=False, denoise=0.5),
+    }
+    spec = tmp_path / "graphs.json"
+    spec.write_text(json.dumps({"graphs": graphs, "images": images}))
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_style_image.py", str(REPO), str(sd15_checkpoint),
+                            str(spec))
+    print("style from image in ComfyUI:", json.dumps(report))
+    assert report["finite"] and report["shapes"]["styled"] == [2, 72, 104, 3]  # a batch of 2 photos
+    assert report["input_model_untouched"], report["before"]
+    assert report["s0_equals_plain_d0"] and report["s0_equals_plain_d05"]  # strength 0: plain img2img, exactly
+    assert report["injected_vs_plain_d05"] > 0.5  # mean 8-bit difference: the injection changes the image
+    assert report["two_paintings"] > 0.5
