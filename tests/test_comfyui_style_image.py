@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 from conftest import REPO, skimage_textures
-from test_comfyui import run_in_comfyui, sd15_checkpoint  # noqa: F401  (the fixture)
+from test_comfyui import run_in_comfyui
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="COMFYUI_DIR is not set")]
@@ -62,7 +62,7 @@ def _image(arr: np.ndarray, size: tuple[int, int]) -> list:
     return (np.asarray(Image.fromarray(arr).convert("RGB").resize(size, Image.Resampling.LANCZOS)) / 255.0).tolist()
 
 
-def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):  # noqa: F811
+def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):
     from PIL import Image
 
     photo = np.asarray(Image.open(REPO / "examples" / "stylora_content.jpg").convert("RGB"))
