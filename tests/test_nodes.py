@@ -272,9 +272,38 @@ def test_style_metrics_node_reports_available_and_unavailable_metrics(tmp_path, 
 
     scores = json.loads(as_json)
     assert scores["metrics"]["ssim"] == pytest.approx(1.0) and scores["metrics"]["content"] == 0.0
-    assert "gram" in scores["metrics"] and "lpips: unavailable - torchvision AlexNet" in text
+    assert "gram" in scores["metrics"] and "lpips: n/a (torchvision AlexNet" in text
     assert "fid" in scores["unavailable"] and out["ui"]["text"] == [text]
     node.measure(content, styled, csv_path=str(tmp_path / "m.csv"), label="shifted")
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("time,label,images,ssim,content,gram")
     assert float(rows[2].split(",")[3]) < 1.0
+
+
+def test_style_metrics_never_sends_nan_to_the_browser(tmp_path):
+    import json
+
+    from stylora.eval.metrics import VGGStyle
+    from stylora.eval.report import format_scores, json_safe
+    from stylora.nodes.metrics import StyleMetrics
+
+    node = StyleMetrics()
+    node._nets, node._unavailable = {"vgg": VGGStyle(pretrained=False)}, {"lpips": "alexnet-owt-7be5be79.pth missing"}
+    gen = torch.Generator().manual_seed(0)
+    content = torch.rand(2, 48, 48, 3, generator=gen)
+    styled = content.clone()
+    styled[1, 5, 5, 0] = float("nan")  # an fp16 VAE decode that overflowed, in the second image only
+    out = node.measure(content, styled, style=torch.rand(1, 32, 32, 3, generator=gen))
+    text, as_json = out["result"]
+    json.dumps(out["ui"], allow_nan=False)  # what ComfyUI sends over the websocket: valid JSON
+    scores = json.loads(as_json, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert scores["per_image"]["ssim"][0] == pytest.approx(1.0) and scores["per_image"]["ssim"][1] is None
+    assert "ssim" not in scores["metrics"] and "content" not in scores["metrics"]
+    assert "ssim: n/a (not a finite number for 1 of 2 image(s): NaN/inf pixels in the styled image)" in text
+    lines = node.measure(content, content)["result"][0].splitlines()
+    numbers = [i for i, line in enumerate(lines) if "is better" in line]
+    assert numbers and lines.index("lpips: n/a (alexnet-owt-7be5be79.pth missing)") > max(numbers)
+    assert all("nan" not in line.lower().replace("nan/inf", "") for line in text.splitlines())
+    assert json_safe({"a": [float("inf"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
+    nan_fid = {"images": 1, "metrics": {"fid": float("nan")}, "unavailable": {}}
+    assert format_scores(nan_fid) == "1 image(s)\nfid: n/a (not a finite number)"
