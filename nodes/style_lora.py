@@ -135,8 +135,8 @@ class LoadStyleLoRA:
         for (name, _), (state, meta) in zip(picks, self._read_all([name for name, _ in picks])):
             problems = check_lora_fits(state, key_map, shapes)
             if problems:
-                raise ValueError(f"LoadStyleLoRA: {name} does not fit this SD1.5 model (an SDXL or SD2 LoRA, or a "
-                                 f"damaged file?): " + "; ".join(problems))
+                raise ValueError(f"LoadStyleLoRA: style {name!r} ({style_path(name)}) does not fit this SD1.5 model "
+                                 f"(an SDXL or SD2 LoRA, or a damaged file?): " + "; ".join(problems))
             loaded.append((name, state, meta))
         info: dict[str, Any] = {"styles": [], "strength": strength}
         before = model

@@ -84,6 +84,11 @@ def test_fit_check_accepts_sd15_shapes_and_names_every_misfit(tiny_key_map):
                         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"]
     assert check_lora_fits({"hada_w1_a": torch.zeros(1)}, key_map, shapes) == ["1 unknown keys: hada_w1_a"]
     assert check_lora_fits({}, key_map, shapes) == ["no LoRA weights in the file"]
+    broken = _lora(32, 32, good)
+    broken[f"{good}.lora_up.weight"][0, 0] = float("nan")
+    broken[f"{good}.alpha"] = torch.tensor(float("inf"))
+    assert check_lora_fits(broken, key_map, shapes) == [f"2 tensors with NaN/inf values: {good}.lora_up.weight, "
+                                                        f"{good}.alpha"]
     half = {f"{good}.lora_down.weight": torch.zeros(4, 32)}
     assert "missing up or down" in check_lora_fits(half, key_map, shapes)[0]
 
