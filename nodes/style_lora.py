@@ -139,7 +139,7 @@ class LoadStyleLoRA:
                                  f"(an SDXL or SD2 LoRA, or a damaged file?): " + "; ".join(problems))
             loaded.append((name, state, meta))
         info: dict[str, Any] = {"styles": [], "strength": strength}
-        before = model
+        before, before_clip = model, clip
         for (name, state, meta), w in zip(loaded, weights):
             model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
@@ -148,6 +148,8 @@ class LoadStyleLoRA:
                                    "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", ""))})
         # 5. Record which patches are styles (ours and those of earlier Load Style LoRA nodes) for StyleStrength.
         model.set_attachments(STYLE_ATTACHMENT, style_adapters(before, model))
+        if clip is not None:  # text-encoder patches (lora_te_* keys), which Style Strength scales too
+            clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(before_clip.patcher, clip.patcher))
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
         return (model, clip, info)
