@@ -26,8 +26,9 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, invert: bool = False) 
         raise ValueError(f"mask: expected a MASK [B, H, W], got shape {tuple(mask.shape)}")
     mask = mask.float()
     if tuple(mask.shape[-2:]) != (height, width):
-        logger.info("MaskedStyleApply: mask %dx%d resized to the content's %dx%d", mask.shape[2], mask.shape[1],
-                    width, height)
+        logger.info("MaskedStyleApply: mask %dx%d resized to the content's %dx%d (a mask painted on the photo "
+                    "should come from Content Encode's mask output, which gets the photo's crop)", mask.shape[2],
+                    mask.shape[1], width, height)
         mask = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     mask = mask.clamp(0, 1)
     return 1 - mask if invert else mask
@@ -86,7 +87,8 @@ class MaskedStyleApply:
             "required": {
                 "content": ("IMAGE", {"tooltip": "The content photo at the encoded size (ContentEncode's image)."}),
                 "mask": ("MASK", {"tooltip": "Where the style goes (1) and where the content stays (0); e.g. "
-                                             "painted in Load Image's mask editor. Resized to the content."}),
+                                             "painted in Load Image's mask editor and passed through Content "
+                                             "Encode's mask output (same resize and crop as the photo)."}),
                 "feather": ("INT", {"default": 16, "min": 0, "max": 512, "step": 1,
                                     "tooltip": "Width in pixels of the soft seam, inside the mask's edge."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Style everything except the mask."}),

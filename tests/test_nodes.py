@@ -154,8 +154,8 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
     node = ContentEncode()
     good = _FakeVAE()
     node._fp32_vae = lambda vae: good  # the float32 copy (built with comfy.sd.VAE inside ComfyUI)
-    latent, image, info = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
-                                      "shrink only")
+    latent, image, info, _ = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
+                                         "shrink only")
     assert latent["samples"].shape == (1, 4, 13, 19) and image.shape == (1, 104, 152, 3)
     assert torch.isfinite(latent["samples"]).all() and "re-encoded in float32" in info
     vae = _FakeVAE()
@@ -164,6 +164,19 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
     assert vae.calls == ["tiled 256", "encode"]
     with pytest.raises(ValueError, match="NaN"):
         encode_images(_FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: _FakeVAE(bad=True))
+
+
+@pytest.mark.parametrize("rounding", ["crop", "stretch"])
+def test_content_encode_gives_the_mask_the_photos_resize_and_crop(rounding):
+    from stylora.nodes.content import ContentEncode
+
+    photo = torch.rand(1, 203, 309, 3, generator=torch.Generator().manual_seed(0))
+    _, image, info, mask = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only",
+                                                  mask=photo[..., 0])  # a "mask" that is the photo's red channel
+    assert mask.shape == image.shape[:3] == (1, 80, 128 if rounding == "crop" else 128)
+    assert torch.allclose(mask, image[..., 0], atol=1e-6)  # pixel for pixel where the photo's pixels went
+    no_alpha = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only", mask=torch.zeros(64, 64))
+    assert no_alpha[3].shape == (1, 80, 128) and not no_alpha[3].any()
 
 
 # --- StyleStrength ------------------------------------------------------------------------------------------
