@@ -278,11 +278,25 @@ def test_masked_composite_is_exact_outside_the_mask_and_feathers_inward():
     assert torch.equal(image[outside], content[outside])  # bit for bit
     assert (weights[outside] == 0).all() and weights.max() == 1.0
     assert torch.allclose(image[weights == 1], styled[weights == 1])
-    assert 0 < weights[0, 32, 26] < weights[0, 32, 30] < 1  # the seam rises inside the edge (x=24)
+    assert 0 < weights[0, 32, 26] < weights[0, 32, 29] < 1  # the seam rises inside the edge (x=23, soft)
     inverted, _, _ = node.apply(content, mask, 0, True, styled=styled)
     assert torch.equal(inverted[0, 32, 48], content[0, 32, 48]) and torch.equal(inverted[0, 0, 0], styled[0, 0, 0])
     with pytest.raises(ValueError, match="styled image is 48x32 but content is 96x64"):
         node.apply(content, mask, 8, False, styled=styled[:, :32, :48])
+
+
+def test_every_painted_pixel_gets_weight_even_in_strokes_thinner_than_the_feather():
+    from stylora.nodes.mask import feather_mask
+
+    mask = torch.zeros(1, 96, 96)
+    mask[:, 10:80, 20:23] = 1.0  # a 3 px stroke
+    mask[:, 50, 30:90] = 1.0  # a 1 px line
+    mask[:, 60:90, 40:90] = 0.5  # a wide, half-opaque patch (50x30 px)
+    weights = feather_mask(mask, 16)
+    assert (weights[mask > 0] > 0).all() and (weights[mask == 0] == 0).all()
+    assert (weights[0, 12:78, 21] == 1).all()  # the stroke's centre line keeps full weight
+    assert weights[0, 75, 65] == 0.5 and 0 < weights[0, 61, 65] < 0.1  # wide regions: the usual inward ramp
+    assert 0 < weights[0, 30, 20] < weights[0, 30, 21]
 
 
 def test_regional_multi_style_by_chaining_keeps_unmasked_pixels():
