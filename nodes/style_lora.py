@@ -62,12 +62,14 @@ class LoadStyleLoRA:
 
     CATEGORY = "Stylora"
     FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "STYLORA_STYLE")
-    RETURN_NAMES = ("model", "clip", "style_info")
+    RETURN_TYPES = ("MODEL", "CLIP", "STYLORA_STYLE", "STRING")  # new outputs go last: saved links keep slots
+    RETURN_NAMES = ("model", "clip", "style_info", "trigger")
     OUTPUT_TOOLTIPS = (
         "The model with the style's weights patched in.",
         "The text encoder, patched too when the style carries text-encoder weights.",
         "What was applied: style names, blend weights, trigger phrase and the trainer's suggested denoise.",
+        "The prompt the style was trained with: its trigger phrase, or empty for a promptless style. Wire into "
+        "the positive CLIPTextEncode's text so the sampler is conditioned as in training.",
     )
     DESCRIPTION = ("Applies a style LoRA from models/styles or models/loras to an SD1.5 model. Optional second and "
                    "third styles are blended with the first by weight (weights are normalised to sum to 1, then "
@@ -152,4 +154,4 @@ class LoadStyleLoRA:
             clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(before_clip.patcher, clip.patcher))
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
-        return (model, clip, info)
+        return (model, clip, info, info["trigger"])

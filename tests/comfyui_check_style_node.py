@@ -20,8 +20,8 @@ def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, *bad: str) 
     listed = node_cls.INPUT_TYPES()["required"]["style"][0]
     model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     node = node_cls()
-    m1, _, info = node.load(model, clip, good, 0.8)
-    m2, _, info2 = node.load(model, clip, good, 1.0, style_2=other, weight_2=3.0)
+    m1, _, info, _ = node.load(model, clip, good, 0.8)
+    m2, _, info2, _ = node.load(model, clip, good, 1.0, style_2=other, weight_2=3.0)
     key = next(iter(m2.patches))
     refused = {}
     for name in bad:
