@@ -40,13 +40,17 @@ def style_path(name: str) -> str:
 
 
 def register_model_folders(folder_paths: Any) -> None:
-    """Add models/styles under the key 'stylora', merged with any extra_model_paths.yaml entry for that key."""
-    default = os.path.join(folder_paths.models_dir, "styles")
-    entry = folder_paths.folder_names_and_paths.get(STYLE_FOLDER_KEY)
-    if entry is None:
-        folder_paths.folder_names_and_paths[STYLE_FOLDER_KEY] = ([default], set(folder_paths.supported_pt_extensions))
-    elif default not in entry[0]:
-        entry[0].append(default)
+    """Add models/styles under the key 'stylora' and models/stylora_metrics (Style Metrics' network weights) under
+    'stylora_metrics', each merged with any extra_model_paths.yaml entry for its key."""
+    from ..eval.weights import METRICS_FOLDER_KEY
+
+    for key, folder in ((STYLE_FOLDER_KEY, "styles"), (METRICS_FOLDER_KEY, "stylora_metrics")):
+        default = os.path.join(folder_paths.models_dir, folder)
+        entry = folder_paths.folder_names_and_paths.get(key)
+        if entry is None:
+            folder_paths.folder_names_and_paths[key] = ([default], set(folder_paths.supported_pt_extensions))
+        elif default not in entry[0]:
+            entry[0].append(default)
 
 
 def style_adapters(before: Any, after: Any) -> tuple:

@@ -34,6 +34,7 @@ def test_styles_folder_is_registered_and_merged():
                                supported_pt_extensions={".safetensors", ".ckpt"})
     register_model_folders(fp)
     assert fp.folder_names_and_paths[STYLE_FOLDER_KEY] == (["/comfy/models/styles"], {".safetensors", ".ckpt"})
+    assert fp.folder_names_and_paths["stylora_metrics"][0] == ["/comfy/models/stylora_metrics"]
     fp.folder_names_and_paths[STYLE_FOLDER_KEY] = (["/data/my-styles"], {".safetensors"})  # extra_model_paths.yaml
     register_model_folders(fp)
     assert fp.folder_names_and_paths[STYLE_FOLDER_KEY][0] == ["/data/my-styles", "/comfy/models/styles"]
