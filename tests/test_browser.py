@@ -72,8 +72,25 @@ def canvas(comfy_server):  # noqa: F811 (the fixture imported above)
         page.goto(comfy_server["url"])
         page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         page.wait_for_timeout(3000)
-        yield {"page": page, "errors": errors, "url": comfy_server["url"]}
+        templates = _templates_browser(page)
+        yield {"page": page, "errors": errors, "url": comfy_server["url"], "templates": templates}
         browser.close()
+
+
+def _templates_browser(page) -> list[list]:
+    """The Templates browser's Stylora section (it opens by itself on a first start; otherwise from the sidebar):
+    each card's thumbnail source and loaded width, screenshotted, then the dialog closed."""
+    if not page.get_by_text("Get Started with a Template").is_visible():
+        page.get_by_text("Templates", exact=True).first.click()
+    page.get_by_text("stylora", exact=True).first.click()
+    page.wait_for_timeout(2500)
+    page.screenshot(path="/tmp/canvas-templates.png")
+    cards = page.evaluate("""() => [...document.querySelectorAll('img')]
+        .filter((i) => i.src.includes('/workflow_templates/stylora/'))
+        .map((i) => [i.src.split('/').pop(), i.naturalWidth])""")
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(500)
+    return cards
 
 
 def _open(page, name: str) -> None:
@@ -96,15 +113,19 @@ def _set(page, values: dict[str, dict]) -> None:
     }""", values)
 
 
-def _run(page, timeout_s: float = 600) -> None:
-    """Queue the canvas's graph and wait until the server's queue is empty again."""
+def _run(page, timeout_s: float = 600) -> dict:
+    """Queue the canvas's graph as the Queue button does and wait for its history entry; returns its status."""
+    before = page.evaluate("async () => Object.keys(await (await fetch('/api/history')).json()).length")
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
-    page.wait_for_timeout(1000)
-    page.wait_for_function("""async () => {
-        const q = await (await fetch('/api/queue')).json();
-        return q.queue_running.length === 0 && q.queue_pending.length === 0;
-    }""", timeout=timeout_s * 1000, polling=1000)
-    page.wait_for_timeout(1000)
+    page.wait_for_function("""async (before) => {
+        const h = await (await fetch('/api/history')).json();
+        return Object.keys(h).length > before;
+    }""", arg=before, timeout=timeout_s * 1000, polling=1000)
+    page.wait_for_timeout(1500)  # the executed message reaches the node
+    return page.evaluate("""async () => {
+        const h = await (await fetch('/api/history')).json();
+        return Object.values(h).at(-1).status;
+    }""")
 
 
 def test_page_loads_with_no_error_from_the_pack(canvas):
@@ -114,6 +135,8 @@ def test_page_loads_with_no_error_from_the_pack(canvas):
     assert [e for e in canvas["errors"] if "stylora" in e.lower()] == []
     listed = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json()).stylora")
     assert sorted(listed) == sorted(NAMES)
+    assert sorted(canvas["templates"]) == sorted([f"{n}.jpg", 256] for n in NAMES)  # every card shows its picture
+    assert not page.get_by_text("Get Started with a Template").is_visible()
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -153,7 +176,8 @@ def test_style_metrics_runs_and_shows_its_text_on_the_node(canvas):
     page = canvas["page"]
     _open(page, "style_metrics")
     _set(page, _small_run("mystyle.safetensors"))
-    _run(page)
+    status = _run(page)
+    assert status["status_str"] == "success", status
     text = _metrics_text(page)
     assert text.startswith("1 image(s)\nssim: ") and "lpips: n/a (alexnet-owt-7be5be79.pth missing" in text
     assert page.evaluate(OVERLAPS_JS) == []  # the node grew into the room left below it
@@ -164,7 +188,8 @@ def test_nan_metrics_leave_the_queue_panel_working(canvas):
     page = canvas["page"]
     _open(page, "style_metrics")
     _set(page, _small_run("overflow.safetensors"))
-    _run(page)
+    status = _run(page)
+    assert status["status_str"] == "success", status
     text = _metrics_text(page)
     assert "ssim: n/a (not a finite number" in text and "NaN" not in text.replace("NaN/inf", "")
     # What the Queue panel reads: the history must parse as JSON (Python's NaN would not).
