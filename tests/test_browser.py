@@ -113,10 +113,12 @@ def _set(page, values: dict[str, dict]) -> None:
     }""", values)
 
 
-def _run(page, timeout_s: float = 600) -> dict:
+def _run(page, timeout_s: float = 240) -> dict:
     """Queue the canvas's graph as the Queue button does and wait for its history entry; returns its status."""
     before = page.evaluate("async () => Object.keys(await (await fetch('/api/history')).json()).length")
-    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as reply:
+        page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+    assert reply.value.status == 200, reply.value.text()  # the server accepted the graph (no validation error)
     page.wait_for_function("""async (before) => {
         const h = await (await fetch('/api/history')).json();
         return Object.keys(h).length > before;
