@@ -79,15 +79,15 @@ def canvas(comfy_server):  # noqa: F811 (the fixture imported above)
 
 def _templates_browser(page) -> list[list]:
     """The Templates browser's Stylora section (it opens by itself on a first start; otherwise from the sidebar):
-    each card's thumbnail source and loaded width, screenshotted, then the dialog closed."""
+    the thumbnails its cards fetched, screenshotted, then the dialog closed."""
     if not page.get_by_text("Get Started with a Template").is_visible():
         page.get_by_text("Templates", exact=True).first.click()
     page.get_by_text("stylora", exact=True).first.click()
     page.wait_for_timeout(2500)
     page.screenshot(path="/tmp/canvas-templates.png")
-    cards = page.evaluate("""() => [...document.querySelectorAll('img')]
-        .filter((i) => i.src.includes('/workflow_templates/stylora/'))
-        .map((i) => [i.src.split('/').pop(), i.naturalWidth])""")
+    cards = page.evaluate("""() => [...new Set(performance.getEntriesByType('resource')
+        .map((e) => e.name).filter((u) => u.includes('workflow_templates/stylora/') && u.endsWith('.jpg'))
+        .map((u) => u.split('/').pop()))]""")
     page.keyboard.press("Escape")
     page.wait_for_timeout(500)
     return cards
@@ -115,19 +115,15 @@ def _set(page, values: dict[str, dict]) -> None:
 
 def _run(page, timeout_s: float = 240) -> dict:
     """Queue the canvas's graph as the Queue button does and wait for its history entry; returns its status."""
-    before = page.evaluate("async () => Object.keys(await (await fetch('/api/history')).json()).length")
     with page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST") as reply:
         page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     assert reply.value.status == 200, reply.value.text()  # the server accepted the graph (no validation error)
-    page.wait_for_function("""async (before) => {
-        const h = await (await fetch('/api/history')).json();
-        return Object.keys(h).length > before;
-    }""", arg=before, timeout=timeout_s * 1000, polling=1000)
+    prompt_id = reply.value.json()["prompt_id"]
+    page.wait_for_function("""async (id) => id in await (await fetch(`/api/history/${id}`)).json()""",
+                           arg=prompt_id, timeout=timeout_s * 1000, polling=1000)
     page.wait_for_timeout(1500)  # the executed message reaches the node
-    return page.evaluate("""async () => {
-        const h = await (await fetch('/api/history')).json();
-        return Object.values(h).at(-1).status;
-    }""")
+    return page.evaluate("""async (id) => (await (await fetch(`/api/history/${id}`)).json())[id].status""",
+                         prompt_id)
 
 
 def test_page_loads_with_no_error_from_the_pack(canvas):
@@ -137,7 +133,7 @@ def test_page_loads_with_no_error_from_the_pack(canvas):
     assert [e for e in canvas["errors"] if "stylora" in e.lower()] == []
     listed = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json()).stylora")
     assert sorted(listed) == sorted(NAMES)
-    assert sorted(canvas["templates"]) == sorted([f"{n}.jpg", 256] for n in NAMES)  # every card shows its picture
+    assert sorted(canvas["templates"]) == sorted(f"{n}.jpg" for n in NAMES)  # every card fetched its picture
     assert not page.get_by_text("Get Started with a Template").is_visible()
 
 
