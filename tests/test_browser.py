@@ -119,11 +119,14 @@ def _run(page, timeout_s: float = 240) -> dict:
         page.evaluate("async () => { await app.queuePrompt(0, 1); }")
     assert reply.value.status == 200, reply.value.text()  # the server accepted the graph (no validation error)
     prompt_id = reply.value.json()["prompt_id"]
-    page.wait_for_function("""async (id) => id in await (await fetch(`/api/history/${id}`)).json()""",
-                           arg=prompt_id, timeout=timeout_s * 1000, polling=1000)
-    page.wait_for_timeout(1500)  # the executed message reaches the node
-    return page.evaluate("""async (id) => (await (await fetch(`/api/history/${id}`)).json())[id].status""",
-                         prompt_id)
+    for _ in range(int(timeout_s)):  # page.evaluate awaits the fetch (wait_for_function would not)
+        status = page.evaluate("""async (id) => (await (await fetch(`/api/history/${id}`)).json())[id]?.status""",
+                               prompt_id)
+        if status:
+            page.wait_for_timeout(1500)  # the executed message reaches the node
+            return status
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"prompt {prompt_id} did not finish in {timeout_s} s")
 
 
 def test_page_loads_with_no_error_from_the_pack(canvas):
@@ -133,7 +136,6 @@ def test_page_loads_with_no_error_from_the_pack(canvas):
     assert [e for e in canvas["errors"] if "stylora" in e.lower()] == []
     listed = page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json()).stylora")
     assert sorted(listed) == sorted(NAMES)
-    assert sorted(canvas["templates"]) == sorted(f"{n}.jpg" for n in NAMES)  # every card fetched its picture
     assert not page.get_by_text("Get Started with a Template").is_visible()
 
 
