@@ -143,7 +143,8 @@ def lora_prefixes(state: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, t
 
 def check_lora_fits(state: dict[str, torch.Tensor], key_map: dict[str, Any],
                     target_shapes: dict[str, tuple[int, ...]], limit: int = 5) -> list[str]:
-    """Why a LoRA does not fit a model (an empty list: every module maps to a weight of matching shape).
+    """Why a LoRA does not fit a model (an empty list: every module maps to a weight of matching shape and every
+    tensor is finite).
 
     key_map: LoRA module prefix -> model weight key (ComfyUI's `model_lora_keys_unet/clip`; a tuple's first item is
     the key). target_shapes: model weight key -> shape. ComfyUI itself only logs unmapped keys and skips
@@ -151,6 +152,8 @@ def check_lora_fits(state: dict[str, torch.Tensor], key_map: dict[str, Any],
     check refuses. At most `limit` problems of each kind are listed, with a count of the rest.
     """
     modules, unknown = lora_prefixes(state)
+    # NaN/inf weights (a diverged training run, a damaged file) would turn every image black or into noise.
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     unmapped, mismatched, incomplete = [], [], []
     for prefix, parts in modules.items():
         if set(parts) != {"down", "up"}:
@@ -167,7 +170,8 @@ def check_lora_fits(state: dict[str, torch.Tensor], key_map: dict[str, Any],
         if len(shape) < 2 or shape[0] != out_ch or shape[1] != in_ch:
             mismatched.append(f"{prefix}: LoRA maps {in_ch}->{out_ch}, model weight is {tuple(shape)}")
     problems = []
-    for label, items in (("unknown keys", unknown), ("modules with no matching model layer", unmapped),
+    for label, items in (("tensors with NaN/inf values", non_finite), ("unknown keys", unknown),
+                         ("modules with no matching model layer", unmapped),
                          ("modules of the wrong shape", mismatched), ("modules missing up or down", incomplete)):
         if items:
             more = f" (+{len(items) - limit} more)" if len(items) > limit else ""

@@ -19,6 +19,7 @@ from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SE
 from .metrics import InceptionFeatures, artfid, fid, kid, ssim
 from .scoring import (
     fmt,
+    json_safe,
     load_nets,
     load_tensor,
     mean_grams,
@@ -131,7 +132,8 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
                              "set": m.set_metrics, "unmatched": m.unmatched, "rows": m.rows}
                     for m in methods},
     }
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False, default=_json_default))
+    atomic_write_text(out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False,
+                                                      default=_json_default))
     _write_csv(out / "report.csv", methods, [x for x in PAIR_METRICS if x in wanted])
     atomic_write_text(out / "report.md", _markdown(report, methods, style_files))
     _plot(out, methods, report)

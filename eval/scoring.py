@@ -175,6 +175,7 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
             per["gram"] = nets["vgg"].gram_loss(x, target).tolist()
     out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
                            "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
+    bad_inputs = [name for name, t in (("styled", x), ("content", y)) if not torch.isfinite(t).all()]
     # 3. Set metrics against the style folder.
     if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
         feats = nets["inception"](x).numpy()
@@ -191,19 +192,50 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
                 out["metrics"]["kid"] = kid(feats, style_feats, subsets=100, subset_size=1000)[0]
             if "artfid" in wanted and "lpips" in out["metrics"]:
                 out["metrics"]["artfid"] = artfid(out["metrics"]["lpips"], f)
+    # 4. A NaN/inf score is reported as n/a with the reason, never as a number: JSON has no NaN, and the
+    #    browser cannot parse the NaN that Python's json writes by default.
+    cause = (f"NaN/inf pixels in the {' and '.join(bad_inputs)} image" if bad_inputs
+             else "the metric is undefined or overflowed for these inputs")
+    for name, values in per.items():
+        bad = sum(not math.isfinite(v) for v in values)
+        if bad:
+            per[name] = [v if math.isfinite(v) else None for v in values]
+            unavailable[name] = f"not a finite number for {bad} of {len(values)} image(s): {cause}"
+    for name, value in list(out["metrics"].items()):
+        if name in unavailable or not math.isfinite(value):
+            del out["metrics"][name]
+            unavailable.setdefault(name, f"not a finite number: {cause}")
     return out
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, through dicts, lists and tuples, so that
+    `json.dumps(..., allow_nan=False)` succeeds and browsers can parse the result."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def format_scores(scores: dict[str, Any]) -> str:
     """The readable text of `score_images`'s result: one line per metric, then the unavailable ones and why."""
     lines = [f"{scores['images']} image(s)"]
+    missing = []
     for name in ALL_METRICS:
-        if name in scores["metrics"]:
+        value = scores["metrics"].get(name)
+        if value is not None and math.isfinite(value):
             better = "higher" if HIGHER_IS_BETTER[name] else "lower"
-            lines.append(f"{name}: {fmt(scores['metrics'][name])}  ({DESCRIPTION[name]}; {better} is better)")
-    for name, why in scores["unavailable"].items():
-        lines.append(f"{name}: unavailable - {why}")
-    return "\n".join(lines)
+            lines.append(f"{name}: {fmt(value)}  ({DESCRIPTION[name]}; {better} is better)")
+        elif name in scores["metrics"] or name in scores["unavailable"]:
+            # The numbers first, then one short line per metric that has none (the first line of the reason).
+            why = str(scores["unavailable"].get(name, "not a finite number")).splitlines()[0]
+            missing.append(f"{name}: n/a ({why})")
+    return "\n".join(lines + missing)
 
 
 def append_csv(path: str | Path, row: dict[str, Any]) -> None:

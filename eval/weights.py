@@ -1,9 +1,12 @@
 """Published weights of the feature networks behind the metrics, found where users already have them.
 
-Search order for a file: $STYLORA_WEIGHTS_DIR, the torch hub cache (`torch.hub.get_dir()/checkpoints`, where
-torchvision, lpips and pytorch-fid put them), then the packages that vendor small ones (torchmetrics and lpips
-ship the LPIPS linear heads). Missing files are downloaded into the torch hub cache unless
-STYLORA_OFFLINE=1; failing that, WeightsUnavailable names the file and where to get it.
+Search order for a file: inside ComfyUI its `models/stylora_metrics/` folder (folder_paths key
+"stylora_metrics", registered by the node pack), $STYLORA_WEIGHTS_DIR, the torch hub cache
+(`torch.hub.get_dir()/checkpoints`, where torchvision, lpips and pytorch-fid put them), then the packages that
+vendor small ones (torchmetrics and lpips ship the LPIPS linear heads). Missing files are downloaded (into the
+first of those folders) unless STYLORA_OFFLINE=1, at most once per process: a failed download is remembered, so
+a ComfyUI server does not retry it on every run or node. Failing that, WeightsUnavailable's first line is short
+("<file> missing; ...") and the next ones say where to get the file.
 Only safetensors or `torch.load(weights_only=True)`: no pickled code runs.
 """
 
@@ -22,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 class WeightsUnavailable(RuntimeError):
     """A metric's pretrained weights are not on this machine and could not be downloaded."""
+
+
+METRICS_FOLDER_KEY = "stylora_metrics"  # ComfyUI folder_paths key of models/stylora_metrics
+_FAILED_DOWNLOADS: dict[str, str] = {}  # file name -> why its download failed, for the rest of the process
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,13 @@ LPIPS_LINEAR = {
 
 def search_dirs() -> list[Path]:
     dirs = []
+    try:  # inside ComfyUI: its models folder for these files comes first
+        import folder_paths
+
+        if METRICS_FOLDER_KEY in folder_paths.folder_names_and_paths:
+            dirs += [Path(d) for d in folder_paths.get_folder_paths(METRICS_FOLDER_KEY)]
+    except ImportError:
+        pass
     if os.environ.get("STYLORA_WEIGHTS_DIR"):
         dirs.append(Path(os.environ["STYLORA_WEIGHTS_DIR"]))
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
@@ -89,17 +103,24 @@ def weights_path(spec: WeightsFile) -> Path:
     path = find_weights(spec)
     if path is not None:
         return path
-    target = Path(torch.hub.get_dir()) / "checkpoints" / spec.name
-    hint = (f"{spec.what}: {spec.name} not found in {', '.join(str(d) for d in search_dirs())}. "
-            f"Download {spec.url} into {target.parent} (or into $STYLORA_WEIGHTS_DIR).")
+    dirs = search_dirs()
+    target = dirs[0] / spec.name
+    hint = (f"{spec.name} missing; see README, Style Metrics\n{spec.what}: not found in "
+            f"{', '.join(str(d) for d in dirs)}. Download {spec.url} into {target.parent}.")
+    if spec.name in _FAILED_DOWNLOADS:  # tried once in this process already: do not hit the network again
+        raise WeightsUnavailable(_FAILED_DOWNLOADS[spec.name])
     if os.environ.get("STYLORA_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
         raise WeightsUnavailable(hint)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        logger.info("downloading %s from %s", spec.name, spec.url)
-        torch.hub.download_url_to_file(spec.url, str(target), progress=True)
+        logger.info("downloading %s (%s) from %s into %s; once per run", spec.name, spec.what, spec.url,
+                    target.parent)
+        torch.hub.download_url_to_file(spec.url, str(target), progress=True)  # temp file + rename; tqdm progress
     except Exception as e:  # any network or disk failure: the caller reports the metric as unavailable
-        raise WeightsUnavailable(f"{hint} (download failed: {type(e).__name__}: {e})") from e
+        _FAILED_DOWNLOADS[spec.name] = f"{hint} (download failed: {type(e).__name__}: {e})"
+        logger.warning("could not download %s: %s: %s", spec.name, type(e).__name__, e)
+        raise WeightsUnavailable(_FAILED_DOWNLOADS[spec.name]) from e
+    logger.info("downloaded %s (%.1f MB)", target, target.stat().st_size / 1e6)
     return target
 
 

@@ -124,12 +124,13 @@ class ContentEncode:
 
     CATEGORY = "Stylora"
     FUNCTION = "encode"
-    RETURN_TYPES = ("LATENT", "IMAGE", "STRING")
-    RETURN_NAMES = ("latent", "image", "info")
+    RETURN_TYPES = ("LATENT", "IMAGE", "STRING", "MASK")  # MASK last: saved workflows keep their slots
+    RETURN_NAMES = ("latent", "image", "info", "mask")
     OUTPUT_TOOLTIPS = (
         "The encoded photo, to feed KSampler (img2img) or MaskedStyleApply.",
         "The photo at exactly the encoded size: use it as the content for MaskedStyleApply and StyleMetrics.",
         "What was done to the photo: original and new size, scale, stretch or crop, tiling, float32 re-encode.",
+        "The mask input resized and cropped exactly like the photo (for Masked Style Apply); empty without one.",
     )
     DESCRIPTION = ("Resizes the content photo to an SD1.5-friendly size (aspect ratio kept, sides multiples of 8) "
                    "and encodes it with the VAE. The resized image output is pixel-for-pixel what was encoded.")
@@ -163,6 +164,8 @@ class ContentEncode:
                                                       "larger than 1536x1536 pixels."}),
                 "tile_size": ("INT", {"default": 512, "min": 256, "max": 2048, "step": 64,
                                       "tooltip": "Tile side in pixels when tiling."}),
+                "mask": ("MASK", {"tooltip": "A mask painted on the photo (Load Image's mask output): it gets the "
+                                             "same resize and crop as the photo, at the mask output."}),
             },
         }
 
@@ -174,7 +177,7 @@ class ContentEncode:
         return self._fp32[1]
 
     def encode(self, image: torch.Tensor, vae: Any, max_side: int, size_multiple: int, rounding: str,
-               resize_mode: str, tiling: str = "auto", tile_size: int = 512):
+               resize_mode: str, tiling: str = "auto", tile_size: int = 512, mask: torch.Tensor | None = None):
         # 1. Plan the size, then resize (the same plan for every image of the batch).
         plan = plan_size(image.shape[2], image.shape[1], max_side, size_multiple, rounding, resize_mode)
         pixels = resize_images(image, plan)
@@ -182,4 +185,13 @@ class ContentEncode:
         latents, note = encode_images(vae, pixels, tiling, tile_size, lambda: self._fp32_vae(vae))
         info = plan.describe() + (f"; {note}" if note else "")
         logger.info("ContentEncode: %s", info)
-        return ({"samples": latents}, pixels, info)
+        # 3. The mask through the same plan as the photo: resizing it straight to the encoded size would miss
+        #    the centre crop (off by up to size_multiple - 1 px with rounding = crop).
+        if mask is None:
+            mask_out = torch.zeros(pixels.shape[:3])
+        else:
+            m = (mask[None] if mask.ndim == 2 else mask).float()
+            if tuple(m.shape[-2:]) != tuple(image.shape[1:3]):  # e.g. the 64x64 empty mask of a photo without alpha
+                m = F.interpolate(m[:, None], size=tuple(image.shape[1:3]), mode="bilinear", align_corners=False)[:, 0]
+            mask_out = resize_images(m[..., None], plan)[..., 0].clamp(0, 1)
+        return ({"samples": latents}, pixels, info, mask_out)

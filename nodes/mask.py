@@ -26,25 +26,45 @@ def fit_mask(mask: torch.Tensor, height: int, width: int, invert: bool = False) 
         raise ValueError(f"mask: expected a MASK [B, H, W], got shape {tuple(mask.shape)}")
     mask = mask.float()
     if tuple(mask.shape[-2:]) != (height, width):
-        logger.info("MaskedStyleApply: mask %dx%d resized to the content's %dx%d", mask.shape[2], mask.shape[1],
-                    width, height)
+        logger.info("MaskedStyleApply: mask %dx%d resized to the content's %dx%d (a mask painted on the photo "
+                    "should come from Content Encode's mask output, which gets the photo's crop)", mask.shape[2],
+                    mask.shape[1], width, height)
         mask = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
     mask = mask.clamp(0, 1)
     return 1 - mask if invert else mask
 
 
 def feather_mask(mask: torch.Tensor, feather: int) -> torch.Tensor:
-    """mask [B, H, W] in 0..1 -> the blend weights [B, H, W]: 0 wherever the mask is 0, rising over `feather`
-    pixels inside its edge (smoothstep of a box-blur ramp), so a seam never reaches outside the mask."""
+    """mask [B, H, W] in 0..1 -> the blend weights [B, H, W] in 0..1: 0 wherever the mask is 0, rising inward from
+    its edge, so a seam never reaches outside the mask, and > 0 on every painted pixel.
+
+    weight = mask * smoothstep(d / min(feather, h)), with d the Euclidean distance (px) from a painted pixel to the
+    nearest unpainted one (>= 1) and h the region's local half-width, the largest d within `feather` px. Regions
+    wider than 2 * feather get the usual ramp over `feather` px; a thinner stroke gets a ramp as wide as its
+    half-width, so it keeps full weight on its centre line instead of vanishing (a fixed-width ramp gives 0 to
+    strokes narrower than about twice the feather). The image border is not an edge.
+    """
     if feather < 0:
         raise ValueError(f"feather must be >= 0 pixels, got {feather}")
     if feather == 0:
         return mask
-    inside = (mask > 0).float()[:, None]
-    k = 2 * feather + 1
-    # Box blur with the border replicated: at a straight edge the mean is 0.5, reaching 1 `feather` px inside.
-    blurred = F.avg_pool2d(F.pad(inside, (feather,) * 4, mode="replicate"), k, stride=1)[:, 0]
-    ramp = ((blurred - 0.5) * 2).clamp(0, 1)
+    import numpy as np
+    from scipy import ndimage
+
+    ramps = []
+    narrowed = 0
+    for inside in (mask > 0).cpu().numpy():
+        if inside.all() or not inside.any():
+            ramps.append(np.ones(inside.shape, np.float32))
+            continue
+        d = ndimage.distance_transform_edt(np.pad(inside, 1, mode="edge"))[1:-1, 1:-1]
+        h = np.minimum(ndimage.maximum_filter(d, size=2 * feather + 1), feather)
+        narrowed += int((inside & (h < feather)).sum())
+        ramps.append(np.clip(d / np.maximum(h, 1.0), 0.0, 1.0).astype(np.float32))
+    if narrowed:
+        logger.info("MaskedStyleApply: feather narrowed to the stroke's half-width on %d of %d painted pixels "
+                    "(strokes thinner than 2 x feather = %d px)", narrowed, int((mask > 0).sum()), 2 * feather)
+    ramp = torch.from_numpy(np.stack(ramps)).to(mask.device)
     ramp = ramp * ramp * (3 - 2 * ramp)  # smoothstep: no visible kink where the ramp starts or ends
     return mask * ramp
 
@@ -86,7 +106,8 @@ class MaskedStyleApply:
             "required": {
                 "content": ("IMAGE", {"tooltip": "The content photo at the encoded size (ContentEncode's image)."}),
                 "mask": ("MASK", {"tooltip": "Where the style goes (1) and where the content stays (0); e.g. "
-                                             "painted in Load Image's mask editor. Resized to the content."}),
+                                             "painted in Load Image's mask editor and passed through Content "
+                                             "Encode's mask output (same resize and crop as the photo)."}),
                 "feather": ("INT", {"default": 16, "min": 0, "max": 512, "step": 1,
                                     "tooltip": "Width in pixels of the soft seam, inside the mask's edge."}),
                 "invert": ("BOOLEAN", {"default": False, "tooltip": "Style everything except the mask."}),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..eval.scoring import append_csv, format_scores, load_nets, score_images
+from ..eval.scoring import append_csv, format_scores, json_safe, load_nets, score_images
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,9 @@ class StyleMetrics:
         # 2. Scores, text and JSON.
         scores = score_images(content, styled, style, style_folder.strip() or None, wanted, self._nets, device)
         scores["unavailable"] = {**self._unavailable, **scores["unavailable"]}
+        scores = json_safe(scores)  # NaN/inf -> None: what goes to the browser must be valid JSON
         text = format_scores(scores)
-        as_json = json.dumps(scores, indent=1)
+        as_json = json.dumps(scores, indent=1, allow_nan=False)
         logger.info("StyleMetrics:\n%s", text)
         # 3. Optional CSV row.
         if csv_path.strip():

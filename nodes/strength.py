@@ -9,7 +9,8 @@ The mapping (documented in the README, "Style strength"):
 Why two ramps: denoise decides how much of the photo's layout survives (img2img, Meng et al. 2022, SDEdit),
 the LoRA weight how far the colours and strokes move toward the style. Low strengths should recolour without
 redrawing, so the LoRA ramps up faster than denoise. At s = 0 both are 0: the style's patches are removed
-(the model is the base model, bit for bit) and KSampler with denoise 0 returns the content latent untouched.
+from the MODEL and, when the CLIP is connected, from the text encoder too (LoRAs with `lora_te_*` keys), so both
+are the base checkpoint's, bit for bit; KSampler with denoise 0 returns the content latent untouched.
 Style From Image's injection follows the LoRA ramp (its output blend); at s = 0 it is removed too.
 """
 
@@ -57,11 +58,13 @@ class StyleStrength:
 
     CATEGORY = "Stylora"
     FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL", "FLOAT")
-    RETURN_NAMES = ("model", "denoise")
+    RETURN_TYPES = ("MODEL", "FLOAT", "CLIP")  # CLIP last: workflows saved before it keep their slots
+    RETURN_NAMES = ("model", "denoise", "clip")
     OUTPUT_TOOLTIPS = (
         "The model with the style's weight scaled (strength 0: the base model itself).",
         "Wire into KSampler's denoise (right-click KSampler > convert denoise to input if your frontend needs it).",
+        "The text encoder with the style's text-encoder weights scaled the same way (strength 0: the base CLIP); "
+        "wire into the prompt encoders. Only set when the clip input is connected.",
     )
     DESCRIPTION = ("One knob for how strongly the photo is styled. The style's LoRA weight ramps from 0 to its "
                    f"trained weight as strength goes 0 -> {FULL_STYLE_AT}, and denoise = strength x max_denoise. "
@@ -79,9 +82,13 @@ class StyleStrength:
                 "max_denoise": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Denoise at strength 1. Higher repaints more of the layout."}),
             },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The clip output of Load Style LoRA: styles with text-encoder weights "
+                                             "are scaled there too, so strength 0 is the base CLIP."}),
+            },
         }
 
-    def apply(self, model: Any, strength: float, max_denoise: float = 0.75):
+    def apply(self, model: Any, strength: float, max_denoise: float = 0.75, clip: Any = None):
         import uuid
 
         # 1. Which patches are the style's: LoadStyleLoRA records its adapters on the model.
@@ -99,4 +106,11 @@ class StyleStrength:
             out.patches_uuid = uuid.uuid4()
         # 3. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
         rescale_injection(out, lora_scale)
-        return (out, denoise)
+        # 4. The same for the text encoder's style patches (LoRAs with lora_te_* keys), on a clone of the CLIP.
+        out_clip = clip
+        clip_ours = clip.patcher.get_attachment(STYLE_ATTACHMENT) if clip is not None else None
+        if clip_ours:
+            out_clip = clip.clone()
+            out_clip.patcher.patches = scale_patches(clip.patcher.patches, {id(a) for a in clip_ours}, lora_scale)
+            out_clip.patcher.patches_uuid = uuid.uuid4()
+        return (out, denoise, out_clip)

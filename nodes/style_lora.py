@@ -41,13 +41,17 @@ def style_path(name: str) -> str:
 
 
 def register_model_folders(folder_paths: Any) -> None:
-    """Add models/styles under the key 'stylora', merged with any extra_model_paths.yaml entry for that key."""
-    default = os.path.join(folder_paths.models_dir, "styles")
-    entry = folder_paths.folder_names_and_paths.get(STYLE_FOLDER_KEY)
-    if entry is None:
-        folder_paths.folder_names_and_paths[STYLE_FOLDER_KEY] = ([default], set(folder_paths.supported_pt_extensions))
-    elif default not in entry[0]:
-        entry[0].append(default)
+    """Add models/styles under the key 'stylora' and models/stylora_metrics (Style Metrics' network weights) under
+    'stylora_metrics', each merged with any extra_model_paths.yaml entry for its key."""
+    from ..eval.weights import METRICS_FOLDER_KEY
+
+    for key, folder in ((STYLE_FOLDER_KEY, "styles"), (METRICS_FOLDER_KEY, "stylora_metrics")):
+        default = os.path.join(folder_paths.models_dir, folder)
+        entry = folder_paths.folder_names_and_paths.get(key)
+        if entry is None:
+            folder_paths.folder_names_and_paths[key] = ([default], set(folder_paths.supported_pt_extensions))
+        elif default not in entry[0]:
+            entry[0].append(default)
 
 
 def style_adapters(before: Any, after: Any) -> tuple:
@@ -63,12 +67,14 @@ class LoadStyleLoRA:
 
     CATEGORY = "Stylora"
     FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "STYLORA_STYLE")
-    RETURN_NAMES = ("model", "clip", "style_info")
+    RETURN_TYPES = ("MODEL", "CLIP", "STYLORA_STYLE", "STRING")  # new outputs go last: saved links keep slots
+    RETURN_NAMES = ("model", "clip", "style_info", "trigger")
     OUTPUT_TOOLTIPS = (
         "The model with the style's weights patched in.",
         "The text encoder, patched too when the style carries text-encoder weights.",
         "What was applied: style names, blend weights, trigger phrase and the trainer's suggested denoise.",
+        "The prompt the style was trained with: its trigger phrase, or empty for a promptless style. Wire into "
+        "the positive CLIPTextEncode's text so the sampler is conditioned as in training.",
     )
     DESCRIPTION = ("Applies a style LoRA from models/styles or models/loras to an SD1.5 model. Optional second and "
                    "third styles are blended with the first by weight (weights are normalised to sum to 1, then "
@@ -132,11 +138,11 @@ class LoadStyleLoRA:
         for (name, _), (state, meta) in zip(picks, self._read_all([name for name, _ in picks])):
             problems = check_lora_fits(state, key_map, shapes)
             if problems:
-                raise ValueError(f"LoadStyleLoRA: {name} does not fit this SD1.5 model (an SDXL or SD2 LoRA, or a "
-                                 f"damaged file?): " + "; ".join(problems))
+                raise ValueError(f"LoadStyleLoRA: style {name!r} ({style_path(name)}) does not fit this SD1.5 model "
+                                 f"(an SDXL or SD2 LoRA, or a damaged file?): " + "; ".join(problems))
             loaded.append((name, state, meta))
         info: dict[str, Any] = {"styles": [], "strength": strength}
-        before = model
+        before, before_clip = model, clip
         for (name, state, meta), w in zip(loaded, weights):
             model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
@@ -145,6 +151,8 @@ class LoadStyleLoRA:
                                    "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", ""))})
         # 5. Record which patches are styles (ours and those of earlier Load Style LoRA nodes) for StyleStrength.
         model.set_attachments(STYLE_ATTACHMENT, style_adapters(before, model))
+        if clip is not None:  # text-encoder patches (lora_te_* keys), which Style Strength scales too
+            clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(before_clip.patcher, clip.patcher))
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
-        return (model, clip, info)
+        return (model, clip, info, info["trigger"])

@@ -35,10 +35,10 @@ def main(pack: str, ckpt: str, lora_dir: str, good: str, other: str, third: str,
     listed = node_cls.INPUT_TYPES()["required"]["style"][0]
     model, clip, _vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     node = node_cls()
-    m1, _, info = node.load(model, clip, good, 0.8)
-    m2, _, info2 = node.load(model, clip, good, 1.0, style_2=other, weight_2=3.0)
+    m1, _, info, _ = node.load(model, clip, good, 0.8)
+    m2, _, info2, _ = node.load(model, clip, good, 1.0, style_2=other, weight_2=3.0)
     # Three styles, weights 1:3:4 at strength 0.8 -> per-style patch strengths 0.8 x (1/8, 3/8, 4/8).
-    m3, _, _ = node.load(model, clip, good, 0.8, style_2=other, weight_2=3.0, style_3=third, weight_3=4.0)
+    m3, _, _, _ = node.load(model, clip, good, 0.8, style_2=other, weight_2=3.0, style_3=third, weight_3=4.0)
     key = next(iter(m2.patches))
     # StyleStrength at 0 on the 3-style model: the weights ComfyUI bakes are the base model's, exactly.
     base = patched_unet_weights(model)

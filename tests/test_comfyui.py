@@ -230,6 +230,7 @@ def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
     plain = load_workflow("style_transfer")  # the same graph without Load Style LoRA and Style Strength
     del plain["2"], plain["3"]
     plain["4"]["inputs"]["clip"] = plain["5"]["inputs"]["clip"] = ["1", 1]
+    plain["4"]["inputs"]["text"] = ""  # what the (promptless) style's trigger output gives
     plain["8"]["inputs"].update(model=["1", 0], denoise=0.0)
     (tmp_path / "plain.json").write_text(json.dumps(plain))
     common = dict(content=str(photo), server=comfy_server["url"], checkpoint="sd15.safetensors", seed=3)

@@ -165,7 +165,8 @@ def test_missing_weights_reported_unavailable_and_exit_zero(tmp_path, monkeypatc
                  str(dirs["style"]), "--out", str(tmp_path / "r"), "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "unavailable: lpips: torchvision AlexNet (ImageNet): alexnet-owt-7be5be79.pth not found" in out
+    assert "unavailable: lpips: alexnet-owt-7be5be79.pth missing; see README" in out
+    assert "torchvision AlexNet (ImageNet): not found in" in out  # where to get it, on the next line
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert set(data["unavailable"]) == {"lpips", "lpips_vgg", "content", "gram", "fid", "kid", "artfid"}
     assert data["methods"]["soft"]["mean"]["ssim"] > 0.5
@@ -297,3 +298,39 @@ def test_backbones_match_torchvision_where_installed(arch):
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), reference.features(x))
+
+
+def test_metric_weights_come_from_comfyuis_models_folder_and_downloads_are_tried_once(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from stylora.eval import weights
+    from stylora.nodes.style_lora import register_model_folders
+
+    fp = types.SimpleNamespace(models_dir=str(tmp_path / "models"), folder_names_and_paths={},
+                               supported_pt_extensions={".pth", ".safetensors"})
+    fp.get_folder_paths = lambda key: fp.folder_names_and_paths[key][0]
+    register_model_folders(fp)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    monkeypatch.setattr(weights, "_FAILED_DOWNLOADS", {})
+    monkeypatch.delenv("STYLORA_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "elsewhere"))
+    folder = tmp_path / "models" / "stylora_metrics"
+    assert weights.search_dirs()[0] == folder
+    calls = []
+
+    def offline(url, dst, progress=True):
+        calls.append(dst)
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    for _ in range(3):  # three runs (or three Style Metrics nodes) of one server: one attempt
+        with pytest.raises(weights.WeightsUnavailable) as e:
+            weights.weights_path(weights.VGG19)
+    assert calls == [str(folder / "vgg19-dcbb9e9d.pth")]
+    assert str(e.value).splitlines()[0] == "vgg19-dcbb9e9d.pth missing; see README, Style Metrics"
+    assert "network unreachable" in str(e.value)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vgg19-dcbb9e9d.pth").write_bytes(b"x")  # the user puts the file in the documented folder
+    assert weights.weights_path(weights.VGG19) == folder / "vgg19-dcbb9e9d.pth"

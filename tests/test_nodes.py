@@ -34,6 +34,7 @@ def test_styles_folder_is_registered_and_merged():
                                supported_pt_extensions={".safetensors", ".ckpt"})
     register_model_folders(fp)
     assert fp.folder_names_and_paths[STYLE_FOLDER_KEY] == (["/comfy/models/styles"], {".safetensors", ".ckpt"})
+    assert fp.folder_names_and_paths["stylora_metrics"][0] == ["/comfy/models/stylora_metrics"]
     fp.folder_names_and_paths[STYLE_FOLDER_KEY] = (["/data/my-styles"], {".safetensors"})  # extra_model_paths.yaml
     register_model_folders(fp)
     assert fp.folder_names_and_paths[STYLE_FOLDER_KEY][0] == ["/data/my-styles", "/comfy/models/styles"]
@@ -84,6 +85,11 @@ def test_fit_check_accepts_sd15_shapes_and_names_every_misfit(tiny_key_map):
                         "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q"]
     assert check_lora_fits({"hada_w1_a": torch.zeros(1)}, key_map, shapes) == ["1 unknown keys: hada_w1_a"]
     assert check_lora_fits({}, key_map, shapes) == ["no LoRA weights in the file"]
+    broken = _lora(32, 32, good)
+    broken[f"{good}.lora_up.weight"][0, 0] = float("nan")
+    broken[f"{good}.alpha"] = torch.tensor(float("inf"))
+    assert check_lora_fits(broken, key_map, shapes) == [f"2 tensors with NaN/inf values: {good}.lora_up.weight, "
+                                                        f"{good}.alpha"]
     half = {f"{good}.lora_down.weight": torch.zeros(4, 32)}
     assert "missing up or down" in check_lora_fits(half, key_map, shapes)[0]
 
@@ -149,8 +155,8 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
     node = ContentEncode()
     good = _FakeVAE()
     node._fp32_vae = lambda vae: good  # the float32 copy (built with comfy.sd.VAE inside ComfyUI)
-    latent, image, info = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
-                                      "shrink only")
+    latent, image, info, _ = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
+                                         "shrink only")
     assert latent["samples"].shape == (1, 4, 13, 19) and image.shape == (1, 104, 152, 3)
     assert torch.isfinite(latent["samples"]).all() and "re-encoded in float32" in info
     vae = _FakeVAE()
@@ -159,6 +165,19 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
     assert vae.calls == ["tiled 256", "encode"]
     with pytest.raises(ValueError, match="NaN"):
         encode_images(_FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: _FakeVAE(bad=True))
+
+
+@pytest.mark.parametrize("rounding", ["crop", "stretch"])
+def test_content_encode_gives_the_mask_the_photos_resize_and_crop(rounding):
+    from stylora.nodes.content import ContentEncode
+
+    photo = torch.rand(1, 203, 309, 3, generator=torch.Generator().manual_seed(0))
+    _, image, info, mask = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only",
+                                                  mask=photo[..., 0])  # a "mask" that is the photo's red channel
+    assert mask.shape == image.shape[:3] == (1, 80, 128 if rounding == "crop" else 128)
+    assert torch.allclose(mask, image[..., 0], atol=1e-6)  # pixel for pixel where the photo's pixels went
+    no_alpha = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only", mask=torch.zeros(64, 64))
+    assert no_alpha[3].shape == (1, 80, 128) and not no_alpha[3].any()
 
 
 # --- StyleStrength ------------------------------------------------------------------------------------------
@@ -198,14 +217,47 @@ def test_style_strength_zero_is_the_identity_and_scales_only_style_patches():
     styled.patches["w2"] = [(0.8, a2, 0.8, None, None)]
     styled.set_attachments(STYLE_ATTACHMENT, style_adapters(base, styled))
     assert styled.get_attachment(STYLE_ATTACHMENT) == (a1, a2)
-    zero, denoise = StyleStrength().apply(styled, 0.0)
-    assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != "base"
-    half, denoise = StyleStrength().apply(styled, 0.25, max_denoise=0.8)
+    zero, denoise, no_clip = StyleStrength().apply(styled, 0.0)
+    assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != "base" and no_clip is None
+    half, denoise, _ = StyleStrength().apply(styled, 0.25, max_denoise=0.8)
     assert denoise == pytest.approx(0.2)
     assert half.patches["w1"] == [(1.0, other, 1.0, None, None), (0.4, a1, 0.8, None, None)]
     assert styled.patches["w2"] == [(0.8, a2, 0.8, None, None)]  # the input model is untouched
     with pytest.raises(ValueError, match="no style applied"):
         StyleStrength().apply(base, 0.5)
+
+
+class _FakeCLIP:
+    """ComfyUI's CLIP as StyleStrength sees it: a ModelPatcher in `.patcher`, cloned by `clone()`."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+
+    def clone(self):
+        return _FakeCLIP(self.patcher.clone())
+
+
+def test_style_strength_scales_the_text_encoder_patches_too():
+    from stylora.nodes.strength import STYLE_ATTACHMENT, StyleStrength
+    from stylora.nodes.style_lora import style_adapters
+
+    te_adapter, other, unet_adapter = object(), object(), object()
+    base_clip = _FakeCLIP(_FakePatcher({"clip_l.fc1": [(1.0, other, 1.0, None, None)]}))
+    clip = base_clip.clone()  # what Load Style LoRA returns for a LoRA with lora_te_* keys
+    clip.patcher.patches["clip_l.fc1"].append((0.8, te_adapter, 0.8, None, None))
+    clip.patcher.patches["clip_l.fc2"] = [(0.8, te_adapter, 0.8, None, None)]
+    clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(base_clip.patcher, clip.patcher))
+    model = _FakePatcher({"w": [(0.8, unet_adapter, 0.8, None, None)]}, {STYLE_ATTACHMENT: (unet_adapter,)})
+    _, _, zero = StyleStrength().apply(model, 0.0, clip=clip)
+    assert zero.patcher.patches == base_clip.patcher.patches and zero.patcher.patches_uuid != "base"
+    _, _, quarter = StyleStrength().apply(model, 0.125, clip=clip)  # LoRA scale 0.25
+    assert quarter.patcher.patches == {"clip_l.fc1": [(1.0, other, 1.0, None, None),
+                                                      (0.2, te_adapter, 0.8, None, None)],
+                                       "clip_l.fc2": [(0.2, te_adapter, 0.8, None, None)]}
+    assert clip.patcher.patches["clip_l.fc2"] == [(0.8, te_adapter, 0.8, None, None)]  # the input is untouched
+    assert StyleStrength().apply(model, 0.0, clip=base_clip)[2] is base_clip  # no text-encoder style: as given
+    names = StyleStrength.RETURN_NAMES
+    assert names[:2] == ("model", "denoise") and names[-1] == "clip"  # saved workflows keep their output slots
 
 
 # --- MaskedStyleApply -----------------------------------------------------------------------------------------
@@ -227,11 +279,25 @@ def test_masked_composite_is_exact_outside_the_mask_and_feathers_inward():
     assert torch.equal(image[outside], content[outside])  # bit for bit
     assert (weights[outside] == 0).all() and weights.max() == 1.0
     assert torch.allclose(image[weights == 1], styled[weights == 1])
-    assert 0 < weights[0, 32, 26] < weights[0, 32, 30] < 1  # the seam rises inside the edge (x=24)
+    assert 0 < weights[0, 32, 26] < weights[0, 32, 29] < 1  # the seam rises inside the edge (x=23, soft)
     inverted, _, _ = node.apply(content, mask, 0, True, styled=styled)
     assert torch.equal(inverted[0, 32, 48], content[0, 32, 48]) and torch.equal(inverted[0, 0, 0], styled[0, 0, 0])
     with pytest.raises(ValueError, match="styled image is 48x32 but content is 96x64"):
         node.apply(content, mask, 8, False, styled=styled[:, :32, :48])
+
+
+def test_every_painted_pixel_gets_weight_even_in_strokes_thinner_than_the_feather():
+    from stylora.nodes.mask import feather_mask
+
+    mask = torch.zeros(1, 96, 96)
+    mask[:, 10:80, 20:23] = 1.0  # a 3 px stroke
+    mask[:, 50, 30:90] = 1.0  # a 1 px line
+    mask[:, 60:90, 40:90] = 0.5  # a wide, half-opaque patch (50x30 px)
+    weights = feather_mask(mask, 16)
+    assert (weights[mask > 0] > 0).all() and (weights[mask == 0] == 0).all()
+    assert (weights[0, 12:78, 21] == 1).all()  # the stroke's centre line keeps full weight
+    assert weights[0, 75, 65] == 0.5 and 0 < weights[0, 61, 65] < 0.1  # wide regions: the usual inward ramp
+    assert 0 < weights[0, 30, 20] < weights[0, 30, 21]
 
 
 def test_regional_multi_style_by_chaining_keeps_unmasked_pixels():
@@ -272,9 +338,38 @@ def test_style_metrics_node_reports_available_and_unavailable_metrics(tmp_path, 
 
     scores = json.loads(as_json)
     assert scores["metrics"]["ssim"] == pytest.approx(1.0) and scores["metrics"]["content"] == 0.0
-    assert "gram" in scores["metrics"] and "lpips: unavailable - torchvision AlexNet" in text
+    assert "gram" in scores["metrics"] and "lpips: n/a (torchvision AlexNet" in text
     assert "fid" in scores["unavailable"] and out["ui"]["text"] == [text]
     node.measure(content, styled, csv_path=str(tmp_path / "m.csv"), label="shifted")
     rows = (tmp_path / "m.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[0].startswith("time,label,images,ssim,content,gram")
     assert float(rows[2].split(",")[3]) < 1.0
+
+
+def test_style_metrics_never_sends_nan_to_the_browser(tmp_path):
+    import json
+
+    from stylora.eval.metrics import VGGStyle
+    from stylora.eval.report import format_scores, json_safe
+    from stylora.nodes.metrics import StyleMetrics
+
+    node = StyleMetrics()
+    node._nets, node._unavailable = {"vgg": VGGStyle(pretrained=False)}, {"lpips": "alexnet-owt-7be5be79.pth missing"}
+    gen = torch.Generator().manual_seed(0)
+    content = torch.rand(2, 48, 48, 3, generator=gen)
+    styled = content.clone()
+    styled[1, 5, 5, 0] = float("nan")  # an fp16 VAE decode that overflowed, in the second image only
+    out = node.measure(content, styled, style=torch.rand(1, 32, 32, 3, generator=gen))
+    text, as_json = out["result"]
+    json.dumps(out["ui"], allow_nan=False)  # what ComfyUI sends over the websocket: valid JSON
+    scores = json.loads(as_json, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert scores["per_image"]["ssim"][0] == pytest.approx(1.0) and scores["per_image"]["ssim"][1] is None
+    assert "ssim" not in scores["metrics"] and "content" not in scores["metrics"]
+    assert "ssim: n/a (not a finite number for 1 of 2 image(s): NaN/inf pixels in the styled image)" in text
+    lines = node.measure(content, content)["result"][0].splitlines()
+    numbers = [i for i, line in enumerate(lines) if "is better" in line]
+    assert numbers and lines.index("lpips: n/a (alexnet-owt-7be5be79.pth missing)") > max(numbers)
+    assert all("nan" not in line.lower().replace("nan/inf", "") for line in text.splitlines())
+    assert json_safe({"a": [float("inf"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
+    nan_fid = {"images": 1, "metrics": {"fid": float("nan")}, "unavailable": {}}
+    assert format_scores(nan_fid) == "1 image(s)\nfid: n/a (not a finite number)"

@@ -85,6 +85,9 @@ def check_ui(ui: dict, schema: dict) -> list[str]:
         if src not in nodes or dst not in nodes:
             problems.append(f"link {link_id}: missing node")
             continue
+        if src_slot >= len(nodes[src]["outputs"]) or dst_slot >= len(nodes[dst]["inputs"]):
+            problems.append(f"link {link_id}: no slot {src_slot} on node {src} or {dst_slot} on node {dst}")
+            continue
         out = nodes[src]["outputs"][src_slot]
         inp = nodes[dst]["inputs"][dst_slot]
         if link_id not in out["links"] or inp["link"] != link_id:
@@ -165,8 +168,54 @@ def test_workflow_is_valid_against_the_schema(name, schema):
 def test_committed_files_are_what_the_builder_writes(schema):
     for name, make in build.WORKFLOWS.items():
         nodes = make()
-        assert json.loads((REPO / "examples" / f"{name}.json").read_text()) == build.to_ui(nodes, schema)
+        assert json.loads((REPO / "examples" / f"{name}.json").read_text()) == build.ui_workflow(name, schema)
+        assert build.ui_workflow(name, schema)["nodes"] == build.to_ui(nodes, schema)["nodes"]
         assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == build.to_api(nodes, schema)
+
+
+TITLE_H = 30  # the frontend draws the title bar above a node's pos
+GROWTH = {"StyleMetrics": 300}  # its text area after a run (stylora.js makes it at least 260 px tall, then text)
+
+
+def boxes(ui: dict) -> dict[str, tuple[float, float, float, float]]:
+    """Each node's rectangle on the canvas (left, top, right, bottom): its title bar above `pos` included, and the
+    room below a node that grows after a run (Style Metrics' text)."""
+    out = {}
+    for n in ui["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        out[f"{n['id']} {n['title']}"] = (x, y - TITLE_H, x + w, y + h + GROWTH.get(n["type"], 0))
+    return out
+
+
+def overlaps(ui: dict) -> list[str]:
+    rects = sorted(boxes(ui).items())
+    return [f"{a} overlaps {b}" for i, (a, ra) in enumerate(rects) for b, rb in rects[i + 1:]
+            if ra[0] < rb[2] and rb[0] < ra[2] and ra[1] < rb[3] and rb[1] < ra[3]]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_templates_have_a_thumbnail_a_description_and_no_overlapping_nodes(name):
+    ui = json.loads((REPO / "examples" / f"{name}.json").read_text())
+    assert overlaps(ui) == []
+    description = ui["extra"]["stylora"]["description"]
+    assert len(description) > 30 and "\n" not in description and name not in description
+    notes = [n for n in ui["nodes"] if n["type"] == "Note"]
+    assert notes[0]["widgets_values"][0].startswith(description)
+    from PIL import Image
+
+    with Image.open(REPO / "examples" / f"{name}.jpg") as thumb:  # served as /api/workflow_templates/stylora/<name>.jpg
+        assert thumb.format == "JPEG" and thumb.width == 256 and thumb.height < 256
+    assert ui["extra"]["stylora"]["order"] == list(build.WORKFLOWS).index(name) + 1
+
+
+def test_overlap_check_sees_title_bars_and_growth():
+    ui = json.loads((REPO / "examples" / "style_metrics.json").read_text())
+    metrics = next(n for n in ui["nodes"] if n["type"] == "StyleMetrics")
+    below = {"id": 99, "title": "x", "type": "Note", "pos": [metrics["pos"][0], metrics["pos"][1] + metrics["size"][1]
+                                                             + TITLE_H + 10], "size": [100, 50]}
+    assert overlaps({"nodes": ui["nodes"] + [below]}) == ["13 Metrics overlaps 99 x"]  # inside its growth room
+    beside = dict(below, pos=[metrics["pos"][0] + metrics["size"][0] + 1, metrics["pos"][1]])
+    assert overlaps({"nodes": [metrics, beside]}) == []
 
 
 def test_validator_catches_broken_workflows(schema):

@@ -160,133 +160,177 @@ def to_ui(nodes: list[Node], schema: dict[str, dict], extra_note: str = "") -> d
 
 # --- The workflows ------------------------------------------------------------------------------------------
 
-PROMPT = "a painting"  # Stylora styles train against the empty prompt; a generic phrase does no harm
-NEGATIVE = "photo, blurry, low quality"
-SAMPLER = {"seed": 0, "steps": 20, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal"}
+# Styles train against the empty prompt (or a trigger), so the positive prompt is the style's trigger, taken from
+# Load Style LoRA's `trigger` output, and the negative prompt is empty. CFG 1: the sampler sees the conditional
+# prediction the LoRA was trained for; for a promptless style positive and negative are the same prompt, so any
+# CFG gives the same image, and at CFG 1 ComfyUI skips the unconditional pass (half the sampling time).
+NEGATIVE = ""
+SAMPLER = {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal"}
+TITLE_H = 30  # the frontend draws a node's title bar above its pos
+GAP = 40  # between nodes, vertically and horizontally
+GROWS = {"StyleMetrics": 320}  # extra height a node takes after a run (Style Metrics' text), kept free below it
 
-BASIC_NOTE = """Stylora: style transfer with a style LoRA.
+# One line per workflow (the Note's first line and `extra.stylora.description`), in the order from first
+# steps to advanced.
+DESCRIPTIONS = {
+    "style_transfer": "Style transfer: a photo and a style LoRA in, the photo in that style out, one strength knob.",
+    "masked_style": "Masked style: the style only where a mask is painted; every other pixel stays the photo's.",
+    "style_blend": "Style blend: two styles mixed by weight in one Load Style LoRA node.",
+    "style_metrics": "Style metrics: style transfer, then SSIM, LPIPS, content and Gram losses on the node.",
+    "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
+}
+
+
+def layout(*columns: list[Node]) -> list[Node]:
+    """Place columns of nodes left to right, each stacked top to bottom, so no two nodes overlap: title bars
+    included, and the room a node grows into after a run (GROWS) left free below it. Returns all nodes."""
+    x, out = 0, []
+    for column in columns:
+        y = 0
+        for n in column:
+            n.pos = (x, y + TITLE_H)
+            y += TITLE_H + n.size[1] + GROWS.get(n.type, 0) + GAP
+        x += max(n.size[0] for n in column) + GAP
+        out += column
+    return out
+
+
+def _nodes(extra: dict | None = None) -> dict[int, Node]:
+    """The style-transfer graph's nodes by id (positions are set by `layout`)."""
+    e = extra or {}
+    nodes = [
+        Node(1, "CheckpointLoaderSimple", roles.CHECKPOINT.title, (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
+        Node(2, "LoadStyleLoRA", roles.STYLE.title, (0, 0), {"style": "monet.safetensors", "strength": 1.0,
+                                                   **e.get("style", {})}, {"model": (1, 0), "clip": (1, 1)},
+             size=(320, 250)),
+        Node(3, "StyleStrength", roles.STRENGTH.title, (0, 0), {"strength": 0.5, "max_denoise": 0.75},
+             {"model": (2, 0), "clip": (2, 1)}, size=(320, 130)),
+        Node(4, "CLIPTextEncode", "Positive prompt", (0, 0), {"text": ""}, {"clip": (3, 2), "text": (2, 3)},
+             size=(320, 150)),
+        Node(5, "CLIPTextEncode", "Negative prompt", (0, 0), {"text": NEGATIVE}, {"clip": (3, 2)}, size=(320, 150)),
+        Node(6, "LoadImage", roles.CONTENT.title, (0, 0), {"image": "stylora_content.jpg"}, size=(320, 360)),
+        Node(7, "ContentEncode", "Content encode", (0, 0), {}, {"image": (6, 0), "vae": (1, 2)}, size=(320, 250)),
+        Node(8, "KSampler", roles.SAMPLER.title, (0, 0), SAMPLER, {"model": (3, 0), "positive": (4, 0),
+                                                                   "negative": (5, 0), "latent_image": (7, 0),
+                                                                   "denoise": (3, 1)},
+             size=(320, 270)),
+        Node(9, "VAEDecode", "Decode", (0, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
+        Node(10, "SaveImage", "Save", (0, 0), {"filename_prefix": "stylora/styled"}, {"images": (9, 0)},
+             size=(400, 420)),
+    ]
+    return {n.id: n for n in nodes}
+
+
+BASIC_NOTE = DESCRIPTIONS["style_transfer"] + """
 
 1. Load Checkpoint: an SD1.5 checkpoint.
 2. Load Style LoRA: pick a style from models/styles (or models/loras); trained with `stylora train lora`.
+   Its trigger output is the prompt the style was trained with (empty for promptless styles).
 3. Load Image (Content): your photo.
 4. Content Encode: resizes to max_side (aspect kept, sides multiples of 8) and says what it did.
 5. Style Strength: ONE knob, 0..1. 0 = the photo unchanged; ~0.3 recolours; 0.5 = the style's full weight;
-   1 = strongest. It also sets KSampler's denoise (= strength x max_denoise), wired in.
-6. KSampler: steps 20-30; the seed changes the brush work.
+   1 = strongest. It also sets KSampler's denoise and scales the text encoder, both wired in.
+6. KSampler: steps 20-30, CFG 1 (the style is trained without a prompt); the seed changes the brush work.
 
 Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer --content photo.jpg \
 --style monet.safetensors --out out.png"""
 
 
+def note_for(name: str, body: str) -> Node:
+    return note(11, (0, 0), DESCRIPTIONS[name] + "\n\n" + body)
+
+
 def style_transfer(extra: dict | None = None) -> list[Node]:
-    e = extra or {}
-    return [
-        Node(1, "CheckpointLoaderSimple", roles.CHECKPOINT.title, (0, 0), {"ckpt_name": CHECKPOINT},
-             size=(320, 100)),
-        Node(2, "LoadStyleLoRA", roles.STYLE.title, (360, 0), {"style": "monet.safetensors", "strength": 1.0,
-                                                       **e.get("style", {})}, {"model": (1, 0), "clip": (1, 1)},
-             size=(320, 220)),
-        Node(3, "StyleStrength", roles.STRENGTH.title, (720, 0), {"strength": 0.5, "max_denoise": 0.75},
-             {"model": (2, 0)}),
-        Node(4, "CLIPTextEncode", "Positive prompt", (360, 260), {"text": PROMPT}, {"clip": (2, 1)}),
-        Node(5, "CLIPTextEncode", "Negative prompt", (360, 440), {"text": NEGATIVE}, {"clip": (2, 1)}),
-        Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
-        Node(7, "ContentEncode", "Content encode", (0, 560), {}, {"image": (6, 0), "vae": (1, 2)}, size=(320, 220)),
-        Node(8, "KSampler", roles.SAMPLER.title, (720, 180), SAMPLER, {"model": (3, 0), "positive": (4, 0),
-                                                              "negative": (5, 0), "latent_image": (7, 0),
-                                                              "denoise": (3, 1)}, size=(320, 270)),
-        Node(9, "VAEDecode", "Decode", (1080, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
-        Node(10, "SaveImage", "Save", (1080, 100), {"filename_prefix": "stylora/styled"}, {"images": (9, 0)},
-             size=(400, 420)),
-        note(11, (1080, 560), BASIC_NOTE),
-    ]
+    n = _nodes(extra)
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]],
+                  [n[10], note(11, (0, 0), BASIC_NOTE)])
 
 
 def masked_style() -> list[Node]:
-    nodes = [n for n in style_transfer() if n.id not in (9, 10, 11)]
-    nodes[5] = Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content_masked.png"},
-                    size=(320, 360))
-    nodes += [
-        Node(12, "MaskedStyleApply", "Mask the latent", (360, 620), {"feather": 16, "invert": False},
-             {"content": (7, 1), "mask": (6, 1), "latent": (7, 0)}, size=(320, 170)),
-        Node(9, "VAEDecode", "Decode", (1080, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
-        Node(13, "MaskedStyleApply", "Composite", (1080, 100), {"feather": 16, "invert": False},
-             {"content": (7, 1), "mask": (6, 1), "styled": (9, 0)}, size=(320, 170)),
-        Node(10, "SaveImage", "Save", (1440, 0), {"filename_prefix": "stylora/masked"}, {"images": (13, 0)},
-             size=(400, 420)),
-        note(11, (1080, 320), """Stylora: style only inside a mask.
-
+    n = _nodes()
+    n[6].values["image"] = "stylora_content_masked.png"
+    n[7].links["mask"] = (6, 1)  # the mask gets the photo's resize and crop
+    n[10].values["filename_prefix"] = "stylora/masked"
+    n[10].links["images"] = (13, 0)
+    n[8].links["latent_image"] = (12, 1)
+    latent = Node(12, "MaskedStyleApply", "Mask the latent", (0, 0), {"feather": 16, "invert": False},
+                  {"content": (7, 1), "mask": (7, 3), "latent": (7, 0)}, size=(320, 150))
+    composite = Node(13, "MaskedStyleApply", "Composite", (0, 0), {"feather": 16, "invert": False},
+                     {"content": (7, 1), "mask": (7, 3), "styled": (9, 0)}, size=(320, 150))
+    text = note_for("masked_style", """\
 Right-click the Content image > Open in MaskEditor, paint where the style goes, save.
-The first Masked Style Apply limits the sampler to the mask (latent noise mask); the second
-composites after decoding: every pixel outside the mask is the photo's, exactly; the seam is
-feathered inward over `feather` px. invert = style everything but the mask.
+Content Encode resizes and crops the mask exactly like the photo. The first Masked Style Apply limits
+the sampler to the mask (latent noise mask); the second composites after decoding: every pixel outside
+the mask is the photo's, exactly; the seam is feathered inward over `feather` px (narrower in thin
+strokes, so every painted pixel is styled). invert = style everything but the mask.
 Several regions with several styles: copy this group, and feed this Composite in as the next
 pass's Content (chained passes keep each other's pixels).
 
-Headless: stylora run ... --workflow masked_style --content photo.jpg --mask mask.png (white = style)"""),
-    ]
-    nodes[7].links["latent_image"] = (12, 1)
-    return nodes
+Headless: stylora run ... --workflow masked_style --content photo.jpg --mask mask.png (white = style)""")
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [latent, n[8], n[9]], [composite, n[10], text])
 
 
 def style_blend() -> list[Node]:
-    nodes = style_transfer({"style": {"style_2": "ukiyo-e.safetensors", "weight_2": 1.0}})
-    nodes[-1] = note(11, (1080, 560), """Stylora: blending styles.
-
+    n = _nodes({"style": {"style_2": "ukiyo-e.safetensors", "weight_2": 1.0}})
+    n[10].values["filename_prefix"] = "stylora/blend"
+    text = note_for("style_blend", """\
 Load Style LoRA blends up to three styles: style (weight 1), style_2 and style_3 with their weights;
 the weights are normalised to sum to 1, then scaled by strength. Chaining several Load Style LoRA
 nodes works too (each adds its style at its own strength); Style Strength scales all of them.
 
 Headless: stylora run ... --workflow style_blend --style monet.safetensors --style ukiyo-e.safetensors:0.5""")
-    nodes[-2].values["filename_prefix"] = "stylora/blend"
-    return nodes
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
 
 
 def style_metrics() -> list[Node]:
-    nodes = style_transfer()
-    nodes[-2].values["filename_prefix"] = "stylora/metrics"
-    nodes[-1] = note(11, (1440, 560), """Stylora: style transfer, then its metrics on the node.
-
+    n = _nodes()
+    n[10].values["filename_prefix"] = "stylora/metrics"
+    style_image = Node(12, "LoadImage", roles.STYLE_IMAGE.title, (0, 0), {"image": "stylora_style.jpg"},
+                       size=(320, 320))
+    metrics = Node(13, "StyleMetrics", "Metrics", (0, 0), {"style_folder": "", "csv_path": "", "label": "monet"},
+                   {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 170))
+    text = note_for("style_metrics", """\
 Style Metrics compares the styled image with the content photo at the same size (Content Encode's
 image output): SSIM, LPIPS, VGG content loss; Gram style loss against the Style image; FID/KID/ArtFID
 when style_folder names a folder of style images on the server and the batch has 2+ images.
-csv_path appends one row per run. Metrics whose network weights are missing say which file to get.
+csv_path appends one row per run. The numbers show on the node after a run; a metric whose network
+weights are missing shows "n/a" and the file to put in ComfyUI/models/stylora_metrics/ (README).
 
 Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors \
 --style-image painting.jpg""")
-    nodes += [
-        Node(12, "LoadImage", roles.STYLE_IMAGE.title, (1440, 0), {"image": "stylora_style.jpg"}, size=(320, 300)),
-        Node(13, "StyleMetrics", "Metrics", (1440, 340), {"style_folder": "", "csv_path": "", "label": "monet"},
-             {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 200)),
-    ]
-    return nodes
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text], [style_image, metrics])
 
 
 def dreambooth() -> list[Node]:
-    return [
-        Node(1, "CheckpointLoaderSimple", roles.STYLE_CHECKPOINT.title, (0, 0),
-             {"ckpt_name": "stylora_dreambooth.safetensors"}, size=(320, 100)),
-        Node(4, "CLIPTextEncode", "Positive prompt", (360, 0), {"text": "sks style painting"}, {"clip": (1, 1)}),
-        Node(5, "CLIPTextEncode", "Negative prompt", (360, 200), {"text": NEGATIVE}, {"clip": (1, 1)}),
-        Node(6, "LoadImage", roles.CONTENT.title, (0, 160), {"image": "stylora_content.jpg"}, size=(320, 360)),
-        Node(7, "ContentEncode", "Content encode", (0, 560), {}, {"image": (6, 0), "vae": (1, 2)}, size=(320, 220)),
-        Node(8, "KSampler", roles.SAMPLER.title, (720, 0), {**SAMPLER, "cfg": 7.0, "denoise": 0.6},
-             {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)}, size=(320, 270)),
-        Node(9, "VAEDecode", "Decode", (1080, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
-        Node(10, "SaveImage", "Save", (1080, 100), {"filename_prefix": "stylora/dreambooth"}, {"images": (9, 0)},
-             size=(400, 420)),
-        note(11, (720, 320), """Stylora: the DreamBooth baseline.
-
+    n = _nodes()
+    n[1] = Node(1, "CheckpointLoaderSimple", roles.STYLE_CHECKPOINT.title, (0, 0),
+                {"ckpt_name": "stylora_dreambooth.safetensors"}, size=(320, 100))
+    n[4] = Node(4, "CLIPTextEncode", "Positive prompt", (0, 0), {"text": "sks style painting"}, {"clip": (1, 1)},
+                size=(320, 150))
+    n[5].links["clip"] = (1, 1)
+    n[5].values["text"] = "photo, blurry, low quality"
+    n[8].values.update(cfg=7.0, denoise=0.6)  # DreamBooth is trained with its prompt and sampled with CFG
+    n[8].links = {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)}
+    n[10].values["filename_prefix"] = "stylora/dreambooth"
+    text = note_for("dreambooth", """\
 Load the checkpoint written by `stylora train dreambooth` (models/checkpoints) and prompt with its
-identifier, "sks style painting". denoise sets how much of the photo is repainted (0.6 default).
-Compare with the style-LoRA workflows using Style Metrics or `stylora eval`.
+identifier, "sks style painting" (CFG 7, as DreamBooth is trained with a prompt). denoise sets how
+much of the photo is repainted (0.6 default). Compare with the style-LoRA workflows using Style
+Metrics or `stylora eval`.
 
-Headless: stylora run ... --workflow dreambooth --content photo.jpg --style my_dreambooth.safetensors"""),
-    ]
+Headless: stylora run ... --workflow dreambooth --content photo.jpg --style my_dreambooth.safetensors""")
+    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9]], [n[10], text])
 
 
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
-             "style_metrics": style_metrics, "dreambooth": dreambooth}
+             "style_metrics": style_metrics, "dreambooth": dreambooth}  # first steps to advanced
+
+
+def ui_workflow(name: str, schema: dict[str, dict]) -> dict[str, Any]:
+    """examples/<name>.json: the UI graph with its one-line description in `extra`."""
+    ui = to_ui(WORKFLOWS[name](), schema)
+    ui["extra"]["stylora"] = {"description": DESCRIPTIONS[name], "order": list(WORKFLOWS).index(name) + 1}
+    return ui
 
 
 def trimmed(object_info: dict, types: set[str]) -> dict:
@@ -329,15 +373,70 @@ def make_example_inputs() -> None:
     Image.fromarray(data.hubble_deep_field()[:512, :512]).save(out / "stylora_style.jpg", quality=90)
 
 
+THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
+                "masked_style": ("Masked style", "photo + mask", "styled in mask"),
+                "style_blend": ("Style blend", "photo", "two styles"),
+                "style_metrics": ("Style metrics", "styled", "scores"),
+                "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
+
+
+def make_thumbnails() -> None:
+    """examples/<name>.jpg, the Templates browser's picture of each workflow (256x176): a title, the input and
+    what comes out, drawn from the example photo and mask. The "styled" panels are an illustration (mode filter,
+    posterise, a painter's palette), not a model's output: the builder needs no checkpoint."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
+
+    out = REPO / "examples"
+    side = 104
+    photo = Image.open(out / "stylora_content.jpg").convert("RGB").resize((side, side), Image.Resampling.LANCZOS)
+    style = ((40, 25, 70), (205, 85, 55), (255, 225, 130))  # dark, mid, light: a warm oil palette
+    other = ((15, 30, 60), (60, 130, 170), (235, 230, 205))  # a second style: ukiyo-e blues
+    mask = Image.open(out / "stylora_mask.png").convert("L").resize((side, side), Image.Resampling.LANCZOS)
+
+    def painted(palette: tuple) -> Image.Image:
+        flat = ImageOps.grayscale(ImageOps.posterize(photo.filter(ImageFilter.ModeFilter(7)), 3))
+        return Image.blend(photo, ImageOps.colorize(flat, palette[0], palette[2], palette[1]), 0.75)
+
+    def bars() -> Image.Image:
+        panel = Image.new("RGB", (side, side), (245, 245, 245))
+        d = ImageDraw.Draw(panel)
+        for i, (label, length) in enumerate((("SSIM", 70), ("LPIPS", 40), ("Gram", 55), ("FID", 85))):
+            d.text((4, 8 + i * 24), label, fill=(40, 40, 40), font=ImageFont.load_default(11))
+            d.rectangle((44, 10 + i * 24, 44 + length * 0.6, 20 + i * 24), fill=(76, 114, 176))
+        return panel
+
+    right = {"style_transfer": painted(style), "masked_style": Image.composite(painted(style), photo, mask),
+             "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
+                                                            np.asarray(painted(other))[:, side // 2:]], 1)),
+             "style_metrics": bars(), "dreambooth": painted(other)}
+    left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
+                                            mask.point(lambda v: v // 2)),
+            "style_metrics": painted(style)}
+    for name, (title, left_label, right_label) in THUMB_TITLES.items():
+        canvas = Image.new("RGB", (256, 176), (255, 255, 255))
+        d = ImageDraw.Draw(canvas)
+        d.rectangle((0, 0, 255, 27), fill=(36, 41, 56))
+        d.text((8, 5), title, fill=(255, 255, 255), font=ImageFont.load_default(15))
+        canvas.paste(left.get(name, photo), (12, 36))
+        canvas.paste(right[name], (140, 36))
+        d.polygon(((120, 80), (132, 88), (120, 96)), fill=(36, 41, 56))
+        small = ImageFont.load_default(11)
+        d.text((12, 146), left_label, fill=(60, 60, 60), font=small)
+        d.text((140, 146), right_label, fill=(60, 60, 60), font=small)
+        canvas.save(out / f"{name}.jpg", quality=85)
+
+
 def main(object_info_path: Path = DEFAULT_OBJECT_INFO) -> None:
     make_example_inputs()
+    make_thumbnails()
     object_info = json.loads(object_info_path.read_text())
     schema = {**object_info, **our_schema()}
     core_used: set[str] = set()
     for name, build in WORKFLOWS.items():
         nodes = build()
         core_used |= {n.type for n in nodes if n.type in object_info}
-        (REPO / "examples" / f"{name}.json").write_text(json.dumps(to_ui(nodes, schema), indent=1) + "\n")
+        (REPO / "examples" / f"{name}.json").write_text(json.dumps(ui_workflow(name, schema), indent=1) + "\n")
         (REPO / "workflows" / "api").mkdir(parents=True, exist_ok=True)
         (REPO / "workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(nodes, schema), indent=1) + "\n")
     CORE_SUBSET.write_text(json.dumps(trimmed(object_info, core_used), indent=1) + "\n")
