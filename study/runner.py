@@ -235,8 +235,9 @@ def _resources(artifact: Path) -> dict[str, Any] | None:
 
 def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: dict[tuple[str, str], str],
                    folder: Path) -> RunConfig:
-    """The `stylora run` settings of one job. Every method samples with the same prompt, guidance, seed and
-    strength-to-denoise mapping (Style Strength's), so the outputs differ only in the model."""
+    """The `stylora run` settings of one job. Every method samples with the same seed and strength-to-denoise
+    mapping (Style Strength's); base, lora and image with the same conditioning (the style's trigger, empty for
+    promptless styles, at CFG 1), the DreamBooth methods with their instance prompt, as they were trained."""
     sets = list(cfg.set)
     if cfg.max_side is not None:
         sets.append(f"Content encode.max_side={cfg.max_side}")
@@ -244,9 +245,10 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
         sets.append(f"Sampler.steps={cfg.sampler_steps}")
     common = dict(content=cfg.content, out=str(folder), server=cfg.server, strength=job.strength, seed=job.seed,
                   timeout=cfg.timeout)
-    if job.method == "base":  # plain img2img: the base checkpoint in the DreamBooth graph, the LoRA graph's prompt
+    if job.method == "base":  # plain img2img: the base checkpoint in the DreamBooth graph, sampled as the LoRA
+        #                       graph samples a promptless style (empty prompt, CFG 1)
         return RunConfig(workflow="dreambooth", style=(cfg.checkpoint,), **common,
-                         set=(*sets, "Positive prompt.text=a painting", "Sampler.cfg=5.0"))
+                         set=(*sets, "Positive prompt.text=", "Negative prompt.text=", "Sampler.cfg=1.0"))
     if job.method == "lora":
         return RunConfig(workflow="style_transfer", style=(names[job.style, "lora"],), checkpoint=cfg.checkpoint,
                          set=tuple(sets), **common)
@@ -257,7 +259,8 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
                          set=(*sets, f"Positive prompt.text={trigger}", "Sampler.cfg=5.0"))
     if job.method == "dreambooth-lora":
         return RunConfig(workflow="style_transfer", style=(names[job.style, "dreambooth-lora"],),
-                         checkpoint=cfg.checkpoint, set=(*sets, f"Positive prompt.text={trigger}"), **common)
+                         checkpoint=cfg.checkpoint, set=(*sets, f"Positive prompt.text={trigger}", "Sampler.cfg=5.0"),
+                         **common)
     painting = _images(Path(styles[job.style]), "styles")[0]  # image: the first painting is the style example
     return RunConfig(workflow=IMAGE_WORKFLOW, style_image=str(painting), checkpoint=cfg.checkpoint,
                      set=tuple(sets), **common)

@@ -99,3 +99,66 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"real-host test skipped although STYLORA_REQUIRE_HOST=1: {reason}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def comfy_server(sd15_checkpoint, tmp_path_factory):
+    """ComfyUI started on loopback with its own base directory: the pack linked into custom_nodes, the SD1.5
+    checkpoint in models/checkpoints, a style trained here by our trainer in models/styles. One server per test
+    session, shared by the real-ComfyUI and browser modules (start-up and the style's training cost minutes)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import torch
+    from stylora.trainer.config import LoraTrainConfig
+    from stylora.trainer.lora import train_lora
+
+    base = tmp_path_factory.mktemp("comfy")
+    for sub in ("custom_nodes", "models/checkpoints", "models/styles", "input", "output"):
+        (base / sub).mkdir(parents=True)
+    (base / "custom_nodes" / "stylora").symlink_to(REPO)
+    (base / "models" / "checkpoints" / "sd15.safetensors").symlink_to(sd15_checkpoint)
+    style_folder = make_style_folder(base / "paintings")
+    train_lora(LoraTrainConfig(data=str(style_folder), output=str(base / "models" / "styles" / "mystyle.safetensors"),
+                               base_model=str(sd15_checkpoint), resolution=64, steps=1, batch_size=1, min_images=1,
+                               checkpoint_every=0), progress=False)
+    # A second style: the same modules with large random weights, so its effect shows after one 8-bit save.
+    from safetensors.torch import save_file
+    from stylora.core.lora_file import read_lora
+
+    state, meta = read_lora(base / "models" / "styles" / "mystyle.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    strong = {k: v if k.endswith(".alpha") else (torch.randn(v.shape, generator=gen) * 0.2).to(v.dtype)
+              for k, v in state.items()}
+    save_file(strong, str(base / "models" / "styles" / "strong.safetensors"), metadata=meta)
+    env = dict(os.environ, STYLORA_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""),) if p)
+    port = _free_port()
+    log = open(base / "server.log", "w")
+    proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen",
+                             "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+                            cwd=os.environ["COMFYUI_DIR"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(url + "/queue", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+                time.sleep(1)
+        yield {"url": url, "base": base, "log": base / "server.log"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()

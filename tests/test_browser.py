@@ -31,9 +31,7 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}"),
               pytest.mark.skipif(not HAVE_PLAYWRIGHT, reason="playwright is not installed")]
 
-from test_comfyui import comfy_server, sd15_checkpoint  # noqa: E402, F401  (the shared server fixtures)
-
-NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "dreambooth"]
+NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "dreambooth"]
 
 # Node rectangles as the frontend lays them out ([x, y, w, h], title bar included), and overlapping pairs.
 OVERLAPS_JS = """() => {
@@ -50,12 +48,12 @@ OVERLAPS_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def canvas(comfy_server):  # noqa: F811 (the fixture imported above)
+def canvas(comfy_server):
     """A Chromium page on the server's canvas, with the example inputs uploaded and a style whose weights
     overflow to inf (finite in the file, as a diverged training can leave them): its images are NaN."""
     from playwright.sync_api import sync_playwright
     from safetensors.torch import save_file
-    from stylora.trainer.lora_file import read_lora
+    from stylora.core.lora_file import read_lora
 
     base = comfy_server["base"]
     for name in ("stylora_content.jpg", "stylora_content_masked.png", "stylora_style.jpg"):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_style_folder
+from conftest import REPO
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
@@ -93,65 +93,6 @@ def test_content_encode_with_comfyui_vae(sd15_checkpoint):
 
 # --- The bundled workflows end to end on a real server ------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def comfy_server(sd15_checkpoint, tmp_path_factory):
-    """ComfyUI started on loopback with its own base directory: the pack linked into custom_nodes, the SD1.5
-    checkpoint in models/checkpoints, a style trained here by our trainer in models/styles."""
-    import time
-    import urllib.request
-
-    from stylora.trainer.config import LoraTrainConfig
-    from stylora.trainer.lora import train_lora
-
-    base = tmp_path_factory.mktemp("comfy")
-    for sub in ("custom_nodes", "models/checkpoints", "models/styles", "input", "output"):
-        (base / sub).mkdir(parents=True)
-    (base / "custom_nodes" / "stylora").symlink_to(REPO)
-    (base / "models" / "checkpoints" / "sd15.safetensors").symlink_to(sd15_checkpoint)
-    style_folder = make_style_folder(base / "paintings")
-    train_lora(LoraTrainConfig(data=str(style_folder), output=str(base / "models" / "styles" / "mystyle.safetensors"),
-                               base_model=str(sd15_checkpoint), resolution=64, steps=1, batch_size=1, min_images=1,
-                               checkpoint_every=0), progress=False)
-    # A second style: the same modules with large random weights, so its effect shows after one 8-bit save.
-    from safetensors.torch import save_file
-    from stylora.core.lora_file import read_lora
-
-    state, meta = read_lora(base / "models" / "styles" / "mystyle.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    strong = {k: v if k.endswith(".alpha") else (torch.randn(v.shape, generator=gen) * 0.2).to(v.dtype)
-              for k, v in state.items()}
-    save_file(strong, str(base / "models" / "styles" / "strong.safetensors"), metadata=meta)
-    env = dict(os.environ, STYLORA_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""),) if p)
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen",
-                             "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
-                            cwd=COMFYUI_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/queue", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
-                time.sleep(1)
-        yield {"url": url, "base": base, "log": base / "server.log"}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        log.close()
-
-
 def _content(tmp_path: Path) -> tuple[Path, Path]:
     """A 256x256 photo (encoded at its own size) and a mask over its left part (white = styled)."""
     from PIL import Image
@@ -183,6 +124,7 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
         "masked_style": dict(style=("mystyle.safetensors",), mask=str(mask)),
         "style_blend": dict(style=("mystyle.safetensors", "strong.safetensors:0.5")),
         "style_metrics": dict(style=("mystyle.safetensors",), style_image=str(REPO / "examples" / "stylora_style.jpg")),
+        "style_from_image": dict(style_image=str(REPO / "examples" / "stylora_style.jpg")),
         "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
     }
     assert sorted(per_workflow) == bundled_workflows()

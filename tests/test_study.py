@@ -151,7 +151,7 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     styled = sorted(p.relative_to(out / "styled") for p in (out / "styled").rglob("*.png"))
     assert len(styled) == 18 and Path("_base/base/s0.30_seed0/astronaut.png") in styled
     lora_prompt = next(p for p in comfy.prompts if "2" in p and
-                       p["4"]["inputs"]["text"] == "a painting")
+                       p["4"]["inputs"]["text"] == ["2", 3])  # the prompt is Load Style LoRA's trigger
     assert lora_prompt["2"]["inputs"]["style"].startswith("stylora-study-monet-lora-")
     assert (study_inputs["models"] / "styles" / lora_prompt["2"]["inputs"]["style"]).is_file()
     # 3. The report: every method row and the mean, unavailable metrics named, the image method skipped.

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_style_folder, skimage_photos
+from conftest import REPO, _free_port, make_style_folder, skimage_photos
 from PIL import Image
-from test_comfyui import COMFYUI_DIR, _free_port, sd15_checkpoint  # noqa: F401 (a fixture)
+from test_comfyui import COMFYUI_DIR
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (see ../shared/comfyui/README.md)")]
@@ -55,7 +55,7 @@ def _start(base: Path, checkpoint: Path) -> tuple[subprocess.Popen, str]:
 
 
 @pytest.fixture(scope="module")
-def servers(sd15_checkpoint, tmp_path_factory):  # noqa: F811
+def servers(sd15_checkpoint, tmp_path_factory):
     started = []
     for name in ("a", "b"):
         base = tmp_path_factory.mktemp(f"comfy_{name}")
@@ -78,7 +78,7 @@ def _outputs(out: Path) -> dict[str, np.ndarray]:
             for p in sorted((out / "styled").rglob("*.png"))}
 
 
-def test_study_on_real_comfyui_resumes_after_kill_and_survives_a_lost_server(servers, sd15_checkpoint,  # noqa: F811
+def test_study_on_real_comfyui_resumes_after_kill_and_survives_a_lost_server(servers, sd15_checkpoint,
                                                                             tmp_path, monkeypatch):
     from stylora.study import runner
     from stylora.study.config import load_study_config

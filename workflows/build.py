@@ -177,6 +177,8 @@ DESCRIPTIONS = {
     "masked_style": "Masked style: the style only where a mask is painted; every other pixel stays the photo's.",
     "style_blend": "Style blend: two styles mixed by weight in one Load Style LoRA node.",
     "style_metrics": "Style metrics: style transfer, then SSIM, LPIPS, content and Gram losses on the node.",
+    "style_from_image": "Style from one painting: no training, the painting's style injected into the UNet "
+                        "(StyleID).",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
 }
 
@@ -322,8 +324,29 @@ Headless: stylora run ... --workflow dreambooth --content photo.jpg --style my_d
     return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9]], [n[10], text])
 
 
+def style_from_image() -> list[Node]:
+    n = _nodes()
+    painting = Node(12, "LoadImage", roles.STYLE_IMAGE.title, (0, 0), {"image": "stylora_style.jpg"},
+                    size=(320, 320))
+    inject = Node(13, "StyleFromImage", "Style from image", (0, 0), {},
+                  {"model": (1, 0), "style_image": (12, 0), "vae": (1, 2), "latent": (7, 0)}, size=(320, 330))
+    n[3].links = {"model": (13, 0), "clip": (1, 1)}
+    n[4].links = {"clip": (3, 2)}  # no trigger: the painting's style comes from the attention, not the prompt
+    n[10].values["filename_prefix"] = "stylora/from_image"
+    text = note_for("style_from_image", """\
+Style From Image (Chung et al., CVPR 2024, StyleID): in the UNet decoder's self-attention the photo keeps
+its queries and takes keys and values from the painting's features at the same step; gamma blends the
+queries (0.75: more layout), temperature sharpens the attention (1.5), adain moves the latent's colour
+statistics toward the painting's. No training, one painting. Style Strength drives it like a LoRA style
+(0 = the photo unchanged). Costs about one extra UNet batch row per painting and photo.
+
+Headless: stylora run ... --workflow style_from_image --content photo.jpg --style-image painting.jpg""")
+    return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+
+
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
-             "style_metrics": style_metrics, "dreambooth": dreambooth}  # first steps to advanced
+             "style_metrics": style_metrics, "style_from_image": style_from_image,
+             "dreambooth": dreambooth}  # first steps to advanced
 
 
 def ui_workflow(name: str, schema: dict[str, dict]) -> dict[str, Any]:
@@ -377,6 +400,7 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "masked_style": ("Masked style", "photo + mask", "styled in mask"),
                 "style_blend": ("Style blend", "photo", "two styles"),
                 "style_metrics": ("Style metrics", "styled", "scores"),
+                "style_from_image": ("Style from a painting", "painting", "styled"),
                 "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
 
 
@@ -409,10 +433,12 @@ def make_thumbnails() -> None:
     right = {"style_transfer": painted(style), "masked_style": Image.composite(painted(style), photo, mask),
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
-             "style_metrics": bars(), "dreambooth": painted(other)}
+             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
-            "style_metrics": painted(style)}
+            "style_metrics": painted(style),
+            "style_from_image": Image.open(out / "stylora_style.jpg").convert("RGB").resize(
+                (side, side), Image.Resampling.LANCZOS)}
     for name, (title, left_label, right_label) in THUMB_TITLES.items():
         canvas = Image.new("RGB", (256, 176), (255, 255, 255))
         d = ImageDraw.Draw(canvas)
