@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
+from ..eval.weights import METRICS_FOLDER_KEY
 from .strength import STYLE_ATTACHMENT
 
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
@@ -43,8 +44,6 @@ def style_path(name: str) -> str:
 def register_model_folders(folder_paths: Any) -> None:
     """Add models/styles under the key 'stylora' and models/stylora_metrics (Style Metrics' network weights) under
     'stylora_metrics', each merged with any extra_model_paths.yaml entry for its key."""
-    from ..eval.weights import METRICS_FOLDER_KEY
-
     for key, folder in ((STYLE_FOLDER_KEY, "styles"), (METRICS_FOLDER_KEY, "stylora_metrics")):
         default = os.path.join(folder_paths.models_dir, folder)
         entry = folder_paths.folder_names_and_paths.get(key)

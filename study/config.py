@@ -12,6 +12,7 @@ from typing import Any
 import tomllib
 
 from ..trainer.config import DEFAULT_BASE_MODEL, DreamBoothConfig, LoraTrainConfig
+from ..workflows.client import parse_value
 
 # `base`: plain img2img (the control), `lora`: a style LoRA, `dreambooth`: the full fine-tune baseline,
 # `dreambooth-lora`: DreamBooth with LoRA adapters, `image`: a training-free painting-style node when the server
@@ -142,13 +143,6 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def load_study_config(path: str | Path | None, flags: dict[str, Any] | None = None) -> StudyConfig:
     """StudyConfig from a TOML (or JSON) file, then `flags` on top (field name -> value; `styles` as NAME=DIR
     strings and `train` as METHOD.KEY=VALUE strings, as the command line gives them)."""
@@ -184,7 +178,7 @@ def load_study_config(path: str | Path | None, flags: dict[str, Any] | None = No
                 method, dot, name = target.rpartition(".")
                 if not dot:
                     raise ValueError(f"--train: {target!r} must be METHOD.KEY=VALUE")
-                parsed.append((method, name, _value(text)))
+                parsed.append((method, name, parse_value(text)))
             overridden = {(m, k) for m, k, _ in parsed}
             value = [t for t in values.get("train", []) if (t[0], t[1]) not in overridden] + parsed
         values[key] = value

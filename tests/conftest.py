@@ -162,3 +162,16 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
+
+
+def count_calls(monkeypatch, module, names: tuple[str, ...]) -> dict[str, int]:
+    """Wrap `module.<name>` for each name so that calls are counted (the functions still run); the live counts."""
+    counts = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(module, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return counts

@@ -69,7 +69,8 @@ def _comfy_stand_ins(monkeypatch, files: dict[str, str], weight_key: str, shape:
                          ("comfy.supported_models", comfy.supported_models), ("folder_paths", folder_paths)):
         monkeypatch.setitem(sys.modules, name, module)
     inner = types.SimpleNamespace(model_config=SD15(), state_dict=lambda: {weight_key: torch.zeros(shape)})
-    return calls, _Patcher(inner), types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(state_dict=dict))
+    return calls, _Patcher(inner), types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(state_dict=dict),
+                                                         patcher=_Patcher())
 
 
 def test_blend_patches_each_style_at_strength_times_its_normalised_weight(tmp_path, monkeypatch):
@@ -79,7 +80,7 @@ def test_blend_patches_each_style_at_strength_times_its_normalised_weight(tmp_pa
                  "lora_unet_x.alpha": torch.tensor(2.0)}
         files[name] = str(save_lora(tmp_path / f"{name}.safetensors", state, {"stylora.trigger": name}))
     calls, model, clip = _comfy_stand_ins(monkeypatch, files, "diffusion_model.x.weight", (8, 8))
-    _, _, info = LoadStyleLoRA().load(model, clip, "a", 0.8, style_2="b", weight_2=3.0, style_3="c", weight_3=0.0)
+    _, _, info, _ = LoadStyleLoRA().load(model, clip, "a", 0.8, style_2="b", weight_2=3.0, style_3="c", weight_3=0.0)
     # weights 1 and 3 normalise to 0.25 and 0.75; a weight of 0 drops the style
     assert [s for _, s_model, s_clip in calls for s in (s_model, s_clip)] == pytest.approx([0.2, 0.2, 0.6, 0.6])
     assert [s["weight"] for s in info["styles"]] == [0.25, 0.75] and info["trigger"] == "a, b"

@@ -350,7 +350,7 @@ def test_style_metrics_never_sends_nan_to_the_browser(tmp_path):
     import json
 
     from stylora.eval.metrics import VGGStyle
-    from stylora.eval.report import format_scores, json_safe
+    from stylora.eval.scoring import format_scores, json_safe
     from stylora.nodes.metrics import StyleMetrics
 
     node = StyleMetrics()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_style_folder, skimage_photos
+from conftest import count_calls, make_style_folder, skimage_photos
 from PIL import Image
 from safetensors.torch import save_file
 from stylora.cli import main as cli_main
@@ -122,14 +122,7 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     monkeypatch.delenv("STYLORA_WEIGHTS_DIR", raising=False)
     nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
-    counts = {"train_lora": 0, "train_dreambooth": 0, "evaluate": 0}
-    for name in counts:
-        real = getattr(runner, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            counts[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(runner, name, counted)
+    counts = count_calls(monkeypatch, runner, ("train_lora", "train_dreambooth", "evaluate"))
     path = _toml(tmp_path, TRAIN_TOML)
     out = tmp_path / "study"
     flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]), "out": str(out),
@@ -139,12 +132,13 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     cfg = load_study_config(path, flags)
 
     # 1. Killed mid-way through stylising (the only server goes away after 4 prompts): an error, work kept.
-    dying = FakeComfy(models=study_inputs["models"], drop_after=4)
+    # A server without the painting node (Style From Image): the image method is skipped and the report says why.
+    dying = FakeComfy(models=study_inputs["models"], drop_after=4, without=("StyleFromImage",))
     with pytest.raises(runner.ServerError, match="cannot reach"):
         runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (dying.url,)}), progress=False, nets=nets)
     assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 0}
     # 2. Rerun: training reused, the 3 finished images kept, the rest stylised, scored, reported.
-    comfy = FakeComfy(models=study_inputs["models"])
+    comfy = FakeComfy(models=study_inputs["models"], without=("StyleFromImage",))
     report = runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (comfy.url,)}), progress=False, nets=nets)
     assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 1}
     assert len(comfy.prompts) == 3 * 6 - 3  # (base, lora, dreambooth-lora) x 2 strengths x 3 photos, minus 3 done

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, _free_port, make_style_folder, skimage_photos
+from conftest import REPO, _free_port, count_calls, make_style_folder, skimage_photos
 from PIL import Image
 from test_comfyui import COMFYUI_DIR
 
@@ -128,14 +128,7 @@ def test_study_on_real_comfyui_resumes_after_kill_and_survives_a_lost_server(ser
     assert len(first) == 2 * 2 * (1 + 2 * 2)  # photos x strengths x (base + 2 styles x 2 methods)
 
     # 2. The same command again redoes nothing: no training, no prompt, no scoring, outputs untouched.
-    counts = {"train_lora": 0, "train_dreambooth": 0, "evaluate": 0}
-    for name in counts:
-        real = getattr(runner, name)
-
-        def counted(*args, _real=real, _name=name, **kwargs):
-            counts[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(runner, name, counted)
+    counts = count_calls(monkeypatch, runner, ("train_lora", "train_dreambooth", "evaluate"))
     prompts = _history(a["url"])
     stamps = {p: p.stat().st_mtime_ns for p in (reference / "styled").rglob("*.png")}
     fingerprints = json.loads((reference / "study.json").read_text())["sections"]["evaluate"]

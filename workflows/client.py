@@ -186,7 +186,8 @@ def load_workflow(name: str) -> dict[str, dict]:
     return graph
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, lists), else the text itself."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -240,7 +241,7 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
         if node is None:
             raise ValueError(f"set: {item!r} must be 'Node title.input=value' with a title in the workflow "
                              f"({sorted(n.get('_meta', {}).get('title', '') for n in g.values())})")
-        node["inputs"][field] = _parse_value(value)
+        node["inputs"][field] = parse_value(value)
     return g
 
 
