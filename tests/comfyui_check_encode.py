@@ -19,8 +19,8 @@ def main(pack: str, ckpt: str) -> None:
     node = module.NODE_CLASS_MAPPINGS["ContentEncode"]()
     photo = torch.rand(1, 300, 200, 3, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        latent, image, info = node.encode(photo, vae, 512, 8, "stretch", "shrink only")
-        tiled, _, tiled_info = node.encode(photo, vae, 512, 8, "stretch", "shrink only", tiling="always",
+        latent, image, info, _ = node.encode(photo, vae, 512, 8, "stretch", "shrink only")
+        tiled, _, tiled_info, _ = node.encode(photo, vae, 512, 8, "stretch", "shrink only", tiling="always",
                                            tile_size=256)
         half = comfy.sd.VAE(sd=vae.get_sd(), dtype=torch.float16)
         fp32 = node._fp32_vae(half)  # what a NaN from an fp16 VAE falls back to
