@@ -269,3 +269,25 @@ def test_adain_in_the_wrapper_moves_the_latent_statistics():
         "c": {"c_crossattn": torch.zeros(1, 3, 8), "transformer_options": {}}})
     seen = wrapped[0][:1]  # at sigma 0 the painting row is its clean latent: the row takes its statistics
     assert torch.allclose(seen.mean((2, 3)), injection.style.mean((2, 3)), atol=1e-4)
+
+
+def test_a_lora_style_and_a_painting_style_in_one_model_both_follow_the_strength_knob():
+    from stylora.nodes.strength import STYLE_ATTACHMENT
+
+    # A model that Load Style LoRA styled (one patch, recorded as the style's) and then Style From Image.
+    base = _Patcher()
+    adapter = object()
+    base.patches = {"diffusion_model.x.weight": [(1.0, adapter, 1.0, None, None)]}
+    base.set_attachments(STYLE_ATTACHMENT, (adapter,))
+    latent = {"samples": torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(7))}
+    (both,) = StyleFromImage().apply(base, torch.rand(1, 64, 48, 3, generator=torch.Generator().manual_seed(6)),
+                                     _VAE(), latent)
+    for s, scale in ((0.25, 0.5), (0.5, 1.0), (1.0, 1.0)):
+        out, denoise, _ = StyleStrength().apply(both, s)
+        assert out.patches["diffusion_model.x.weight"][0][0] == pytest.approx(scale)  # the LoRA's patch strength
+        assert out.get_attachment(INJECTION_ATTACHMENT).strength == pytest.approx(scale)  # the injection's
+        assert denoise == pytest.approx(s * 0.75)
+    zero, denoise, _ = StyleStrength().apply(both, 0.0)
+    assert zero.patches == {} and zero.get_attachment(INJECTION_ATTACHMENT) is None and denoise == 0.0
+    assert "model_function_wrapper" not in zero.model_options
+    assert both.patches["diffusion_model.x.weight"][0][0] == 1.0  # the input model untouched
