@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from stylora.cli import main
-from stylora.trainer.checkpoint import checkpoint_root
+from stylora.trainer.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_root
 
 FAST = ["--resolution", "64", "--batch-size", "2", "--min-images", "4", "--warmup-steps", "0", "--no-progress",
         "--log-every", "1"]
@@ -136,7 +136,7 @@ def test_a_diverging_loss_stops_the_run_keeping_the_last_good_checkpoint(tiny_mo
     assert not out.exists()
     from safetensors.torch import load_file
 
-    kept = load_file(str(checkpoint_root(out) / "step-00000002" / "trainable.safetensors"))
+    kept = load_file(str(checkpoint_root(out) / "step-00000002" / WEIGHTS_FILE))
     assert all(torch.isfinite(v).all() for v in kept.values())
     assert not (checkpoint_root(out) / "step-00000003").exists()
 
@@ -151,7 +151,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 # --- 12. damaged checkpoints -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("damage", ["trainable.safetensors", "state.pt", "info.json"])
+@pytest.mark.parametrize("damage", [WEIGHTS_FILE, STATE_FILE, "info.json"])
 def test_resume_skips_a_damaged_checkpoint_for_the_newest_intact_one(tiny_model, run, capsys, caplog, damage):
     style, out = run
     out.unlink()  # killed after its last checkpoint

@@ -35,7 +35,7 @@ def test_class_images_are_deterministic_for_a_seed(tiny_model, tmp_path):
 def test_dreambooth_writes_a_single_file_checkpoint_that_converts_back(tiny_model, style_folder, tmp_path):
     from safetensors import safe_open
     from stylora.trainer.base_model import load_base_model
-    from stylora.trainer.checkpoint import checkpoint_root
+    from stylora.trainer.checkpoint import WEIGHTS_FILE, checkpoint_root
 
     out = tmp_path / "db.safetensors"
     cfg = DreamBoothConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),
@@ -54,7 +54,7 @@ def test_dreambooth_writes_a_single_file_checkpoint_that_converts_back(tiny_mode
     trained = checkpoint_root(out) / "step-00000010"
     from safetensors.torch import load_file
 
-    state = load_file(str(trained / "trainable.safetensors"))
+    state = load_file(str(trained / WEIGHTS_FILE))
     for k, v in back.unet.state_dict().items():
         torch.testing.assert_close(v, state[k], rtol=0, atol=0)
     base = load_base_model(str(tiny_model["diffusers"]))

@@ -37,12 +37,13 @@ TIER = {layer: tier for tier, layers in enumerate(LAYERS) for layer in layers}
 
 
 def pack_modules(root: Path) -> dict[str, Path]:
-    """Dotted module name -> file, for every .py file of the pack under `root`."""
+    """Dotted module name -> file, for every .py file of the pack under `root`: the root's modules and its
+    top-level packages (folders with an __init__.py; virtual environments, caches and the like have none)."""
     out = {}
-    for path in sorted(root.rglob("*.py")):
+    tops = [p for p in root.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()]
+    for path in sorted(f for top in tops if top.name not in NOT_PACKAGE
+                       for f in ([top] if top.is_file() else top.rglob("*.py"))):
         rel = path.relative_to(root)
-        if rel.parts[0] in NOT_PACKAGE:
-            continue
         parts = [PACKAGE, *rel.with_suffix("").parts]
         if parts[-1] == "__init__":
             parts = parts[:-1]

@@ -23,7 +23,7 @@ import stylora
 import torch
 from safetensors.torch import load_file
 from stylora.core.lora_file import read_lora
-from stylora.trainer.checkpoint import checkpoint_root
+from stylora.trainer.checkpoint import WEIGHTS_FILE, checkpoint_root
 from stylora.trainer.config import LoraTrainConfig
 from stylora.trainer.lora import train_lora
 
@@ -77,7 +77,7 @@ def _assert_same_weights(a_path: Path, b_path: Path) -> None:
 
 
 def _step_weights(output: str | Path, step: int) -> dict[str, torch.Tensor]:
-    return load_file(str(checkpoint_root(output) / f"step-{step:08d}" / "trainable.safetensors"))
+    return load_file(str(checkpoint_root(output) / f"step-{step:08d}" / WEIGHTS_FILE))
 
 
 @pytest.mark.slow

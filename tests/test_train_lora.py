@@ -283,3 +283,26 @@ def test_previews_are_written_during_training(tiny_model, style_folder, tmp_path
     preview = tmp_path / "p.previews" / "step-00000002.png"
     assert preview.is_file()
     assert Image.open(preview).size == (2 * 64, 2 * 64)  # two columns of (content over styled)
+
+
+# ComfyUI's model extensions (folder_paths.supported_pt_extensions): every such file under a models folder is
+# listed in its dropdowns, recursively.
+COMFYUI_MODEL_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+
+
+def test_training_into_a_comfyui_models_folder_adds_only_the_lora_to_its_lists(tiny_model, style_folder, tmp_path):
+    loras = tmp_path / "ComfyUI" / "models" / "loras"
+    out = loras / "x.safetensors"
+    cfg = LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),
+                          steps=2, checkpoint_every=1, **TRAIN)
+    train_lora(cfg, progress=False)
+
+    def listed() -> list[str]:
+        return sorted(str(p.relative_to(loras)) for p in loras.rglob("*")
+                      if p.is_file() and p.suffix.lower() in COMFYUI_MODEL_EXTENSIONS)
+
+    assert (checkpoint_root(out) / "step-00000002" / "COMPLETE").is_file()  # the checkpoints are there...
+    assert listed() == ["x.safetensors"]  # ...but only the LoRA is in ComfyUI's list
+    out.unlink()  # as if killed after the last checkpoint: --resume still finds them
+    resumed = train_lora(cfg, resume=True, progress=False)
+    assert resumed.resumed_from == 2 and listed() == ["x.safetensors"]

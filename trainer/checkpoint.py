@@ -2,11 +2,16 @@
 
 <output stem>.checkpoints/
     step-00000500/         complete: renamed into place only after every file and COMPLETE were written
-        trainable.safetensors   the trained weights: LoRA adapters (peft keys) or a whole UNet
-        state.pt              optimizer and LR-schedule state (loaded with weights_only=True)
+        trainable.weights     the trained weights (safetensors format): LoRA adapters (peft keys) or a whole UNet
+        optimizer.state       optimizer and LR-schedule state (torch format, loaded with weights_only=True)
         info.json             step, config, dataset fingerprint
         COMPLETE              marker
     .step-00001000.tmp-123  an interrupted write: ignored, removed on the next save
+
+The two files' names end outside ComfyUI's model extensions (.safetensors, .pt, .ckpt, .bin, .pth, .sft, ...):
+ComfyUI lists every such file under a models folder recursively, so a run whose --output is in
+ComfyUI/models/loras would otherwise add its checkpoints to the LoRA list. Checkpoints written by earlier
+versions (trainable.safetensors, state.pt) are still read.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
+WEIGHTS_FILE, STATE_FILE = "trainable.weights", "optimizer.state"
+_OLD_NAMES = {WEIGHTS_FILE: "trainable.safetensors", STATE_FILE: "state.pt"}  # before the rename above
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
 
@@ -92,8 +99,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, torch.Tensor], sta
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
     tmp.mkdir()
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(state, tmp / "state.pt")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
+    torch.save(state, tmp / STATE_FILE)
     (tmp / "info.json").write_text(json.dumps({"step": step, **info}, indent=2), encoding="utf-8")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -125,11 +132,14 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
     if not (folder / MARKER).is_file():
         raise DamagedCheckpoint(f"{folder}: incomplete checkpoint (no {MARKER} marker)")
-    name = "trainable.safetensors"
+    def named(new: str) -> str:
+        return new if (folder / new).exists() or not (folder / _OLD_NAMES[new]).exists() else _OLD_NAMES[new]
+
+    name = named(WEIGHTS_FILE)
     try:
         weights = load_file(str(folder / name))
         check_finite(weights, str(folder / name))
-        name = "state.pt"
+        name = named(STATE_FILE)
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"optimizer", "lr_scheduler"} <= set(state):
             raise ValueError("no optimizer and lr_scheduler state in it")
@@ -249,7 +259,7 @@ class RunCheckpoints:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_schedule.load_state_dict(state["lr_scheduler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise DamagedCheckpoint(f"{folder / 'state.pt'}: optimizer state does not fit ({e})") from e
+            raise DamagedCheckpoint(f"{folder / STATE_FILE}: optimizer state does not fit ({e})") from e
         logger.info("resumed from %s", folder)
         return weights
 
