@@ -13,6 +13,9 @@ import pytest
 import torch
 from PIL import Image
 from stylora.cli import main
+from stylora.core.lora_file import check_lora_fits
+from stylora.nodes.mask import MaskedStyleApply
+from stylora.nodes.strength import style_schedule
 from stylora.trainer.checkpoint import STATE_FILE, WEIGHTS_FILE, checkpoint_root
 
 FAST = ["--resolution", "64", "--batch-size", "2", "--min-images", "4", "--warmup-steps", "0", "--no-progress",
@@ -288,3 +291,31 @@ def test_warmup_longer_than_the_run_warns_and_base_model_is_absolute(tiny_model,
     assert any("warmup_steps 5 is more than steps 1" in r.message for r in caplog.records)
     meta = read_lora(out)[1]
     assert meta["stylora.base_model"] == str(tiny_model["diffusers"].resolve())
+
+
+# --- Nodes: a bad input is a ValueError that names the input and the value; nothing half-applied ---------------
+
+@pytest.mark.parametrize("call, expected", [
+    (lambda: MaskedStyleApply().apply(torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16, 3), 4, False),
+     "mask: expected a MASK [B, H, W], got shape (1, 16, 16, 3)"),
+    (lambda: MaskedStyleApply().apply(torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16), -1, False),
+     "feather must be >= 0 pixels, got -1"),
+    (lambda: MaskedStyleApply().apply(torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16), 4, False,
+                                      styled=torch.rand(1, 24, 16, 3)),
+     "styled image is 16x24 but content is 16x16"),
+    (lambda: style_schedule(float("nan")), "strength must be in 0..1, got nan"),
+    (lambda: style_schedule(1.5), "strength must be in 0..1, got 1.5"),
+    (lambda: style_schedule(0.5, max_denoise=-0.1), "max_denoise must be in 0..1, got -0.1"),
+])
+def test_node_inputs_out_of_range_are_named(call, expected):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_lora_with_nan_tensors_is_refused_with_the_count():
+    good = "lora_unet_x"
+    state = {f"{good}.lora_down.weight": torch.zeros(2, 8), f"{good}.lora_up.weight": torch.full((8, 2), math.nan),
+             f"{good}.alpha": torch.tensor(math.inf)}
+    problems = check_lora_fits(state, {good: "diffusion_model.x.weight"}, {"diffusion_model.x.weight": (8, 8)})
+    assert problems == [f"2 tensors with NaN/inf values: {good}.lora_up.weight, {good}.alpha"]
