@@ -221,7 +221,7 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"features: need at least 2 rows of [N, D], got shape {f.shape}")
-    return f.mean(axis=0), np.cov(f, rowvar=False)
+    return f.mean(axis=0), np.atleast_2d(np.cov(f, rowvar=False))  # [1, 1] for one dimension, not a scalar
 
 
 def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
