@@ -176,6 +176,8 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
                            "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
     bad_inputs = [name for name, t in (("styled", x), ("content", y)) if not torch.isfinite(t).all()]
+    # NaN/inf pixels per styled image: Save Image writes them as black, so they must be said, not only scored.
+    out["nonfinite_pixels"] = (~torch.isfinite(x)).any(dim=1).sum(dim=(1, 2)).tolist()
     # 3. Set metrics against the style folder.
     if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
         feats = nets["inception"](x).numpy()
@@ -225,6 +227,11 @@ def json_safe(value: Any) -> Any:
 def format_scores(scores: dict[str, Any]) -> str:
     """The readable text of `score_images`'s result: one line per metric, then the unavailable ones and why."""
     lines = [f"{scores['images']} image(s)"]
+    bad = [(i, n) for i, n in enumerate(scores.get("nonfinite_pixels", []), 1) if n]
+    if bad:
+        where = ", ".join(f"image {i}: {n} pixel(s)" for i, n in bad)
+        lines.append(f"WARNING: NaN/inf pixels in the styled image(s) ({where}); Save Image writes them as black "
+                     "(an overflowing fp16 VAE or a broken model: try --fp32-vae or another checkpoint)")
     missing = []
     for name in ALL_METRICS:
         value = scores["metrics"].get(name)

@@ -77,7 +77,7 @@ class StyleMetrics:
         scores = json_safe(scores)  # NaN/inf -> None: what goes to the browser must be valid JSON
         text = format_scores(scores)
         as_json = json.dumps(scores, indent=1, allow_nan=False)
-        logger.info("StyleMetrics:\n%s", text)
+        (logger.warning if any(scores["nonfinite_pixels"]) else logger.info)("StyleMetrics:\n%s", text)
         # 3. Optional CSV row.
         if csv_path.strip():
             append_csv(csv_path.strip(), {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "label": label,

@@ -80,13 +80,15 @@ def style_folder(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def sd15_checkpoint(tmp_path_factory) -> Path:
     """A full-size SD1.5 single-file checkpoint with random weights (about 2 GB, a minute to build), built once per
-    test session and shared by every real-ComfyUI test module; COMFYUI_SD15_CKPT names an existing one instead."""
+    test session and shared by every real-ComfyUI test module; COMFYUI_SD15_CKPT names an existing one instead.
+    Rescaled to be samplable (build_random_pipeline's samplable=True): sampled images follow their inputs."""
     if os.environ.get("COMFYUI_SD15_CKPT"):
         return Path(os.environ["COMFYUI_SD15_CKPT"])
     from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
 
     path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
-    return save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0), path)
+    return save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0, samplable=True), path,
+                            metadata={"stylora.test_model": "random SD1.5 weights, seed 0, samplable rescaling"})
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -150,12 +152,15 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
                             cwd=os.environ["COMFYUI_DIR"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        deadline = time.monotonic() + 600  # start-up on a loaded 2-core machine: about a minute, rarely more
+        while True:
             try:
-                urllib.request.urlopen(url + "/queue", timeout=2)
+                urllib.request.urlopen(url + "/queue", timeout=5)
                 break
             except OSError:
-                assert proc.poll() is None, (base / "server.log").read_text()[-3000:]
+                log_tail = (base / "server.log").read_text()[-3000:]
+                assert proc.poll() is None, f"ComfyUI exited with {proc.returncode} while starting:\n{log_tail}"
+                assert time.monotonic() < deadline, f"ComfyUI did not answer {url}/queue within 600 s:\n{log_tail}"
                 time.sleep(1)
         yield {"url": url, "base": base, "log": base / "server.log"}
     finally:

@@ -56,3 +56,26 @@ def test_sd2_and_sdxl_checkpoints_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         check_sd1_single_file(tmp_path / "junk.safetensors")
+
+
+def test_samplable_random_model_scales_latents_by_32_and_noise_predictions_by_a_tenth():
+    """samplable=True: the same random weights except the VAE latent (x32 in, /32 out: the same decoded image) and
+    the UNet's last convolution (x0.1); checked against the plain build, layer by layer."""
+    from conftest import TINY_CONFIG
+    from stylora.trainer.base_model import build_random_pipeline
+
+    plain, samplable = build_random_pipeline(TINY_CONFIG, seed=3), build_random_pipeline(TINY_CONFIG, seed=3,
+                                                                                         samplable=True)
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+    latent = torch.randn(1, 4, 8, 8, generator=gen)
+    with torch.no_grad():
+        dist_p, dist_s = plain.vae.encode(image).latent_dist, samplable.vae.encode(image).latent_dist
+        assert torch.allclose(dist_s.mean, 32 * dist_p.mean, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(dist_s.std, 32 * dist_p.std, rtol=1e-4)
+        assert torch.allclose(samplable.vae.decode(32 * latent).sample, plain.vae.decode(latent).sample, atol=1e-5)
+        ctx = torch.randn(1, 77, plain.unet.config.cross_attention_dim, generator=gen)
+        eps_p = plain.unet(latent, 500, ctx).sample
+        assert torch.allclose(samplable.unet(latent, 500, ctx).sample, 0.1 * eps_p, atol=1e-6)
+    same = {k for k, v in plain.unet.state_dict().items() if torch.equal(v, samplable.unet.state_dict()[k])}
+    assert set(plain.unet.state_dict()) - same == {"conv_out.weight", "conv_out.bias"}

@@ -366,6 +366,8 @@ def test_style_metrics_never_sends_nan_to_the_browser(tmp_path):
     assert scores["per_image"]["ssim"][0] == pytest.approx(1.0) and scores["per_image"]["ssim"][1] is None
     assert "ssim" not in scores["metrics"] and "content" not in scores["metrics"]
     assert "ssim: n/a (not a finite number for 1 of 2 image(s): NaN/inf pixels in the styled image)" in text
+    assert scores["nonfinite_pixels"] == [0, 1] and text.splitlines()[1].startswith(
+        "WARNING: NaN/inf pixels in the styled image(s) (image 2: 1 pixel(s)); Save Image writes them as black")
     lines = node.measure(content, content)["result"][0].splitlines()
     numbers = [i for i, line in enumerate(lines) if "is better" in line]
     assert numbers and lines.index("lpips: n/a (alexnet-owt-7be5be79.pth missing)") > max(numbers)

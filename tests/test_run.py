@@ -278,3 +278,20 @@ def test_photos_are_spread_over_servers_and_a_server_that_drops_out_hands_its_wo
     assert len(c.prompts) + len(d.prompts) == 6
     for server in (one, a, b, dropping, steady, alone, c, d):
         server.close()
+
+
+def test_a_flat_output_is_a_failure_not_a_silent_black_image(comfy, photos, tmp_path):
+    """ComfyUI's Save Image writes NaN pixels as 0: an overflowed decode arrives as a black PNG. The fake server
+    inverts its input, so a white photo comes back all black; a photo with one grey pixel does not."""
+    white = np.full((48, 64, 3), 255, np.uint8)
+    Image.fromarray(white).save(photos / "white.png")
+    almost = white.copy()
+    almost[3, 5] = 128
+    Image.fromarray(almost).save(photos / "almost.png")
+    lines = []
+    result = run_workflow(RunConfig(content=str(photos), out=str(tmp_path / "out"), server=comfy.url), say=lines.append,
+                          poll=0.01)
+    assert [Path(f).name for f, _ in result.failed] == ["white.png"]
+    assert "is one flat colour (0, 0, 0) (not written)" in result.failed[0][1] and "NaN" in result.failed[0][1]
+    assert not (tmp_path / "out" / "white.png").exists() and (tmp_path / "out" / "almost.png").is_file()
+    assert len(result.done) == 4 and any("white.png: FAILED" in s for s in lines)

@@ -457,6 +457,13 @@ def _download(server: Server, prompt: dict, entry: dict, target: Path) -> list[P
         query = urllib.parse.urlencode({"filename": img["filename"], "subfolder": img.get("subfolder", ""),
                                         "type": img.get("type", "output")})
         data = server.request(f"/view?{query}")
+        flat = _flat_colour(data)
+        if flat is not None:
+            # Save Image writes NaN/inf pixels as 0: a decode that overflowed arrives as a black PNG, not an error.
+            raise ServerError(f"output {img['filename']} is one flat colour {flat} (not written): the model gave "
+                              "NaN/inf (saved as black) or a constant image; check the server log for 'invalid value "
+                              "encountered in cast', try a float32 VAE (--fp32-vae on the server) or another "
+                              "checkpoint")
         path = target if k == 0 else target.with_name(f"{target.stem}_{k}{target.suffix}")
         atomic_write(path, lambda tmp, d=data: Path(tmp).write_bytes(d))
         written.append(path)
@@ -466,3 +473,13 @@ def _download(server: Server, prompt: dict, entry: dict, target: Path) -> list[P
             atomic_write_text(path, json.dumps(outputs[node_id]["stylora_metrics"][0], indent=1))
             written.append(path)
     return written
+
+
+def _flat_colour(data: bytes) -> tuple[int, ...] | None:
+    """The colour of an image whose every pixel is the same (e.g. all black from NaN pixels), else None."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        extrema = img.getextrema()
+    bands = extrema if isinstance(extrema[0], tuple) else (extrema,)
+    return tuple(lo for lo, _ in bands) if all(lo == hi for lo, hi in bands) else None
