@@ -130,3 +130,88 @@ def test_batch_order_continues_across_epochs(style_folder):
     assert order.per_epoch == 2  # six images: 4 + 2
     assert [order[k] for k in (0, 1, 2, 3)] == epoch_batches(ds, 4, 5, 0) + epoch_batches(ds, 4, 5, 1)
     assert BatchOrder(ds, 4, seed=5)[3] == order[3]  # a fresh (resumed) sequence agrees
+
+
+def test_refusals_name_the_file_or_bytes_or_the_given_name(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(ImageLoadError) as e:
+        load_image(bad)
+    assert str(e.value) == f"{bad}: not an image (unrecognised format)" and e.value.path == str(bad)
+    with pytest.raises(ImageLoadError) as e:
+        load_image(b"not an image at all")
+    assert e.value.path == "<bytes>"
+    with pytest.raises(ImageLoadError) as e:
+        load_image(b"not an image at all", name="row 7")
+    assert e.value.path == "row 7"
+
+
+def test_pixel_limit_is_inclusive(tmp_path):
+    Image.new("RGB", (10, 10)).save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png", max_pixels=100).size == (10, 10)
+    with pytest.raises(ImageLoadError, match="10x10 is over the 99-pixel limit"):
+        load_image(tmp_path / "a.png", max_pixels=99)
+
+
+def test_32bit_greyscale_up_to_255_is_kept_as_8bit(tmp_path):
+    arr = np.array([[0, 1, 128, 255]], dtype=np.int32)
+    Image.fromarray(arr, mode="I").save(tmp_path / "i.tif")
+    assert np.asarray(load_image(tmp_path / "i.tif"))[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_resize_cover_crops_the_exact_centre_for_an_odd_overhang():
+    """83x40 into 40x40: scale 1, 43 columns too many: columns 21..60 are kept (21 left, 22 right)."""
+    cols = np.tile(np.arange(83, dtype=np.uint8) * 3, (40, 1))
+    out = np.asarray(resize_cover(Image.fromarray(np.stack([cols] * 3, -1)), 40, 40))
+    assert out.shape == (40, 40, 3) and out[0, 0, 0] == 21 * 3 and out[0, -1, 0] == 60 * 3
+
+
+def test_to_8bit_scales_by_the_type_range():
+    from stylora.core.images import _to_8bit
+
+    u8 = np.array([[0, 7, 255]], np.uint8)
+    assert _to_8bit(u8) is u8
+    assert _to_8bit(np.array([[0.0, 0.5, 1.0, np.nan]], np.float32)).tolist() == [[0, 128, 255, 0]]
+    assert _to_8bit(np.array([[0.0, 1.5, 255.0]], np.float32)).tolist() == [[0, 2, 255]]  # > 1: a 0..255 range
+    assert _to_8bit(np.array([[0, 128, 129, 257, 65535]], np.uint16)).tolist() == [[0, 0, 1, 1, 255]]
+    assert _to_8bit(np.array([[0, 256, 65535]], np.int32)).tolist() == [[0, 1, 255]]
+
+
+def test_decompression_bomb_header_refused_before_decoding(tmp_path):
+    """A PNG whose header claims 30000x30000 pixels: Pillow refuses it at open (over twice its pixel limit)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n"
+    for kind, body in ((b"IHDR", ihdr), (b"IDAT", zlib.compress(b"")), (b"IEND", b"")):
+        data += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    (tmp_path / "bomb.png").write_bytes(data)
+    with pytest.raises(ImageLoadError) as e:
+        load_image(tmp_path / "bomb.png", max_pixels=10**12)
+    assert e.value.reason.startswith("refused: decompression bomb")
+
+
+def test_rgba_with_an_icc_profile_keeps_its_transparency(tmp_path):
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    img = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    img.putpixel((1, 0), (0, 0, 0, 128))
+    img.save(tmp_path / "icc.png", icc_profile=srgb)
+    px = np.asarray(load_image(tmp_path / "icc.png"))
+    assert px[0, 0].tolist() == [255, 255, 255] and abs(int(px[0, 1, 0]) - 127) <= 1  # on white: 255 * (1 - 128/255)
+
+
+def test_half_transparent_pixels_are_mixed_with_white(tmp_path):
+    img = Image.new("RGBA", (1, 1), (0, 0, 0, 128))
+    img.save(tmp_path / "half.png")
+    assert abs(int(np.asarray(load_image(tmp_path / "half.png"))[0, 0, 0]) - 127) <= 1
+
+
+def test_resize_cover_scales_down_before_cropping():
+    """200x100 into 40x40: scale 0.4 -> 80x40, then columns 20..59 of that, i.e. source columns ~50..149."""
+    cols = np.tile(np.arange(200) * 255 // 199, (100, 1)).astype(np.uint8)
+    out = np.asarray(resize_cover(Image.fromarray(np.stack([cols] * 3, -1)), 40, 40)).astype(int)
+    assert out.shape == (40, 40, 3)
+    assert abs(out[20, 0, 0] - 50 * 255 // 199) <= 3 and abs(out[20, -1, 0] - 149 * 255 // 199) <= 3

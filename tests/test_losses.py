@@ -1,0 +1,104 @@
+"""The training objectives against the formulas written out here (Ho et al. 2020; Salimans & Ho 2022 for
+v-prediction; Hang et al. 2023 for min-SNR-gamma; Guttenberg 2023 for offset noise), with a stand-in UNet and VAE
+whose outputs are known, so every term of the loss is checked, not only that it runs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from stylora.trainer.losses import denoising_loss, perceptual_net, perceptual_terms
+
+
+class AffineUNet(torch.nn.Module):
+    """pred = 0.5 z_t + mean(text states) + t / 1000: depends on every input the real UNet gets."""
+
+    def forward(self, noisy, t, states, return_dict=False):
+        return (0.5 * noisy + states.mean() + t.view(-1, 1, 1, 1).float() / 1000,)
+
+
+def _reference(z0, states, seed, scheduler, offset, gamma):
+    """The same draws from the same generator, then the loss written out."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=g)
+    if offset:
+        noise = noise + offset * torch.randn((*z0.shape[:2], 1, 1), generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (z0.shape[0],), generator=g)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    target = abar.sqrt() * noise - (1 - abar).sqrt() * z0 if v_pred else noise
+    pred = 0.5 * noisy + states.mean() + t.view(-1, 1, 1, 1).float() / 1000
+    loss = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    if gamma:
+        snr = (abar / (1 - abar)).flatten()
+        loss = loss * torch.clamp(snr, max=gamma) / (snr + 1 if v_pred else snr)
+    return loss, noisy, t
+
+
+@pytest.mark.parametrize(("prediction", "offset", "gamma"),
+                         [("epsilon", 0.0, None), ("epsilon", 0.1, 5.0), ("v_prediction", 0.05, 5.0),
+                          ("v_prediction", 0.0, None)])
+def test_denoising_loss_equals_the_written_out_objective(prediction, offset, gamma):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction)
+    gen = torch.Generator().manual_seed(11)
+    z0, states = torch.randn(3, 4, 6, 5, generator=gen), torch.randn(3, 7, 8, generator=gen)
+    loss, noisy, pred, t = denoising_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(4),
+                                          noise_offset=offset, min_snr_gamma=gamma)
+    ref_loss, ref_noisy, ref_t = _reference(z0, states, 4, scheduler, offset, gamma)
+    assert torch.equal(t, ref_t) and loss.shape == (3,)
+    torch.testing.assert_close(noisy, ref_noisy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+
+
+class TanhVAE:
+    """decode(z) = tanh(z) (values in -1..1, as the SD VAE's); remembers its input."""
+
+    def decode(self, z):
+        self.seen = z
+        return SimpleNamespace(sample=torch.tanh(z))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_perceptual_terms_decode_the_x0_prediction(prediction):
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction)
+    gen = torch.Generator().manual_seed(5)
+    noisy, pred = torch.randn(2, 4, 3, 3, generator=gen), torch.randn(2, 4, 3, 3, generator=gen)
+    t = torch.tensor([10, 500])
+    target = torch.randint(0, 256, (2, 3, 3, 3), generator=gen, dtype=torch.uint8)
+    seen = {}
+
+    def perceptual(image, pixels):  # returns the two "losses" it was given, to compare them
+        seen["image"], seen["pixels"] = image, pixels
+        return image.mean(dim=(1, 2, 3)), pixels.mean(dim=(1, 2, 3))
+
+    vae = TanhVAE()
+    a, b = perceptual_terms(scheduler, vae, perceptual, noisy, pred, t, target, scaling=0.18215)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = ((noisy - (1 - abar).sqrt() * pred) / abar.sqrt() if prediction == "epsilon"
+          else abar.sqrt() * noisy - (1 - abar).sqrt() * pred)
+    torch.testing.assert_close(vae.seen, x0 / 0.18215, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["image"], (torch.tanh(x0 / 0.18215) / 2 + 0.5).clamp(0, 1), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(seen["pixels"], target.float() / 255)
+    torch.testing.assert_close(a, seen["image"].mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(b, (target.float() / 255).mean(dim=(1, 2, 3)))
+
+
+def test_perceptual_net_uses_the_given_one_and_names_missing_weights(monkeypatch, tmp_path):
+    given = torch.nn.Identity()
+    assert perceptual_net(given) is given
+    from stylora.eval import weights
+
+    monkeypatch.setattr(weights, "search_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    try:
+        net = perceptual_net(None)
+    except ValueError as e:
+        assert str(e).startswith("lpips_weight/style_weight need pretrained feature networks: ")
+    else:  # the published weights are on this machine
+        assert type(net).__name__ == "PerceptualLoss"
