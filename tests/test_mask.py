@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 import torch
 from stylora.nodes.mask import MaskedStyleApply, composite, fit_mask
 
@@ -45,3 +48,27 @@ def test_fit_mask_resizes_bilinearly_with_pixel_centres_aligned():
     """2 -> 4 pixels, half-pixel centres (align_corners=False, as Pillow and ComfyUI resize): 0, 1/4, 3/4, 1."""
     mask = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     assert fit_mask(mask, 4, 4)[0, 0].tolist() == [0.0, 0.25, 0.75, 1.0]
+
+
+def test_feather_ramp_uses_the_largest_distance_within_feather_pixels():
+    """A 1-px line leaving a 5x5 block, feather 4: on the line 4 px from the block's centre (distance 3 to the
+    edge) the ramp's half-width is 3, so the weight is smoothstep(1/3); a window of 3 px would see at most 2.24."""
+    from stylora.nodes.mask import feather_mask
+
+    mask = torch.zeros(1, 15, 25)
+    mask[0, 5:10, 5:10] = 1
+    mask[0, 7, 10:21] = 1
+    r = 1 / 3
+    assert feather_mask(mask, 4)[0, 7, 11].item() == pytest.approx(r * r * (3 - 2 * r), rel=1e-6)
+
+
+def test_resize_and_narrowing_are_logged_with_their_numbers(caplog):
+    from stylora.nodes.mask import feather_mask
+
+    with caplog.at_level(logging.INFO, logger="stylora.nodes.mask"):
+        fit_mask(torch.zeros(1, 2, 3), 4, 6)
+        square = torch.zeros(1, 8, 8)
+        square[0, 2:6, 2:6] = 1
+        feather_mask(square, 4)
+    assert "mask 3x2 resized to the content's 6x4" in caplog.text
+    assert "feather narrowed to the stroke's half-width on 16 of 16 painted pixels" in caplog.text
