@@ -46,8 +46,10 @@ def test_denoising_loss_equals_the_written_out_objective(prediction, offset, gam
                               beta_end=0.012, prediction_type=prediction)
     gen = torch.Generator().manual_seed(11)
     z0, states = torch.randn(3, 4, 6, 5, generator=gen), torch.randn(3, 7, 8, generator=gen)
+    # The defaults are no offset noise and no min-SNR weighting: the first case calls without them.
+    options = {} if (offset, gamma) == (0.0, None) else {"noise_offset": offset, "min_snr_gamma": gamma}
     loss, noisy, pred, t = denoising_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(4),
-                                          noise_offset=offset, min_snr_gamma=gamma)
+                                          **options)
     ref_loss, ref_noisy, ref_t = _reference(z0, states, 4, scheduler, offset, gamma)
     assert torch.equal(t, ref_t) and loss.shape == (3,)
     torch.testing.assert_close(noisy, ref_noisy, rtol=1e-5, atol=1e-6)
