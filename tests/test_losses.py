@@ -91,16 +91,18 @@ def test_perceptual_terms_decode_the_x0_prediction(prediction):
     torch.testing.assert_close(b, (target.float() / 255).mean(dim=(1, 2, 3)))
 
 
-def test_perceptual_net_uses_the_given_one_and_names_missing_weights(monkeypatch, tmp_path):
-    given = torch.nn.Identity()
-    assert perceptual_net(given) is given
-    from stylora.eval import weights
+def test_perceptual_net_uses_the_given_one_builds_one_or_names_missing_weights(monkeypatch):
+    from stylora.eval.weights import WeightsUnavailable
+    from stylora.trainer import losses
 
-    monkeypatch.setattr(weights, "search_dirs", lambda: [tmp_path])
-    monkeypatch.setenv("STYLORA_OFFLINE", "1")
-    try:
-        net = perceptual_net(None)
-    except ValueError as e:
-        assert str(e).startswith("lpips_weight/style_weight need pretrained feature networks: ")
-    else:  # the published weights are on this machine
-        assert type(net).__name__ == "PerceptualLoss"
+    given, built = torch.nn.Identity(), torch.nn.Identity()
+    assert perceptual_net(given) is given
+    monkeypatch.setattr(losses, "PerceptualLoss", lambda: built)
+    assert perceptual_net(None) is built
+
+    def missing():
+        raise WeightsUnavailable("alexnet-owt-7be5be79.pth missing")
+
+    monkeypatch.setattr(losses, "PerceptualLoss", missing)
+    with pytest.raises(ValueError, match="^lpips_weight/style_weight need pretrained feature networks: alexnet-owt"):
+        perceptual_net(None)
