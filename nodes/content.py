@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .host import has_attrs, has_module
+
 logger = logging.getLogger(__name__)
 
 RESIZE_MODES = ("shrink only", "fit max side")  # never enlarge / scale so the longest side is max_side
@@ -172,6 +174,8 @@ class ContentEncode:
     def _fp32_vae(self, vae: Any) -> Any:
         import comfy.sd
 
+        has_module("comfy.sd", "VAE", used_by="Content Encode (float32 retry)")
+        has_attrs(vae, "VAE", "get_sd", used_by="Content Encode (float32 retry)")
         if self._fp32 is None or self._fp32[0] != id(vae):
             self._fp32 = (id(vae), comfy.sd.VAE(sd=vae.get_sd(), dtype=torch.float32))
         return self._fp32[1]

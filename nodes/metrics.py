@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..eval.scoring import append_csv, format_scores, json_safe, load_nets, score_images
+from .host import has_module
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,8 @@ class StyleMetrics:
 
 
 def _device() -> torch.device:
-    try:
+    if has_module("comfy.model_management", "get_torch_device", used_by="Style Metrics"):
         import comfy.model_management
 
         return comfy.model_management.get_torch_device()
-    except ImportError:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

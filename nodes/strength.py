@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .host import has_attrs
 from .style_image import INJECTION_ATTACHMENT, rescale_injection
 
 FULL_STYLE_AT = 0.5  # strength at which the LoRA reaches its trained weight
@@ -102,6 +103,7 @@ class StyleStrength:
         #    re-bakes the weights instead of reusing those of the unscaled model.
         out = model.clone()
         if ours:
+            has_attrs(model, "ModelPatcher", "patches", "patches_uuid", used_by="Style Strength")
             out.patches = scale_patches(model.patches, {id(a) for a in ours}, lora_scale)
             out.patches_uuid = uuid.uuid4()
         # 3. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).

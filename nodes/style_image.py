@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .host import has_attrs, has_module
+
 INJECTION_ATTACHMENT = "stylora_style_injection"  # ModelPatcher attachment: the StyleInjection installed
 ROWS_KEY = "stylora_style_rows"  # transformer_options key the wrapper sets for the attention patches
 NOISE_SEED = 0  # one fixed noise for the reference branches: the same at every step, so features do not flicker
@@ -222,6 +224,9 @@ def styled_attn1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_option
 
 def install(model: Any, injection: StyleInjection) -> None:
     """Put the wrapper and the attention patches on `model` (a clone) and record the injection on it."""
+    has_attrs(model, "ModelPatcher", "set_model_unet_function_wrapper", "set_model_attn1_replace", "set_attachments",
+              used_by="Style From Image")
+    has_module("comfy.ldm.modules.attention", "optimized_attention", used_by="Style From Image")
     model.set_model_unet_function_wrapper(injection)
     for i in injection.blocks:
         model.set_model_attn1_replace(styled_attn1, "output", i, 0)

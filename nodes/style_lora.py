@@ -11,6 +11,7 @@ from typing import Any
 
 from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
 from ..eval.weights import METRICS_FOLDER_KEY
+from .host import has_attrs, has_module
 from .strength import STYLE_ATTACHMENT
 
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
@@ -44,6 +45,9 @@ def style_path(name: str) -> str:
 def register_model_folders(folder_paths: Any) -> None:
     """Add models/styles under the key 'stylora' and models/stylora_metrics (Style Metrics' network weights) under
     'stylora_metrics', each merged with any extra_model_paths.yaml entry for its key."""
+    if not has_attrs(folder_paths, "folder_paths", "models_dir", "folder_names_and_paths", "supported_pt_extensions",
+                     used_by="the models/styles folder"):
+        return
     for key, folder in ((STYLE_FOLDER_KEY, "styles"), (METRICS_FOLDER_KEY, "stylora_metrics")):
         default = os.path.join(folder_paths.models_dir, folder)
         entry = folder_paths.folder_names_and_paths.get(key)
@@ -119,6 +123,9 @@ class LoadStyleLoRA:
         import comfy.sd
         import comfy.supported_models
 
+        has_module("comfy.lora", "model_lora_keys_unet", "model_lora_keys_clip", used_by="Load Style LoRA")
+        has_module("comfy.sd", "load_lora_for_models", used_by="Load Style LoRA")
+        has_module("comfy.supported_models", "SD15", used_by="Load Style LoRA")
         # 1. Only SD1.5: the styles' layers and widths are SD1.5's.
         config = model.model.model_config
         if not isinstance(config, comfy.supported_models.SD15):

@@ -5,6 +5,7 @@ Everything is built from configs with fixed seeds; nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -116,11 +117,6 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
     """ComfyUI started on loopback with its own base directory: the pack linked into custom_nodes, the SD1.5
     checkpoint in models/checkpoints, a style trained here by our trainer in models/styles. One server per test
     session, shared by the real-ComfyUI and browser modules (start-up and the style's training cost minutes)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
     import torch
     from stylora.trainer.config import LoraTrainConfig
     from stylora.trainer.lora import train_lora
@@ -143,12 +139,26 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
     strong = {k: v if k.endswith(".alpha") else (torch.randn(v.shape, generator=gen) * 0.2).to(v.dtype)
               for k, v in state.items()}
     save_file(strong, str(base / "models" / "styles" / "strong.safetensors"), metadata=meta)
+    with comfyui_process(base) as url:
+        yield {"url": url, "base": base, "log": base / "server.log"}
+
+
+@contextlib.contextmanager
+def comfyui_process(base: Path, *extra_args: str, log_name: str = "server.log", cpu: bool = True):
+    """ComfyUI (COMFYUI_DIR) serving `base` on a free loopback port, on the CPU (cpu=False: its default device and
+    model patcher); yields its URL, stops it after. extra_args go to main.py (e.g. another frontend:
+    --front-end-root DIR --user-directory DIR)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
     env = dict(os.environ, STYLORA_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""),) if p)
     port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen",
-                             "127.0.0.1", "--port", str(port), "--base-directory", str(base)],
+    log = open(base / log_name, "w")
+    proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", *(["--cpu"] if cpu else []),
+                             "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base), *extra_args],
                             cwd=os.environ["COMFYUI_DIR"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -158,11 +168,11 @@ def comfy_server(sd15_checkpoint, tmp_path_factory):
                 urllib.request.urlopen(url + "/queue", timeout=5)
                 break
             except OSError:
-                log_tail = (base / "server.log").read_text()[-3000:]
+                log_tail = (base / log_name).read_text()[-3000:]
                 assert proc.poll() is None, f"ComfyUI exited with {proc.returncode} while starting:\n{log_tail}"
                 assert time.monotonic() < deadline, f"ComfyUI did not answer {url}/queue within 600 s:\n{log_tail}"
                 time.sleep(1)
-        yield {"url": url, "base": base, "log": base / "server.log"}
+        yield url
     finally:
         proc.terminate()
         proc.wait(timeout=60)

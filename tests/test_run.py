@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 from stylora.cli import main as cli_main
 from stylora.workflows.client import RunConfig, ServerError, run_workflow
 
-STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors"]
+# The templates' placeholder style is on this server too: runs that give no --style use it.
+STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors", "my_style (stylora train lora).safetensors"]
 
 
 def _object_info(without: tuple[str, ...] = ()) -> dict:

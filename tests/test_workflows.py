@@ -235,3 +235,22 @@ def test_validator_catches_broken_workflows(schema):
     ui["links"][0][2] = 2
     problems = check_ui(ui, schema)
     assert any("widget values" in p for p in problems) and any(p.startswith("link 1:") for p in problems)
+
+
+def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are():
+    """Each loader that names a public file carries it as ComfyUI's own templates do (properties.models: name, url,
+    directory), so frontend 1.5x's missing-models dialog offers the download; the files a person trains are
+    named as such."""
+    build = workflow_builder()
+    for path in sorted((REPO / "examples").glob("*.json")):
+        graph = json.loads(path.read_text())
+        for node in (n for n in graph["nodes"] if n["type"] not in build.UI_ONLY_TYPES):
+            names = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
+            public = [v for v in names if v == "v1-5-pruned-emaonly.safetensors"]
+            assert node["properties"].get("models", []) == [
+                {"name": v, "directory": "checkpoints",
+                 "url": f"https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/{v}"}
+                for v in public], (path.name, node["title"])
+            for v in names:
+                assert v in public or "(stylora train" in v or v == "None", (path.name, node["title"], v)
+    assert "(stylora train lora)" in build.STYLE_PLACEHOLDER

@@ -34,6 +34,16 @@ CORE_SUBSET = REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json"
 LINK_FREE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}  # widget types; a list (combo) is a widget too
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}  # frontend nodes: no schema, not in API format
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the SD1.5 file most ComfyUI users have
+# Public files a template names, as ComfyUI's own templates carry them on the loader node (`properties.models`):
+# the frontend's missing-models dialog offers each one's download into its models folder.
+MODEL_FILES = {
+    CHECKPOINT: {"name": CHECKPOINT, "directory": "checkpoints",
+                 "url": f"https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/{CHECKPOINT}"},
+}
+# Files a person makes with the trainer: the placeholder names say so (no download exists).
+STYLE_PLACEHOLDER = "my_style (stylora train lora).safetensors"
+STYLE_PLACEHOLDER_2 = "my_second_style (stylora train lora).safetensors"
+DREAMBOOTH_PLACEHOLDER = "my_dreambooth (stylora train dreambooth).safetensors"
 
 
 def our_schema() -> dict[str, dict]:
@@ -149,7 +159,7 @@ def to_ui(nodes: list[Node], schema: dict[str, dict], extra_note: str = "") -> d
                 values.append("image")
         ui_nodes.append({"id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
                          "order": order, "mode": 0, "inputs": inputs, "outputs": outputs, "title": n.title,
-                         "properties": {"Node name for S&R": n.type}, "widgets_values": values})
+                         "properties": node_properties(n), "widgets_values": values})
     for lk in links:  # the UI format names the target slot by index
         target = next(u for u in ui_nodes if u["id"] == lk[3])
         lk[4] = next(i for i, item in enumerate(target["inputs"]) if item["name"] == lk[4])
@@ -183,6 +193,12 @@ DESCRIPTIONS = {
 }
 
 
+def node_properties(n: Node) -> dict[str, Any]:
+    """A UI node's properties: its search name and the public model files its widgets name (MODEL_FILES)."""
+    models = [MODEL_FILES[v] for v in n.values.values() if isinstance(v, str) and v in MODEL_FILES]
+    return {"Node name for S&R": n.type, **({"models": models} if models else {})}
+
+
 def layout(*columns: list[Node]) -> list[Node]:
     """Place columns of nodes left to right, each stacked top to bottom, so no two nodes overlap: title bars
     included, and the room a node grows into after a run (GROWS) left free below it. Returns all nodes."""
@@ -202,11 +218,11 @@ def _nodes(extra: dict | None = None) -> dict[int, Node]:
     e = extra or {}
     nodes = [
         Node(1, "CheckpointLoaderSimple", roles.CHECKPOINT.title, (0, 0), {"ckpt_name": CHECKPOINT}, size=(320, 100)),
-        Node(2, "LoadStyleLoRA", roles.STYLE.title, (0, 0), {"style": "monet.safetensors", "strength": 1.0,
+        Node(2, "LoadStyleLoRA", roles.STYLE.title, (0, 0), {"style": STYLE_PLACEHOLDER, "strength": 1.0,
                                                    **e.get("style", {})}, {"model": (1, 0), "clip": (1, 1)},
-             size=(320, 250)),
+             size=(320, 320)),  # the height the Vue node renderer (frontend 1.5x) gives its six widgets
         Node(3, "StyleStrength", roles.STRENGTH.title, (0, 0), {"strength": 0.5, "max_denoise": 0.75},
-             {"model": (2, 0), "clip": (2, 1)}, size=(320, 130)),
+             {"model": (2, 0), "clip": (2, 1)}, size=(320, 160)),
         Node(4, "CLIPTextEncode", "Positive prompt", (0, 0), {"text": ""}, {"clip": (3, 2), "text": (2, 3)},
              size=(320, 150)),
         Node(5, "CLIPTextEncode", "Negative prompt", (0, 0), {"text": NEGATIVE}, {"clip": (3, 2)}, size=(320, 150)),
@@ -273,7 +289,7 @@ Headless: stylora run ... --workflow masked_style --content photo.jpg --mask mas
 
 
 def style_blend() -> list[Node]:
-    n = _nodes({"style": {"style_2": "ukiyo-e.safetensors", "weight_2": 1.0}})
+    n = _nodes({"style": {"style_2": STYLE_PLACEHOLDER_2, "weight_2": 1.0}})
     n[10].values["filename_prefix"] = "stylora/blend"
     text = note_for("style_blend", """\
 Load Style LoRA blends up to three styles: style (weight 1), style_2 and style_3 with their weights;
@@ -289,7 +305,7 @@ def style_metrics() -> list[Node]:
     n[10].values["filename_prefix"] = "stylora/metrics"
     style_image = Node(12, "LoadImage", roles.STYLE_IMAGE.title, (0, 0), {"image": "stylora_style.jpg"},
                        size=(320, 320))
-    metrics = Node(13, "StyleMetrics", "Metrics", (0, 0), {"style_folder": "", "csv_path": "", "label": "monet"},
+    metrics = Node(13, "StyleMetrics", "Metrics", (0, 0), {"style_folder": "", "csv_path": "", "label": "my_style"},
                    {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 170))
     text = note_for("style_metrics", """\
 Style Metrics compares the styled image with the content photo at the same size (Content Encode's
@@ -306,7 +322,7 @@ Headless: stylora run ... --workflow style_metrics --content photo.jpg --style m
 def dreambooth() -> list[Node]:
     n = _nodes()
     n[1] = Node(1, "CheckpointLoaderSimple", roles.STYLE_CHECKPOINT.title, (0, 0),
-                {"ckpt_name": "stylora_dreambooth.safetensors"}, size=(320, 100))
+                {"ckpt_name": DREAMBOOTH_PLACEHOLDER}, size=(320, 100))
     n[4] = Node(4, "CLIPTextEncode", "Positive prompt", (0, 0), {"text": "sks style painting"}, {"clip": (1, 1)},
                 size=(320, 150))
     n[5].links["clip"] = (1, 1)
