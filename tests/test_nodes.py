@@ -15,8 +15,8 @@ from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA, register_m
 def test_declarations_are_complete_without_comfyui():
     import stylora
 
-    assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "LoadStyleLoRA", "MaskedStyleApply", "StyleFromImage",
-                                           "StyleMetrics", "StyleStrength"]
+    assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "KeepPhotoColours", "LoadStyleLoRA", "MaskedStyleApply",
+                                           "StyleFromImage", "StyleMetrics", "StyleStrength"]
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
     assert (REPO / stylora.WEB_DIRECTORY / "stylora.js").is_file()
     for cls in NODE_CLASS_MAPPINGS.values():

@@ -217,8 +217,11 @@ def _nodes(extra: dict | None = None) -> dict[int, Node]:
                                                                    "denoise": (3, 1)},
              size=(320, 270)),
         Node(9, "VAEDecode", "Decode", (0, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
-        Node(10, "SaveImage", "Save", (0, 0), {"filename_prefix": "stylora/styled"}, {"images": (9, 0)},
+        Node(10, "SaveImage", "Save", (0, 0), {"filename_prefix": "stylora/styled"}, {"images": (20, 0)},
              size=(400, 420)),
+        # amount 0: the style's colours, as without the node; raise it to keep the photo's colours.
+        Node(20, "KeepPhotoColours", roles.COLOURS.title, (0, 0), {"amount": 0.0},
+             {"content": (7, 1), "styled": (9, 0)}, size=(320, 110)),
     ]
     return {n.id: n for n in nodes}
 
@@ -233,6 +236,7 @@ BASIC_NOTE = DESCRIPTIONS["style_transfer"] + """
 5. Style Strength: ONE knob, 0..1. 0 = the photo unchanged; ~0.3 recolours; 0.5 = the style's full weight;
    1 = strongest. It also sets KSampler's denoise and scales the text encoder, both wired in.
 6. KSampler: steps 20-30, CFG 1 (the style is trained without a prompt); the seed changes the brush work.
+7. Keep colours: amount 0 = the style's colours; 1 = the photo's colours under the style's strokes and shading.
 
 Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer --content photo.jpg \
 --style monet.safetensors --out out.png"""
@@ -244,7 +248,7 @@ def note_for(name: str, body: str) -> Node:
 
 def style_transfer(extra: dict | None = None) -> list[Node]:
     n = _nodes(extra)
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]],
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]],
                   [n[10], note(11, (0, 0), BASIC_NOTE)])
 
 
@@ -258,7 +262,7 @@ def masked_style() -> list[Node]:
     latent = Node(12, "MaskedStyleApply", "Mask the latent", (0, 0), {"feather": 16, "invert": False},
                   {"content": (7, 1), "mask": (7, 3), "latent": (7, 0)}, size=(320, 150))
     composite = Node(13, "MaskedStyleApply", "Composite", (0, 0), {"feather": 16, "invert": False},
-                     {"content": (7, 1), "mask": (7, 3), "styled": (9, 0)}, size=(320, 150))
+                     {"content": (7, 1), "mask": (7, 3), "styled": (20, 0)}, size=(320, 150))
     text = note_for("masked_style", """\
 Right-click the Content image > Open in MaskEditor, paint where the style goes, save.
 Content Encode resizes and crops the mask exactly like the photo. The first Masked Style Apply limits
@@ -269,7 +273,8 @@ Several regions with several styles: copy this group, and feed this Composite in
 pass's Content (chained passes keep each other's pixels).
 
 Headless: stylora run ... --workflow masked_style --content photo.jpg --mask mask.png (white = style)""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [latent, n[8], n[9]], [composite, n[10], text])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [latent, n[8], n[9], n[20]],
+                  [composite, n[10], text])
 
 
 def style_blend() -> list[Node]:
@@ -281,7 +286,7 @@ the weights are normalised to sum to 1, then scaled by strength. Chaining severa
 nodes works too (each adds its style at its own strength); Style Strength scales all of them.
 
 Headless: stylora run ... --workflow style_blend --style monet.safetensors --style ukiyo-e.safetensors:0.5""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
 def style_metrics() -> list[Node]:
@@ -290,7 +295,7 @@ def style_metrics() -> list[Node]:
     style_image = Node(12, "LoadImage", roles.STYLE_IMAGE.title, (0, 0), {"image": "stylora_style.jpg"},
                        size=(320, 320))
     metrics = Node(13, "StyleMetrics", "Metrics", (0, 0), {"style_folder": "", "csv_path": "", "label": "monet"},
-                   {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 170))
+                   {"content": (7, 1), "styled": (20, 0), "style": (12, 0)}, size=(420, 170))
     text = note_for("style_metrics", """\
 Style Metrics compares the styled image with the content photo at the same size (Content Encode's
 image output): SSIM, LPIPS, VGG content loss; Gram style loss against the Style image; FID/KID/ArtFID
@@ -300,7 +305,8 @@ weights are missing shows "n/a" and the file to put in ComfyUI/models/stylora_me
 
 Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors \
 --style-image painting.jpg""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text], [style_image, metrics])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text],
+                  [style_image, metrics])
 
 
 def dreambooth() -> list[Node]:
@@ -321,7 +327,7 @@ much of the photo is repainted (0.6 default). Compare with the style-LoRA workfl
 Metrics or `stylora eval`.
 
 Headless: stylora run ... --workflow dreambooth --content photo.jpg --style my_dreambooth.safetensors""")
-    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
 def style_from_image() -> list[Node]:
@@ -341,7 +347,7 @@ statistics toward the painting's. No training, one painting. Style Strength driv
 (0 = the photo unchanged). Costs about one extra UNet batch row per painting and photo.
 
 Headless: stylora run ... --workflow style_from_image --content photo.jpg --style-image painting.jpg""")
-    return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,

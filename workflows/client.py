@@ -28,6 +28,7 @@ from ..core.files import atomic_write, atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
 from .roles import (
     CHECKPOINT,
+    COLOURS,
     CONTENT,
     SAMPLER,
     STRENGTH,
@@ -65,6 +66,10 @@ class RunConfig:
     checkpoint: str | None = field(
         default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
     seed: int | None = field(default=None, metadata={"help": "sampler seed (default: the workflow's)"})
+    keep_colours: float | None = field(
+        default=None,
+        metadata={"help": "0..1: how much of the photo's colours to keep under the style's luminance (0: the "
+                          "style's colours, 1: the photo's; default: the workflow's)"})
     set: tuple[str, ...] = field(
         default=(),
         metadata={"help": "more overrides, \"Node title.input=value\" (value parsed as JSON when it can be)"})
@@ -79,6 +84,8 @@ class RunConfig:
         object.__setattr__(self, "server", servers)
         if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
             raise ValueError(f"strength must be in 0..1, got {self.strength!r}")
+        if self.keep_colours is not None and not (math.isfinite(self.keep_colours) and 0 <= self.keep_colours <= 1):
+            raise ValueError(f"keep_colours must be in 0..1, got {self.keep_colours!r}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
         if self.seed is not None and self.seed < 0:
@@ -230,6 +237,8 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
             require(g, SAMPLER, cfg.workflow)["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
     if cfg.seed is not None:
         require(g, SAMPLER, cfg.workflow)["inputs"]["seed"] = cfg.seed
+    if cfg.keep_colours is not None:
+        require(g, COLOURS, cfg.workflow)["inputs"]["amount"] = cfg.keep_colours
     if cfg.checkpoint is not None:
         require(g, CHECKPOINT, cfg.workflow)["inputs"]["ckpt_name"] = cfg.checkpoint
     if style_image_name is not None:
