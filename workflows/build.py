@@ -179,8 +179,10 @@ DESCRIPTIONS = {
     "style_metrics": "Style metrics: style transfer, then SSIM, LPIPS, content and Gram losses on the node.",
     "style_from_image": "Style from one painting: no training, the painting's style injected into the UNet "
                         "(StyleID).",
+    "layout_guard": "Layout guard: strength up to denoise 1 while a Canny ControlNet holds the photo's edges.",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
 }
+CONTROLNET = "control_v11p_sd15_canny.safetensors"  # lllyasviel/control_v11p_sd15_canny, renamed (README)
 
 
 def layout(*columns: list[Node]) -> list[Node]:
@@ -350,8 +352,33 @@ Headless: stylora run ... --workflow style_from_image --content photo.jpg --styl
     return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
+def layout_guard() -> list[Node]:
+    n = _nodes()
+    n[3].values["max_denoise"] = 1.0  # the guard holds the layout, so strength may repaint everything
+    n[10].values["filename_prefix"] = "stylora/layout_guard"
+    edges = Node(30, "Canny", "Edges", (0, 0), {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (7, 1)},
+                 size=(320, 110))
+    loader = Node(31, "ControlNetLoader", roles.CONTROLNET.title, (0, 0), {"control_net_name": CONTROLNET},
+                  size=(320, 80))
+    guard = Node(32, "ControlNetApplyAdvanced", "Layout guard", (0, 0), {"start_percent": 0.0, "end_percent": 1.0},
+                 {"positive": (4, 0), "negative": (5, 0), "control_net": (31, 0), "image": (30, 0),
+                  "strength": (3, 3)}, size=(320, 190))
+    n[8].links.update(positive=(32, 0), negative=(32, 1))
+    text = note_for("layout_guard", f"""\
+Style Strength drives three things here: the style's weight, KSampler's denoise (max_denoise 1.0:
+strength 1 repaints everything) and, through its guard output, the ControlNet's strength (= denoise),
+so the photo's Canny edges hold what the sampler repaints. One knob; raise it until the layout gives.
+ControlNet: put {CONTROLNET} in ComfyUI/models/controlnet
+(diffusion_pytorch_model.safetensors of lllyasviel/control_v11p_sd15_canny, renamed; or
+control_v11p_sd15_canny.pth of lllyasviel/ControlNet-v1-1). Edges: Canny thresholds 0.4/0.8 (lower: more edges).
+
+Headless: stylora run ... --workflow layout_guard --content photo.jpg --style monet.safetensors --strength 0.9""")
+    return layout([n[1], n[6], n[7], edges], [n[2], n[3], n[4], n[5]], [loader, guard, n[8]], [n[9], n[20], n[10]],
+                  [text])
+
+
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
-             "style_metrics": style_metrics, "style_from_image": style_from_image,
+             "style_metrics": style_metrics, "style_from_image": style_from_image, "layout_guard": layout_guard,
              "dreambooth": dreambooth}  # first steps to advanced
 
 
@@ -407,6 +434,7 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "style_blend": ("Style blend", "photo", "two styles"),
                 "style_metrics": ("Style metrics", "styled", "scores"),
                 "style_from_image": ("Style from a painting", "painting", "styled"),
+                "layout_guard": ("Layout guard", "photo edges", "styled, layout kept"),
                 "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
 
 
@@ -439,12 +467,15 @@ def make_thumbnails() -> None:
     right = {"style_transfer": painted(style), "masked_style": Image.composite(painted(style), photo, mask),
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
-             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other)}
+             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other),
+             "layout_guard": painted(style)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
             "style_metrics": painted(style),
             "style_from_image": Image.open(out / "stylora_style.jpg").convert("RGB").resize(
-                (side, side), Image.Resampling.LANCZOS)}
+                (side, side), Image.Resampling.LANCZOS),
+            "layout_guard": ImageOps.invert(photo.convert("L").filter(ImageFilter.FIND_EDGES).point(
+                lambda v: 255 if v > 40 else 0)).convert("RGB")}
     for name, (title, left_label, right_label) in THUMB_TITLES.items():
         canvas = Image.new("RGB", (256, 176), (255, 255, 255))
         d = ImageDraw.Draw(canvas)

@@ -26,10 +26,12 @@ from typing import Any
 
 from ..core.files import atomic_write, atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.strength_rule import style_schedule
 from .roles import (
     CHECKPOINT,
     COLOURS,
     CONTENT,
+    CONTROLNET,
     SAMPLER,
     STRENGTH,
     STYLE,
@@ -66,6 +68,9 @@ class RunConfig:
     checkpoint: str | None = field(
         default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
     seed: int | None = field(default=None, metadata={"help": "sampler seed (default: the workflow's)"})
+    controlnet: str | None = field(
+        default=None, metadata={"help": "ControlNet file on the server, models/controlnet (layout_guard; default: "
+                                        "the workflow's, control_v11p_sd15_canny.safetensors)"})
     keep_colours: float | None = field(
         default=None,
         metadata={"help": "0..1: how much of the photo's colours to keep under the style's luminance (0: the "
@@ -227,9 +232,6 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
                                 f"{STYLE.purpose}) or {STYLE_CHECKPOINT.title!r} (role: {STYLE_CHECKPOINT.purpose})")
     if cfg.strength is not None:
         strength = find(g, STRENGTH)
-        # heavy: the nodes package imports torch; `stylora --help` and `run --list` should not wait for it
-        from ..nodes.strength import style_schedule
-
         if strength is not None:
             style_schedule(cfg.strength)  # validates 0..1
             strength["inputs"]["strength"] = cfg.strength
@@ -237,6 +239,8 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
             require(g, SAMPLER, cfg.workflow)["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
     if cfg.seed is not None:
         require(g, SAMPLER, cfg.workflow)["inputs"]["seed"] = cfg.seed
+    if cfg.controlnet is not None:
+        require(g, CONTROLNET, cfg.workflow)["inputs"]["control_net_name"] = cfg.controlnet
     if cfg.keep_colours is not None:
         require(g, COLOURS, cfg.workflow)["inputs"]["amount"] = cfg.keep_colours
     if cfg.checkpoint is not None:
@@ -269,11 +273,12 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
         spec = object_info[node["class_type"]]["input"]
         for name, value in node["inputs"].items():
             options = (spec.get("required", {}).get(name) or spec.get("optional", {}).get(name) or [None])[0]
-            if name in ("ckpt_name", "style", "style_2", "style_3") and isinstance(options, list) and \
-                    value not in options:
-                what = "checkpoint" if name == "ckpt_name" else "style"
+            if name in ("ckpt_name", "style", "style_2", "style_3", "control_net_name") and \
+                    isinstance(options, list) and value not in options:
+                what = {"ckpt_name": "checkpoint", "control_net_name": "ControlNet"}.get(name, "style")
                 shown = ", ".join(o for o in options if o != "None")[:600] or "none"
-                folder = "models/checkpoints" if name == "ckpt_name" else "models/styles or models/loras"
+                folder = {"ckpt_name": "models/checkpoints", "control_net_name": "models/controlnet"}.get(
+                    name, "models/styles or models/loras")
                 raise ServerError(f"{what} {value!r} is not on the server (node {node_id}, "
                                   f"{node['_meta'].get('title', node['class_type'])}); put it in {folder} "
                                   f"and refresh; available: {shown}")
