@@ -28,7 +28,7 @@ from .core.settings import add_config_arguments, build_config
 from .core.version import __version__
 from .data.prepare import PrepareConfig
 from .eval.config import EvalConfig
-from .study.config import add_study_arguments, load_study_config
+from .study.config import CalibrateConfig, add_study_arguments, load_study_config
 from .trainer.config import DreamBoothConfig, LoraTrainConfig
 from .workflows.client import RunConfig, bundled_workflows
 
@@ -119,6 +119,16 @@ def make_parser() -> argparse.ArgumentParser:
                                        "every method at every strength on the ComfyUI server(s), scores them and "
                                        "writes <out>/report/. Rerun the same command to continue a killed study.")
     add_study_arguments(study)
+
+    cal = sub.add_parser("calibrate", help="measure a style's SSIM against strength and store it in the style file",
+                         description="Stylises the content photos at each strength on the ComfyUI server (the "
+                                     "style's calibration off), measures the mean SSIM to the photos and writes the "
+                                     "curve into the style file's metadata (weights unchanged). Style Strength then "
+                                     "maps strength so it gives the same SSIM for every calibrated style.")
+    cal.add_argument("style", help=CalibrateConfig.__dataclass_fields__["style"].metadata["help"])
+    add_config_arguments(cal, CalibrateConfig, exclude=("style", "server"))
+    cal.add_argument("--server", dest="server", action="extend", nargs="+", default=argparse.SUPPRESS,
+                     help="ComfyUI server URL(s), repeatable (default: http://127.0.0.1:8188)")
 
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
@@ -239,6 +249,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .study.calibrate import calibrate  # heavy: imports torch and the metrics
+
+    cfg = build_config(CalibrateConfig, args)
+    cal = calibrate(cfg, say=print)
+    print("SSIM by strength: " + ", ".join(f"{s:g}: {v:.4f}" for s, v in zip(cal.strengths, cal.ssim)))
+    return 0
+
+
 def error_line(e: BaseException, command: str) -> tuple[str, int]:
     """One line `<what, naming the input> (<what to do>)` and the exit code for an exception from a command."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -283,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
                 ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
-                ("run", None): cmd_run, ("study", None): cmd_study,
+                ("run", None): cmd_run, ("study", None): cmd_study, ("calibrate", None): cmd_calibrate,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .files import atomic_write
+from .strength_rule import CALIBRATION_KEY, Calibration, calibrated_strength
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,16 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
     return state, meta
 
 
+def update_metadata(path: str | Path, updates: dict[str, str]) -> Path:
+    """Rewrite a LoRA file with `updates` merged into its metadata, atomically: the tensors (names, dtypes, shapes,
+    bytes) are written back unchanged, so every loader maps the same keys to the same weights."""
+    from safetensors.torch import save_file
+
+    state, meta = read_lora(path)
+    meta.update(updates)
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -107,15 +118,34 @@ def describe(path: str | Path) -> str:
              "stylora.suggested_strength", "stylora.suggested_denoise", "modelspec.architecture",
              "modelspec.title", "modelspec.date"]
     width = max((len(k) for k in meta), default=0)
-    for key in order + sorted(k for k in meta if k not in order and k != "stylora.config"):
+    for key in order + sorted(k for k in meta if k not in order and k not in ("stylora.config", CALIBRATION_KEY)):
         if key in meta:
             lines.append(f"  {key:<{width}}  {meta[key]}")
+    if CALIBRATION_KEY in meta:
+        lines.append(describe_calibration(meta[CALIBRATION_KEY]))
+    else:
+        lines.append("  calibration: none (Style Strength uses its default ramps; stylora calibrate measures one)")
     if "stylora.config" in meta:
         lines.append("  stylora.config (training settings):")
         for k, v in json.loads(meta["stylora.config"]).items():
             lines.append(f"    {k}: {v}")
     if not meta:
         lines.append("  (no metadata)")
+    return "\n".join(lines)
+
+
+def describe_calibration(text: str) -> str:
+    """The calibration entry as `lora info` shows it: the measured curve and what a few strengths map to."""
+    try:
+        cal = Calibration.from_json(text)
+    except ValueError as e:
+        return f"  calibration: unreadable ({e})"
+    curve = ", ".join(f"{s:g}: {v:.3f}" for s, v in zip(cal.strengths, cal.ssim))
+    remap = ", ".join(f"{s:g} -> {calibrated_strength(s, cal):.2f}" for s in (0.25, 0.5, 0.75, 1.0))
+    lines = [f"  calibration: SSIM to the photo by strength ({cal.photos} photos, max_denoise {cal.max_denoise:g}): "
+             f"{curve}",
+             f"    strength -> raw strength (target SSIM at strength 1: {cal.target_ssim_at_full:g}): {remap}"]
+    lines += [f"    {k}: {v}" for k, v in sorted(cal.details.items())]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """ComfyUI node declarations. Plain V1 node classes; `comfy` is imported only inside the functions that need
 it, so this package imports (and is tested) without ComfyUI."""
 
+from .colour import KeepPhotoColours
 from .content import ContentEncode
 from .mask import MaskedStyleApply
 from .metrics import StyleMetrics
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "MaskedStyleApply": MaskedStyleApply,
     "StyleMetrics": StyleMetrics,
     "StyleFromImage": StyleFromImage,
+    "KeepPhotoColours": KeepPhotoColours,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadStyleLoRA": "Load Style LoRA (Stylora)",
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "MaskedStyleApply": "Masked Style Apply (Stylora)",
     "StyleMetrics": "Style Metrics (Stylora)",
     "StyleFromImage": "Style From Image (Stylora)",
+    "KeepPhotoColours": "Keep Photo Colours (Stylora)",
 }
 
 try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register

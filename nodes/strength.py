@@ -1,10 +1,11 @@
-"""StyleStrength: one knob, 0..1, that sets both how much of the style's LoRA weight is applied and how much of
-the content photo the sampler may repaint (KSampler's denoise).
+"""StyleStrength: one knob, 0..1, that sets how much of the style's LoRA weight is applied, how much of the content
+photo the sampler may repaint (KSampler's denoise) and how hard a layout guard (ControlNet) holds the photo's edges.
 
-The mapping (documented in the README, "Style strength"):
+The rule is `core.strength_rule` (documented in the README, "Style strength"):
 
     lora_scale(s) = min(1, s / FULL_STYLE_AT)      the style's trained weight is reached at s = 0.5
     denoise(s)    = s * max_denoise                 max_denoise defaults to 0.75
+    guard(s)      = denoise(s)                      ControlNet weight, for the layout_guard workflow
 
 Why two ramps: denoise decides how much of the photo's layout survives (img2img, Meng et al. 2022, SDEdit),
 the LoRA weight how far the colours and strokes move toward the style. Low strengths should recolour without
@@ -12,26 +13,27 @@ redrawing, so the LoRA ramps up faster than denoise. At s = 0 both are 0: the st
 from the MODEL and, when the CLIP is connected, from the text encoder too (LoRAs with `lora_te_*` keys), so both
 are the base checkpoint's, bit for bit; KSampler with denoise 0 returns the content latent untouched.
 Style From Image's injection follows the LoRA ramp (its output blend); at s = 0 it is removed too.
+A style whose file carries a calibration (`stylora calibrate`) first has s remapped so that s gives the same SSIM to
+the photo for every calibrated style; Load Style LoRA records the calibrations on the model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..core.strength_rule import (
+    FULL_STYLE_AT,
+    Calibration,
+    blend_strength,
+    guard_weight,
+    style_schedule,
+)
 from .host import has_attrs
 from .style_image import INJECTION_ATTACHMENT, rescale_injection
 
-FULL_STYLE_AT = 0.5  # strength at which the LoRA reaches its trained weight
 STYLE_ATTACHMENT = "stylora_style_adapters"  # ModelPatcher attachment: the patch adapters LoadStyleLoRA added
-
-
-def style_schedule(strength: float, max_denoise: float = 0.75) -> tuple[float, float]:
-    """strength in 0..1 -> (LoRA weight multiplier in 0..1, KSampler denoise in 0..max_denoise)."""
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength must be in 0..1, got {strength}")
-    if not 0.0 <= max_denoise <= 1.0:
-        raise ValueError(f"max_denoise must be in 0..1, got {max_denoise}")
-    return min(1.0, strength / FULL_STYLE_AT), strength * max_denoise
+# ModelPatcher attachment: one (calibration JSON or None, patch strength) per style LoadStyleLoRA applied
+CALIBRATION_ATTACHMENT = "stylora_style_calibrations"
 
 
 def scale_patches(patches: dict[str, list[tuple]], ours: set[int], factor: float) -> dict[str, list[tuple]]:
@@ -59,17 +61,22 @@ class StyleStrength:
 
     CATEGORY = "Stylora"
     FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL", "FLOAT", "CLIP")  # CLIP last: workflows saved before it keep their slots
-    RETURN_NAMES = ("model", "denoise", "clip")
+    RETURN_TYPES = ("MODEL", "FLOAT", "CLIP", "FLOAT", "STRING")  # new outputs last: saved links keep their slots
+    RETURN_NAMES = ("model", "denoise", "clip", "guard", "mapping")
     OUTPUT_TOOLTIPS = (
         "The model with the style's weight scaled (strength 0: the base model itself).",
         "Wire into KSampler's denoise (right-click KSampler > convert denoise to input if your frontend needs it).",
         "The text encoder with the style's text-encoder weights scaled the same way (strength 0: the base CLIP); "
         "wire into the prompt encoders. Only set when the clip input is connected.",
+        "The layout guard's weight (= denoise): wire into ControlNet Apply's strength so the photo's edges hold "
+        "what the sampler repaints.",
+        "How the strength was mapped: calibrated or today's ramps, the raw strength, LoRA weight, denoise, guard.",
     )
     DESCRIPTION = ("One knob for how strongly the photo is styled. The style's LoRA weight ramps from 0 to its "
                    f"trained weight as strength goes 0 -> {FULL_STYLE_AT}, and denoise = strength x max_denoise. "
-                   "Strength 0 gives back the content unchanged (no style weights, denoise 0).")
+                   "Strength 0 gives back the content unchanged (no style weights, denoise 0). A calibrated style "
+                   "(stylora calibrate) first has strength remapped so it gives the same SSIM to the photo as every "
+                   "other calibrated style. guard (= denoise) drives a ControlNet layout guard.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -86,10 +93,15 @@ class StyleStrength:
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The clip output of Load Style LoRA: styles with text-encoder weights "
                                              "are scaled there too, so strength 0 is the base CLIP."}),
+                "use_calibration": ("BOOLEAN", {"default": True,
+                                                "tooltip": "Use the styles' calibration when every style carries "
+                                                           "one (off: today's ramps; stylora calibrate measures "
+                                                           "with it off)."}),
             },
         }
 
-    def apply(self, model: Any, strength: float, max_denoise: float = 0.75, clip: Any = None):
+    def apply(self, model: Any, strength: float, max_denoise: float = 0.75, clip: Any = None,
+              use_calibration: bool = True):
         import uuid
 
         # 1. Which patches are the style's: LoadStyleLoRA records its adapters on the model.
@@ -98,21 +110,32 @@ class StyleStrength:
         if not ours and injection is None:
             raise ValueError("StyleStrength: model has no style applied by Load Style LoRA or Style From Image "
                              "(Stylora); connect the model output of one of them")
-        lora_scale, denoise = style_schedule(strength, max_denoise)
-        # 2. Rescale on a clone (the input model stays as it is) and give it a new patches_uuid, so ComfyUI
+        style_schedule(strength, max_denoise)  # validates both before anything is read
+        # 2. A calibrated style (or blend) remaps the strength first; uncalibrated ones keep today's ramps.
+        recorded = model.get_attachment(CALIBRATION_ATTACHMENT) if hasattr(model, "get_attachment") else None
+        styles = [(Calibration.from_json(c) if c else None, w) for c, w in (recorded or ())]
+        if injection is not None:
+            styles.append((None, 1.0))  # Style From Image has no calibration
+        raw, calibrated = blend_strength(strength, styles) if use_calibration else (strength, False)
+        lora_scale, denoise = style_schedule(raw, max_denoise)
+        guard = guard_weight(raw, max_denoise)
+        how = "calibrated" if calibrated else ("uncalibrated" if use_calibration else "calibration off")
+        mapping = (f"strength {strength:.3f} -> {how}: raw strength {raw:.3f}, LoRA weight x{lora_scale:.3f}, "
+                   f"denoise {denoise:.3f}, guard {guard:.3f}")
+        # 3. Rescale on a clone (the input model stays as it is) and give it a new patches_uuid, so ComfyUI
         #    re-bakes the weights instead of reusing those of the unscaled model.
         out = model.clone()
         if ours:
             has_attrs(model, "ModelPatcher", "patches", "patches_uuid", used_by="Style Strength")
             out.patches = scale_patches(model.patches, {id(a) for a in ours}, lora_scale)
             out.patches_uuid = uuid.uuid4()
-        # 3. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
+        # 4. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
         rescale_injection(out, lora_scale)
-        # 4. The same for the text encoder's style patches (LoRAs with lora_te_* keys), on a clone of the CLIP.
+        # 5. The same for the text encoder's style patches (LoRAs with lora_te_* keys), on a clone of the CLIP.
         out_clip = clip
         clip_ours = clip.patcher.get_attachment(STYLE_ATTACHMENT) if clip is not None else None
         if clip_ours:
             out_clip = clip.clone()
             out_clip.patcher.patches = scale_patches(clip.patcher.patches, {id(a) for a in clip_ours}, lora_scale)
             out_clip.patcher.patches_uuid = uuid.uuid4()
-        return (out, denoise, out_clip)
+        return (out, denoise, out_clip, guard, mapping)

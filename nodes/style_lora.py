@@ -10,9 +10,10 @@ import os
 from typing import Any
 
 from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
+from ..core.strength_rule import read_calibration
 from ..eval.weights import METRICS_FOLDER_KEY
 from .host import has_attrs, has_module
-from .strength import STYLE_ATTACHMENT
+from .strength import CALIBRATION_ATTACHMENT, STYLE_ATTACHMENT
 
 STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
 NONE = "None"
@@ -75,7 +76,8 @@ class LoadStyleLoRA:
     OUTPUT_TOOLTIPS = (
         "The model with the style's weights patched in.",
         "The text encoder, patched too when the style carries text-encoder weights.",
-        "What was applied: style names, blend weights, trigger phrase and the trainer's suggested denoise.",
+        "What was applied: style names, blend weights, trigger phrase, the trainer's suggested denoise and whether "
+        "each style is calibrated (stylora calibrate).",
         "The prompt the style was trained with: its trigger phrase, or empty for a promptless style. Wire into "
         "the positive CLIPTextEncode's text so the sampler is conditioned as in training.",
     )
@@ -146,19 +148,30 @@ class LoadStyleLoRA:
             if problems:
                 raise ValueError(f"LoadStyleLoRA: style {name!r} ({style_path(name)}) does not fit this SD1.5 model "
                                  f"(an SDXL or SD2 LoRA, or a damaged file?): " + "; ".join(problems))
-            loaded.append((name, state, meta))
+            try:
+                calibration = read_calibration(meta)
+            except ValueError as e:
+                raise ValueError(f"LoadStyleLoRA: style {name!r} ({style_path(name)}): {e}; run stylora calibrate "
+                                 "again") from e
+            loaded.append((name, state, meta, calibration))
         info: dict[str, Any] = {"styles": [], "strength": strength}
         before, before_clip = model, clip
-        for (name, state, meta), w in zip(loaded, weights):
+        calibrations = list(before.get_attachment(CALIBRATION_ATTACHMENT) or ())
+        for (name, state, meta, calibration), w in zip(loaded, weights):
             model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
+            calibrations.append((calibration.to_json() if calibration else None, strength * w))
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
                                    or meta.get("modelspec.trigger_phrase", ""),
                                    "suggested_denoise": float(meta.get("stylora.suggested_denoise", 0.6)),
-                                   "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", ""))})
+                                   "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", "")),
+                                   "calibrated": calibration is not None,
+                                   "calibration": calibration.to_json() if calibration else None})
         # 5. Record which patches are styles (ours and those of earlier Load Style LoRA nodes) for StyleStrength.
         model.set_attachments(STYLE_ATTACHMENT, style_adapters(before, model))
+        model.set_attachments(CALIBRATION_ATTACHMENT, tuple(calibrations))  # Style Strength's remap
         if clip is not None:  # text-encoder patches (lora_te_* keys), which Style Strength scales too
             clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(before_clip.patcher, clip.patcher))
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
+        info["calibrated"] = all(s["calibrated"] for s in info["styles"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])
         return (model, clip, info, info["trigger"])

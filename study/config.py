@@ -215,3 +215,35 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         elif f.name in ("timeout", "table_strength"):
             kwargs["type"] = float
         parser.add_argument(flag, **kwargs)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    style: str = field(metadata={"help": "the style file (.safetensors) to calibrate; it must be on the server too"})
+    content: str = field(metadata={"help": "a folder of content photos (or one photo) to measure SSIM on"})
+    server: tuple[str, ...] = field(default=("http://127.0.0.1:8188",),
+                                    metadata={"help": "ComfyUI server URL(s); photos are spread over them"})
+    style_name: str | None = field(
+        default=None, metadata={"help": "the style's name on the server (default: the file's name)"})
+    strengths: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        metadata={"help": "raw strengths to measure, rising from 0 to 1 (more points: a finer curve, longer run)"})
+    seed: int = field(default=0, metadata={"help": "sampler seed, the same at every strength"})
+    workflow: str = field(default="style_transfer", metadata={"help": "the workflow to measure with"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
+    out: str | None = field(
+        default=None, metadata={"help": "folder for the stylised images (default: <style>.calibration/ beside it)"})
+    set: tuple[str, ...] = field(
+        default=(), metadata={"help": "more overrides, \"Node title.input=value\", as for stylora run"})
+    timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for one image"})
+    overwrite: bool = field(default=False, metadata={"help": "redo images that exist (default: a rerun resumes)"})
+
+    def __post_init__(self) -> None:
+        if not self.style.endswith(".safetensors"):
+            raise ValueError(f"style: give the style's .safetensors file, got {self.style!r}")
+        strengths = tuple(float(s) for s in self.strengths)
+        if len(strengths) < 2 or strengths[0] != 0.0 or strengths[-1] != 1.0 or \
+                any(b <= a for a, b in zip(strengths, strengths[1:])):
+            raise ValueError(f"strengths must rise from 0 to 1 (2 or more), got {list(self.strengths)}")
+        object.__setattr__(self, "strengths", strengths)

@@ -92,6 +92,48 @@ def sd15_checkpoint(tmp_path_factory) -> Path:
                             metadata={"stylora.test_model": "random SD1.5 weights, seed 0, samplable rescaling"})
 
 
+CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"  # the layout_guard workflow's default file name
+
+
+@pytest.fixture(scope="session")
+def sd15_controlnet(tmp_path_factory) -> Path:
+    """A full-size SD1.5 ControlNet with random weights in diffusers' layout (the layout of
+    lllyasviel/control_v11p_sd15_canny), built with diffusers' ControlNetModel.from_unet from the shipped SD1.5 UNet
+    config: no download. Its zero convolutions get small random weights too, so the guard visibly acts.
+    COMFYUI_SD15_CONTROLNET names an existing one instead."""
+    if os.environ.get("COMFYUI_SD15_CONTROLNET"):
+        return Path(os.environ["COMFYUI_SD15_CONTROLNET"])
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SHIPPED_SD15_CONFIG / "unet"))
+    controlnet = ControlNetModel.from_unet(unet)
+    del unet
+    gen = torch.Generator().manual_seed(1)
+    state = {}
+    for k, v in controlnet.state_dict().items():
+        if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) and k.endswith(".weight"):
+            v = torch.randn(v.shape, generator=gen) * 0.02
+        state[k] = v.to(torch.float16).contiguous()
+    path = tmp_path_factory.mktemp("controlnet") / CONTROLNET_NAME
+    save_file(state, str(path))
+    return path
+
+
+def place_controlnet(comfy_server: dict, controlnet: Path) -> str:
+    """Link the ControlNet into the test server's models/controlnet (ComfyUI rescans a folder whose mtime changed);
+    returns the name ControlNetLoader lists."""
+    folder = comfy_server["base"] / "models" / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / CONTROLNET_NAME
+    if not target.exists():
+        target.symlink_to(controlnet)
+    return CONTROLNET_NAME
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """STYLORA_REQUIRE_HOST=1 (set by .ci/run once it has built ComfyUI and a browser): a real-host test that skips

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, place_controlnet
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
@@ -113,18 +113,20 @@ def _pixels(path: Path):
 FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a CPU-sized end-to-end run
 
 
-def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
+def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp_path):
     import time
 
     from stylora.workflows.client import RunConfig, bundled_workflows, run_workflow
 
     photo, mask = _content(tmp_path)
+    place_controlnet(comfy_server, sd15_controlnet)
     per_workflow = {
         "style_transfer": dict(style=("mystyle.safetensors",)),
         "masked_style": dict(style=("mystyle.safetensors",), mask=str(mask)),
         "style_blend": dict(style=("mystyle.safetensors", "strong.safetensors:0.5")),
         "style_metrics": dict(style=("mystyle.safetensors",), style_image=str(REPO / "examples" / "stylora_style.jpg")),
         "style_from_image": dict(style_image=str(REPO / "examples" / "stylora_style.jpg")),
+        "layout_guard": dict(style=("mystyle.safetensors",), strength=1.0),  # denoise 1, the random ControlNet
         "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
     }
     assert sorted(per_workflow) == bundled_workflows()
@@ -144,7 +146,7 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     assert outside.sum() > 10000 and diff[outside].max() == 0 and diff[~outside].mean() > 1
     metrics = json.loads((tmp_path / "style_metrics.metrics.json").read_text())
     assert 0 < metrics["metrics"]["ssim"] < 1 and "lpips" in metrics["unavailable"]
-    # A new user's view: the six nodes in the Stylora category, the workflows in the Templates browser.
+    # A new user's view: the nodes in the Stylora category, the workflows in the Templates browser.
     import urllib.request
 
     def get(path: str):
@@ -155,7 +157,8 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     ours = {k: v["display_name"] for k, v in info.items() if v.get("category") == "Stylora"}
     assert ours == {"LoadStyleLoRA": "Load Style LoRA (Stylora)", "ContentEncode": "Content Encode (Stylora)",
                     "StyleStrength": "Style Strength (Stylora)", "MaskedStyleApply": "Masked Style Apply (Stylora)",
-                    "StyleMetrics": "Style Metrics (Stylora)", "StyleFromImage": "Style From Image (Stylora)"}
+                    "StyleMetrics": "Style Metrics (Stylora)", "StyleFromImage": "Style From Image (Stylora)",
+                    "KeepPhotoColours": "Keep Photo Colours (Stylora)"}
     assert sorted(json.loads(get("/api/workflow_templates")[1])["stylora"]) == bundled_workflows()
     for name in bundled_workflows():  # listed and served (ComfyUI serves only the first template folder)
         assert get(f"/api/workflow_templates/stylora/{name}.json")[0] == 200

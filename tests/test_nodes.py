@@ -15,8 +15,8 @@ from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA, register_m
 def test_declarations_are_complete_without_comfyui():
     import stylora
 
-    assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "LoadStyleLoRA", "MaskedStyleApply", "StyleFromImage",
-                                           "StyleMetrics", "StyleStrength"]
+    assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "KeepPhotoColours", "LoadStyleLoRA", "MaskedStyleApply",
+                                           "StyleFromImage", "StyleMetrics", "StyleStrength"]
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
     assert (REPO / stylora.WEB_DIRECTORY / "stylora.js").is_file()
     for cls in NODE_CLASS_MAPPINGS.values():
@@ -217,9 +217,9 @@ def test_style_strength_zero_is_the_identity_and_scales_only_style_patches():
     styled.patches["w2"] = [(0.8, a2, 0.8, None, None)]
     styled.set_attachments(STYLE_ATTACHMENT, style_adapters(base, styled))
     assert styled.get_attachment(STYLE_ATTACHMENT) == (a1, a2)
-    zero, denoise, no_clip = StyleStrength().apply(styled, 0.0)
+    zero, denoise, no_clip = StyleStrength().apply(styled, 0.0)[:3]
     assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != "base" and no_clip is None
-    half, denoise, _ = StyleStrength().apply(styled, 0.25, max_denoise=0.8)
+    half, denoise, _ = StyleStrength().apply(styled, 0.25, max_denoise=0.8)[:3]
     assert denoise == pytest.approx(0.2)
     assert half.patches["w1"] == [(1.0, other, 1.0, None, None), (0.4, a1, 0.8, None, None)]
     assert styled.patches["w2"] == [(0.8, a2, 0.8, None, None)]  # the input model is untouched
@@ -248,16 +248,16 @@ def test_style_strength_scales_the_text_encoder_patches_too():
     clip.patcher.patches["clip_l.fc2"] = [(0.8, te_adapter, 0.8, None, None)]
     clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(base_clip.patcher, clip.patcher))
     model = _FakePatcher({"w": [(0.8, unet_adapter, 0.8, None, None)]}, {STYLE_ATTACHMENT: (unet_adapter,)})
-    _, _, zero = StyleStrength().apply(model, 0.0, clip=clip)
+    _, _, zero = StyleStrength().apply(model, 0.0, clip=clip)[:3]
     assert zero.patcher.patches == base_clip.patcher.patches and zero.patcher.patches_uuid != "base"
-    _, _, quarter = StyleStrength().apply(model, 0.125, clip=clip)  # LoRA scale 0.25
+    _, _, quarter = StyleStrength().apply(model, 0.125, clip=clip)[:3]  # LoRA scale 0.25
     assert quarter.patcher.patches == {"clip_l.fc1": [(1.0, other, 1.0, None, None),
                                                       (0.2, te_adapter, 0.8, None, None)],
                                        "clip_l.fc2": [(0.2, te_adapter, 0.8, None, None)]}
     assert clip.patcher.patches["clip_l.fc2"] == [(0.8, te_adapter, 0.8, None, None)]  # the input is untouched
     assert StyleStrength().apply(model, 0.0, clip=base_clip)[2] is base_clip  # no text-encoder style: as given
     names = StyleStrength.RETURN_NAMES
-    assert names[:2] == ("model", "denoise") and names[-1] == "clip"  # saved workflows keep their output slots
+    assert names[:3] == ("model", "denoise", "clip")  # saved workflows keep their output slots
 
 
 # --- MaskedStyleApply -----------------------------------------------------------------------------------------

@@ -234,12 +234,12 @@ def test_injection_under_cfg_with_a_batch_of_two_and_style_strength():
     kv_only = [_sample_step(_styled(painting_seed=seed, adain=0.0)[1], unet, x) for seed in (6, 9)]
     assert (kv_only[0] - kv_only[1]).abs().mean() > 1e-3
     # Style Strength 0: the injection is gone, the step is the input model's bit for bit, and denoise 0.
-    zero, denoise, _ = StyleStrength().apply(styled, 0.0)
+    zero, denoise, _ = StyleStrength().apply(styled, 0.0)[:3]
     assert denoise == 0.0 and zero.get_attachment(INJECTION_ATTACHMENT) is None
     assert "model_function_wrapper" not in zero.model_options
     assert torch.equal(_sample_step(zero, unet, x), plain)
     # Low strength: a quarter of the way (lora ramp 0.5 at s = 0.25) between plain and full injection.
-    half, _, _ = StyleStrength().apply(styled, 0.25)
+    half, _, _ = StyleStrength().apply(styled, 0.25)[:3]
     assert half.get_attachment(INJECTION_ATTACHMENT).strength == 0.5
     assert styled.get_attachment(INJECTION_ATTACHMENT).strength == 1.0  # the input is untouched
     mid = _sample_step(half, unet, x)
@@ -283,11 +283,11 @@ def test_a_lora_style_and_a_painting_style_in_one_model_both_follow_the_strength
     (both,) = StyleFromImage().apply(base, torch.rand(1, 64, 48, 3, generator=torch.Generator().manual_seed(6)),
                                      _VAE(), latent)
     for s, scale in ((0.25, 0.5), (0.5, 1.0), (1.0, 1.0)):
-        out, denoise, _ = StyleStrength().apply(both, s)
+        out, denoise, _ = StyleStrength().apply(both, s)[:3]
         assert out.patches["diffusion_model.x.weight"][0][0] == pytest.approx(scale)  # the LoRA's patch strength
         assert out.get_attachment(INJECTION_ATTACHMENT).strength == pytest.approx(scale)  # the injection's
         assert denoise == pytest.approx(s * 0.75)
-    zero, denoise, _ = StyleStrength().apply(both, 0.0)
+    zero, denoise, _ = StyleStrength().apply(both, 0.0)[:3]
     assert zero.patches == {} and zero.get_attachment(INJECTION_ATTACHMENT) is None and denoise == 0.0
     assert "model_function_wrapper" not in zero.model_options
     assert both.patches["diffusion_model.x.weight"][0][0] == 1.0  # the input model untouched

@@ -189,8 +189,10 @@ DESCRIPTIONS = {
     "style_metrics": "Style metrics: style transfer, then SSIM, LPIPS, content and Gram losses on the node.",
     "style_from_image": "Style from one painting: no training, the painting's style injected into the UNet "
                         "(StyleID).",
+    "layout_guard": "Layout guard: strength up to denoise 1 while a Canny ControlNet holds the photo's edges.",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
 }
+CONTROLNET = "control_v11p_sd15_canny.safetensors"  # lllyasviel/control_v11p_sd15_canny, renamed (README)
 
 
 def node_properties(n: Node) -> dict[str, Any]:
@@ -233,8 +235,11 @@ def _nodes(extra: dict | None = None) -> dict[int, Node]:
                                                                    "denoise": (3, 1)},
              size=(320, 270)),
         Node(9, "VAEDecode", "Decode", (0, 0), {}, {"samples": (8, 0), "vae": (1, 2)}, size=(220, 50)),
-        Node(10, "SaveImage", "Save", (0, 0), {"filename_prefix": "stylora/styled"}, {"images": (9, 0)},
+        Node(10, "SaveImage", "Save", (0, 0), {"filename_prefix": "stylora/styled"}, {"images": (20, 0)},
              size=(400, 420)),
+        # amount 0: the style's colours, as without the node; raise it to keep the photo's colours.
+        Node(20, "KeepPhotoColours", roles.COLOURS.title, (0, 0), {"amount": 0.0},
+             {"content": (7, 1), "styled": (9, 0)}, size=(320, 110)),
     ]
     return {n.id: n for n in nodes}
 
@@ -249,6 +254,7 @@ BASIC_NOTE = DESCRIPTIONS["style_transfer"] + """
 5. Style Strength: ONE knob, 0..1. 0 = the photo unchanged; ~0.3 recolours; 0.5 = the style's full weight;
    1 = strongest. It also sets KSampler's denoise and scales the text encoder, both wired in.
 6. KSampler: steps 20-30, CFG 1 (the style is trained without a prompt); the seed changes the brush work.
+7. Keep colours: amount 0 = the style's colours; 1 = the photo's colours under the style's strokes and shading.
 
 Headless: stylora run --server http://127.0.0.1:8188 --workflow style_transfer --content photo.jpg \
 --style monet.safetensors --out out.png"""
@@ -260,7 +266,7 @@ def note_for(name: str, body: str) -> Node:
 
 def style_transfer(extra: dict | None = None) -> list[Node]:
     n = _nodes(extra)
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]],
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]],
                   [n[10], note(11, (0, 0), BASIC_NOTE)])
 
 
@@ -274,7 +280,7 @@ def masked_style() -> list[Node]:
     latent = Node(12, "MaskedStyleApply", "Mask the latent", (0, 0), {"feather": 16, "invert": False},
                   {"content": (7, 1), "mask": (7, 3), "latent": (7, 0)}, size=(320, 150))
     composite = Node(13, "MaskedStyleApply", "Composite", (0, 0), {"feather": 16, "invert": False},
-                     {"content": (7, 1), "mask": (7, 3), "styled": (9, 0)}, size=(320, 150))
+                     {"content": (7, 1), "mask": (7, 3), "styled": (20, 0)}, size=(320, 150))
     text = note_for("masked_style", """\
 Right-click the Content image > Open in MaskEditor, paint where the style goes, save.
 Content Encode resizes and crops the mask exactly like the photo. The first Masked Style Apply limits
@@ -285,7 +291,8 @@ Several regions with several styles: copy this group, and feed this Composite in
 pass's Content (chained passes keep each other's pixels).
 
 Headless: stylora run ... --workflow masked_style --content photo.jpg --mask mask.png (white = style)""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [latent, n[8], n[9]], [composite, n[10], text])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [latent, n[8], n[9], n[20]],
+                  [composite, n[10], text])
 
 
 def style_blend() -> list[Node]:
@@ -297,7 +304,7 @@ the weights are normalised to sum to 1, then scaled by strength. Chaining severa
 nodes works too (each adds its style at its own strength); Style Strength scales all of them.
 
 Headless: stylora run ... --workflow style_blend --style monet.safetensors --style ukiyo-e.safetensors:0.5""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
 def style_metrics() -> list[Node]:
@@ -306,7 +313,7 @@ def style_metrics() -> list[Node]:
     style_image = Node(12, "LoadImage", roles.STYLE_IMAGE.title, (0, 0), {"image": "stylora_style.jpg"},
                        size=(320, 320))
     metrics = Node(13, "StyleMetrics", "Metrics", (0, 0), {"style_folder": "", "csv_path": "", "label": "my_style"},
-                   {"content": (7, 1), "styled": (9, 0), "style": (12, 0)}, size=(420, 170))
+                   {"content": (7, 1), "styled": (20, 0), "style": (12, 0)}, size=(420, 170))
     text = note_for("style_metrics", """\
 Style Metrics compares the styled image with the content photo at the same size (Content Encode's
 image output): SSIM, LPIPS, VGG content loss; Gram style loss against the Style image; FID/KID/ArtFID
@@ -316,7 +323,8 @@ weights are missing shows "n/a" and the file to put in ComfyUI/models/stylora_me
 
 Headless: stylora run ... --workflow style_metrics --content photo.jpg --style monet.safetensors \
 --style-image painting.jpg""")
-    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9]], [n[10], text], [style_image, metrics])
+    return layout([n[1], n[6], n[7]], [n[2], n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text],
+                  [style_image, metrics])
 
 
 def dreambooth() -> list[Node]:
@@ -337,7 +345,7 @@ much of the photo is repainted (0.6 default). Compare with the style-LoRA workfl
 Metrics or `stylora eval`.
 
 Headless: stylora run ... --workflow dreambooth --content photo.jpg --style my_dreambooth.safetensors""")
-    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
 def style_from_image() -> list[Node]:
@@ -357,11 +365,36 @@ statistics toward the painting's. No training, one painting. Style Strength driv
 (0 = the photo unchanged). Costs about one extra UNet batch row per painting and photo.
 
 Headless: stylora run ... --workflow style_from_image --content photo.jpg --style-image painting.jpg""")
-    return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+    return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
+
+
+def layout_guard() -> list[Node]:
+    n = _nodes()
+    n[3].values["max_denoise"] = 1.0  # the guard holds the layout, so strength may repaint everything
+    n[10].values["filename_prefix"] = "stylora/layout_guard"
+    edges = Node(30, "Canny", "Edges", (0, 0), {"low_threshold": 0.4, "high_threshold": 0.8}, {"image": (7, 1)},
+                 size=(320, 110))
+    loader = Node(31, "ControlNetLoader", roles.CONTROLNET.title, (0, 0), {"control_net_name": CONTROLNET},
+                  size=(320, 80))
+    guard = Node(32, "ControlNetApplyAdvanced", "Layout guard", (0, 0), {"start_percent": 0.0, "end_percent": 1.0},
+                 {"positive": (4, 0), "negative": (5, 0), "control_net": (31, 0), "image": (30, 0),
+                  "strength": (3, 3)}, size=(320, 190))
+    n[8].links.update(positive=(32, 0), negative=(32, 1))
+    text = note_for("layout_guard", f"""\
+Style Strength drives three things here: the style's weight, KSampler's denoise (max_denoise 1.0:
+strength 1 repaints everything) and, through its guard output, the ControlNet's strength (= denoise),
+so the photo's Canny edges hold what the sampler repaints. One knob; raise it until the layout gives.
+ControlNet: put {CONTROLNET} in ComfyUI/models/controlnet
+(diffusion_pytorch_model.safetensors of lllyasviel/control_v11p_sd15_canny, renamed; or
+control_v11p_sd15_canny.pth of lllyasviel/ControlNet-v1-1). Edges: Canny thresholds 0.4/0.8 (lower: more edges).
+
+Headless: stylora run ... --workflow layout_guard --content photo.jpg --style monet.safetensors --strength 0.9""")
+    return layout([n[1], n[6], n[7], edges], [n[2], n[3], n[4], n[5]], [loader, guard, n[8]], [n[9], n[20], n[10]],
+                  [text])
 
 
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
-             "style_metrics": style_metrics, "style_from_image": style_from_image,
+             "style_metrics": style_metrics, "style_from_image": style_from_image, "layout_guard": layout_guard,
              "dreambooth": dreambooth}  # first steps to advanced
 
 
@@ -417,6 +450,7 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "style_blend": ("Style blend", "photo", "two styles"),
                 "style_metrics": ("Style metrics", "styled", "scores"),
                 "style_from_image": ("Style from a painting", "painting", "styled"),
+                "layout_guard": ("Layout guard", "photo edges", "styled, layout kept"),
                 "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
 
 
@@ -449,12 +483,15 @@ def make_thumbnails() -> None:
     right = {"style_transfer": painted(style), "masked_style": Image.composite(painted(style), photo, mask),
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
-             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other)}
+             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other),
+             "layout_guard": painted(style)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
             "style_metrics": painted(style),
             "style_from_image": Image.open(out / "stylora_style.jpg").convert("RGB").resize(
-                (side, side), Image.Resampling.LANCZOS)}
+                (side, side), Image.Resampling.LANCZOS),
+            "layout_guard": ImageOps.invert(photo.convert("L").filter(ImageFilter.FIND_EDGES).point(
+                lambda v: 255 if v > 40 else 0)).convert("RGB")}
     for name, (title, left_label, right_label) in THUMB_TITLES.items():
         canvas = Image.new("RGB", (256, 176), (255, 255, 255))
         d = ImageDraw.Draw(canvas)

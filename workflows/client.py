@@ -26,9 +26,12 @@ from typing import Any
 
 from ..core.files import atomic_write, atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.strength_rule import style_schedule
 from .roles import (
     CHECKPOINT,
+    COLOURS,
     CONTENT,
+    CONTROLNET,
     SAMPLER,
     STRENGTH,
     STYLE,
@@ -65,6 +68,13 @@ class RunConfig:
     checkpoint: str | None = field(
         default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
     seed: int | None = field(default=None, metadata={"help": "sampler seed (default: the workflow's)"})
+    controlnet: str | None = field(
+        default=None, metadata={"help": "ControlNet file on the server, models/controlnet (layout_guard; default: "
+                                        "the workflow's, control_v11p_sd15_canny.safetensors)"})
+    keep_colours: float | None = field(
+        default=None,
+        metadata={"help": "0..1: how much of the photo's colours to keep under the style's luminance (0: the "
+                          "style's colours, 1: the photo's; default: the workflow's)"})
     set: tuple[str, ...] = field(
         default=(),
         metadata={"help": "more overrides, \"Node title.input=value\" (value parsed as JSON when it can be)"})
@@ -79,6 +89,8 @@ class RunConfig:
         object.__setattr__(self, "server", servers)
         if self.strength is not None and not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
             raise ValueError(f"strength must be in 0..1, got {self.strength!r}")
+        if self.keep_colours is not None and not (math.isfinite(self.keep_colours) and 0 <= self.keep_colours <= 1):
+            raise ValueError(f"keep_colours must be in 0..1, got {self.keep_colours!r}")
         if not (math.isfinite(self.timeout) and self.timeout > 0):
             raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout!r}")
         if self.seed is not None and self.seed < 0:
@@ -220,9 +232,6 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
                                 f"{STYLE.purpose}) or {STYLE_CHECKPOINT.title!r} (role: {STYLE_CHECKPOINT.purpose})")
     if cfg.strength is not None:
         strength = find(g, STRENGTH)
-        # heavy: the nodes package imports torch; `stylora --help` and `run --list` should not wait for it
-        from ..nodes.strength import style_schedule
-
         if strength is not None:
             style_schedule(cfg.strength)  # validates 0..1
             strength["inputs"]["strength"] = cfg.strength
@@ -230,6 +239,10 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
             require(g, SAMPLER, cfg.workflow)["inputs"]["denoise"] = style_schedule(cfg.strength)[1]
     if cfg.seed is not None:
         require(g, SAMPLER, cfg.workflow)["inputs"]["seed"] = cfg.seed
+    if cfg.controlnet is not None:
+        require(g, CONTROLNET, cfg.workflow)["inputs"]["control_net_name"] = cfg.controlnet
+    if cfg.keep_colours is not None:
+        require(g, COLOURS, cfg.workflow)["inputs"]["amount"] = cfg.keep_colours
     if cfg.checkpoint is not None:
         require(g, CHECKPOINT, cfg.workflow)["inputs"]["ckpt_name"] = cfg.checkpoint
     if style_image_name is not None:
@@ -260,11 +273,12 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
         spec = object_info[node["class_type"]]["input"]
         for name, value in node["inputs"].items():
             options = (spec.get("required", {}).get(name) or spec.get("optional", {}).get(name) or [None])[0]
-            if name in ("ckpt_name", "style", "style_2", "style_3") and isinstance(options, list) and \
-                    value not in options:
-                what = "checkpoint" if name == "ckpt_name" else "style"
+            if name in ("ckpt_name", "style", "style_2", "style_3", "control_net_name") and \
+                    isinstance(options, list) and value not in options:
+                what = {"ckpt_name": "checkpoint", "control_net_name": "ControlNet"}.get(name, "style")
                 shown = ", ".join(o for o in options if o != "None")[:600] or "none"
-                folder = "models/checkpoints" if name == "ckpt_name" else "models/styles or models/loras"
+                folder = {"ckpt_name": "models/checkpoints", "control_net_name": "models/controlnet"}.get(
+                    name, "models/styles or models/loras")
                 raise ServerError(f"{what} {value!r} is not on the server (node {node_id}, "
                                   f"{node['_meta'].get('title', node['class_type'])}); put it in {folder} "
                                   f"and refresh; available: {shown}")

@@ -26,7 +26,9 @@ STRENGTH = Role("Strength", "the Style Strength node that --strength sets")
 CONTENT = Role("Content", "the LoadImage node that takes the --content photo")
 SAMPLER = Role("Sampler", "the sampler whose seed/denoise --seed/--strength set")
 STYLE_IMAGE = Role("Style image", "the LoadImage node that takes --style-image")
-ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE)
+COLOURS = Role("Keep colours", "the Keep Photo Colours node whose amount --keep-colours sets")
+CONTROLNET = Role("ControlNet", "the ControlNetLoader whose file --controlnet names (layout_guard)")
+ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE, COLOURS, CONTROLNET)
 
 
 def node_titled(graph: dict[str, dict], title: str) -> dict | None:
