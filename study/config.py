@@ -58,8 +58,9 @@ class StudyConfig:
         "help": "training settings per method (TOML tables [train.lora], [train.dreambooth], "
                 "[train.dreambooth-lora]; flag METHOD.KEY=VALUE, repeatable), passed to LoraTrainConfig / "
                 "DreamBoothConfig"})
-    metrics: tuple[str, ...] = field(default=("ssim", "lpips", "content", "gram", "fid", "kid", "artfid"), metadata={
-        "help": "metrics to compute (eval's names)"})
+    metrics: tuple[str, ...] = field(
+        default=("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid"),
+        metadata={"help": "metrics to compute (eval's names)"})
     eval_device: str | None = field(default=None, metadata={"help": "device of the metrics (default: CUDA if any)"})
     grid_rows: int = field(default=4, metadata={"help": "content photos per style in the report's grids"})
     timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for one image on a server"})

@@ -154,7 +154,8 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
         assert f"| {method} | monet |" in md and f"| {method} | all styles (mean) |" in md
     lora_row = next(line for line in md.splitlines() if line.startswith("| lora | monet |"))
     cells = [c.strip() for c in lora_row.strip("|").split("|")]
-    assert cells[2] != "unavailable" and cells[6:9] == ["unavailable"] * 3  # SSIM measured; FID, KID, ArtFID not
+    assert cells[2] != "unavailable" and cells[7:10] == ["unavailable"] * 3  # SSIM measured; FID, KID, ArtFID not
+    assert cells[5] != "unavailable" and "| LPIPS to style < 0.3 |" in md  # LPIPS to the style and its target
     assert "inception" in md.lower() and "not available on this server" in md
     rows = {(r["method"], r["strength"]): r for r in report["rows"]}
     assert rows["lora", 0.3]["values"]["fid"] is None and "pt_inception" in rows["lora", 0.3]["unavailable"]["fid"]
