@@ -23,6 +23,7 @@ from ..eval.report import evaluate
 from ..trainer.checkpoint import checkpoint_root, complete_checkpoints
 from ..trainer.dreambooth import train_dreambooth
 from ..trainer.lora import train_lora
+from ..trainer.loss_curve import loss_log_path
 from ..workflows.client import API_DIR, RunConfig, Server, ServerError, run_workflow
 from .config import TRAINED, StudyConfig
 from .report import BASE, write_report
@@ -153,7 +154,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
         report = write_report(out / "report", cfg, jobs=[(j.style, j.method, j.strength, j.seed, j.key) for j in jobs],
                               reports=reports, stylize=manifest.section("stylize"), costs=costs,
                               skipped=manifest.section("skipped"), stage_seconds=manifest.stage_seconds(),
-                              styled_root=out / "styled", photos=photos)
+                              styled_root=out / "styled", photos=photos,
+                              loss_logs={f"{s}/{m}": loss_log_path(p) for (s, m), p in artifacts.items()})
         bar.update(1)
     bar.close()
     return report

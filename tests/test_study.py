@@ -163,7 +163,16 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     assert rows["lora", 0.3]["values"]["ssim"] == pytest.approx(report["mean"][2]["values"]["ssim"])
     assert report["targets"]["verdicts"]["lora"]["fid"] == "unmeasured"
     assert json.loads((out / "report" / "report.json").read_text(), parse_constant=pytest.fail)["photos"] == 3
-    for f in ("grid_monet.png", "sweep_base.png", "sweep_lora.png", "sweep_dreambooth-lora.png"):
+    # The loss curves: the trainers' CSV logs, one line per trained method, in the figure and the table.
+    from stylora.trainer.loss_curve import read_loss_log
+
+    for method in ("lora", "dreambooth-lora"):
+        steps, losses = read_loss_log(out / "train" / "monet" / f"{method}.train_log.csv")
+        assert report["loss_curves"][f"monet/{method}"] == {"steps": steps, "loss": losses} and steps
+        assert f"| monet | {method} | {steps[-1]} | {losses[0]:.4g} | {losses[-1]:.4g} |" in md
+        assert (out / "train" / "monet" / f"{method}.loss_curve.png").is_file()
+    assert "![loss curves](loss_curves.png)" in md and "monet/base" not in report["loss_curves"]
+    for f in ("grid_monet.png", "sweep_base.png", "sweep_lora.png", "sweep_dreambooth-lora.png", "loss_curves.png"):
         assert (out / "report" / f).is_file()
     assert {p.name for p in (out / "logs").iterdir()} >= {"train.log", "stylize.log", "evaluate.log", "report.log"}
     assert set(report["stages"]) == {"train", "place", "stylize", "evaluate", "report"}
