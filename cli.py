@@ -10,6 +10,7 @@
     stylora prepare stats DIR ... [--out DIR]
     stylora run --server URL --workflow NAME --content IMG|DIR --style NAME [--strength S] [--mask IMG] --out PATH
     stylora study --config study.toml [flags override the file]
+    stylora adain --content IMG --style IMG --out IMG [--alpha A]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import traceback
 import typing
 from pathlib import Path
 
+from .baseline.config import AdaINConfig
 from .core.files import atomic_write_text
 from .core.settings import add_config_arguments, build_config
 from .core.version import __version__
@@ -119,6 +121,11 @@ def make_parser() -> argparse.ArgumentParser:
                                        "every method at every strength on the ComfyUI server(s), scores them and "
                                        "writes <out>/report/. Rerun the same command to continue a killed study.")
     add_study_arguments(study)
+
+    adain = sub.add_parser("adain", help="the classical baseline: AdaIN style transfer of one photo (no ComfyUI)",
+                           description="Huang and Belongie (ICCV 2017) with the published weights vgg_normalised.pth "
+                                       "and decoder.pth (see README, AdaIN baseline).")
+    add_config_arguments(adain, AdaINConfig)
 
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
@@ -239,6 +246,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_adain(args: argparse.Namespace) -> int:
+    from .baseline.adain import run_adain  # heavy: torch
+
+    cfg = build_config(AdaINConfig, args)
+    print(f"Wrote {run_adain(cfg)}")
+    return 0
+
+
 def error_line(e: BaseException, command: str) -> tuple[str, int]:
     """One line `<what, naming the input> (<what to do>)` and the exit code for an exception from a command."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -283,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
                 ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
-                ("run", None): cmd_run, ("study", None): cmd_study,
+                ("run", None): cmd_run, ("study", None): cmd_study, ("adain", None): cmd_adain,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

@@ -16,8 +16,9 @@ from ..workflows.client import parse_value
 
 # `base`: plain img2img (the control), `lora`: a style LoRA, `dreambooth`: the full fine-tune baseline,
 # `dreambooth-lora`: DreamBooth with LoRA adapters, `image`: a training-free painting-style node when the server
-# has one (StyleFromImage).
-METHODS = ("base", "lora", "dreambooth", "dreambooth-lora", "image")
+# has one (StyleFromImage), `adain`: the classical feed-forward baseline (Huang and Belongie 2017), run in-process.
+METHODS = ("base", "lora", "dreambooth", "dreambooth-lora", "image", "adain")
+IN_PROCESS = ("adain",)  # methods that stylise here, without ComfyUI
 TRAINED = ("lora", "dreambooth", "dreambooth-lora")
 TRAIN_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothConfig, "dreambooth-lora": DreamBoothConfig}
 

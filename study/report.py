@@ -79,7 +79,7 @@ def collect(cfg: StudyConfig, jobs: list[tuple[str, str, float, int, str]], repo
                                       ("file_bytes", "bytes")):
                     values[column] = _clean(record.get(field)) if record else None
                     if values[column] is None:
-                        why[column] = NO_TRAINING if method in ("base", "image") else "no resource record"
+                        why[column] = NO_TRAINING if method in ("base", "image", "adain") else "no resource record"
                 rows.append({"method": method, "style": style, "strength": strength, "values": values,
                              "unavailable": why})
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import count_calls, make_style_folder, skimage_photos
@@ -187,3 +188,46 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "styled").rglob("*.png")}
     dying.close()
     comfy.close()
+
+
+def test_study_runs_adain_in_process_and_skips_it_without_weights(study_inputs, tmp_path, monkeypatch):
+    """The classical baseline needs no ComfyUI: the server URL is never contacted. Without its weights the method
+    is skipped, the report naming both files."""
+    from stylora.baseline.adain import AdaIN
+    from test_adain import _random_files
+
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "nothing"))
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+             "out": str(tmp_path / "none"), "methods": ["adain"], "strengths": [0.5, 1.0],
+             "server": ["http://127.0.0.1:9"], "metrics": ["ssim", "lpips", "lpips_style", "gram"]}
+    report = runner.run_study(load_study_config(None, flags), progress=False, nets=nets)
+    md = (tmp_path / "none" / "report" / "report.md").read_text()
+    assert "skipped: AdaIN unavailable: vgg_normalised.pth and decoder.pth missing" in md
+    assert report["rows"][0]["values"]["ssim"] is None
+
+    _random_files(tmp_path / "weights")
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    out = tmp_path / "study"
+    report = runner.run_study(load_study_config(None, {**flags, "out": str(out)}), progress=False, nets=nets)
+    outputs = sorted((out / "styled" / "monet" / "adain").rglob("*.png"))
+    assert len(outputs) == 6  # 3 photos x 2 strengths
+    # alpha = strength: the full-strength output is AdaIN of the photo with the style's first painting
+    model = AdaIN()
+    photo = study_inputs["photos"] / "astronaut.png"
+    painting = sorted(study_inputs["style"].iterdir())[0]
+    from stylora.baseline.adain import fit_image, to_tensor
+    from stylora.core.images import load_image
+
+    expected = model(to_tensor(fit_image(load_image(photo), 512)), to_tensor(fit_image(load_image(painting), 512)))
+    got = np.asarray(Image.open(out / "styled" / "monet" / "adain" / "s1.00_seed0" / "astronaut.png"), np.float32)
+    assert np.abs(got / 255 - expected[0].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+    md = (out / "report" / "report.md").read_text()
+    row = next(r for r in report["rows"] if r["strength"] == 1.0)
+    assert row["values"]["ssim"] is not None and row["values"]["lpips_style"] is not None
+    assert row["values"]["seconds_per_image"] > 0 and row["unavailable"]["train_seconds"] == "none (no training)"
+    assert "| adain | monet |" in md and "| adain | all styles (mean) |" in md
+    verdict = report["targets"]["verdicts"]["adain"]["lpips_style"]
+    assert verdict == ("met" if report["mean"][0]["values"]["lpips_style"] < 0.3 else "not met")
