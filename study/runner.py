@@ -28,6 +28,7 @@ from ..trainer.checkpoint import checkpoint_root, complete_checkpoints
 from ..trainer.dreambooth import train_dreambooth
 from ..trainer.lora import train_lora
 from ..trainer.loss_curve import loss_log_path
+from ..trainer.textual_inversion import train_textual_inversion
 from ..workflows.client import API_DIR, RunConfig, Server, ServerError, run_workflow
 from .config import IN_PROCESS, TRAINED, StudyConfig
 from .report import BASE, write_report
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("train", "place", "stylize", "evaluate", "report")
 IMAGE_NODE = "StyleFromImage"  # the training-free painting-style node the `image` method needs on the server
 IMAGE_WORKFLOW = "style_from_image"
+MODEL_FOLDERS = {"dreambooth": "checkpoints", "textual-inversion": "embeddings"}  # else styles
+TI_PROMPT = "a painting in the style of embedding:{}"  # the first of the trainer's style templates
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,12 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
             manifest.record("train", f"{style}/{method}", {"artifact": str(artifacts[style, method])})
             bar.update(1)
 
-    # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints.
+    # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints,
+    #    embeddings in models/embeddings.
     names: dict[tuple[str, str], str] = {}
     with manifest.stage("place"):
         for (style, method), path in artifacts.items():
-            kind = "checkpoints" if method == "dreambooth" else "styles"
+            kind = MODEL_FOLDERS.get(method, "styles")
             names[style, method] = f"stylora-study-{style}-{method}-{_settings_digest(path)}.safetensors"
             for root in models:
                 place(path, root / kind / names[style, method])
@@ -206,7 +210,8 @@ def train_artifact(method: str, train_cfg: Any, progress: bool) -> Path:
     if same_settings(output, train_cfg):
         logger.info("%s: finished with these settings, reused", output)
         return output
-    train = train_lora if method == "lora" else train_dreambooth
+    train = {"lora": train_lora, "dreambooth": train_dreambooth, "dreambooth-lora": train_dreambooth,
+             "textual-inversion": train_textual_inversion}[method]
     if complete_checkpoints(checkpoint_root(output)) and not output.exists():
         try:
             logger.info("%s: resuming the interrupted run", output)
@@ -273,6 +278,10 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
     if job.method == "lora":
         return RunConfig(workflow="style_transfer", style=(names[job.style, "lora"],), checkpoint=cfg.checkpoint,
                          set=tuple(sets), **common)
+    if job.method == "textual-inversion":  # the embedding is a prompt word, sampled with CFG like DreamBooth
+        word = Path(names[job.style, "textual-inversion"]).stem
+        return RunConfig(workflow="textual_inversion", checkpoint=cfg.checkpoint, **common,
+                         set=(*sets, f"Positive prompt.text={TI_PROMPT.format(word)}", "Sampler.cfg=5.0"))
     trigger = cfg.train_config(job.method, styles[job.style], "x.safetensors").instance_prompt \
         if job.method in ("dreambooth", "dreambooth-lora") else ""
     if job.method == "dreambooth":

@@ -231,3 +231,33 @@ def test_study_runs_adain_in_process_and_skips_it_without_weights(study_inputs, 
     assert "| adain | monet |" in md and "| adain | all styles (mean) |" in md
     verdict = report["targets"]["verdicts"]["adain"]["lpips_style"]
     assert verdict == ("met" if report["mean"][0]["values"]["lpips_style"] < 0.3 else "not met")
+
+
+def test_study_trains_textual_inversion_and_prompts_with_the_embedding(tiny_model, study_inputs, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("STYLORA_WEIGHTS_DIR", raising=False)
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    path = _toml(tmp_path, "[train.textual-inversion]\nresolution = 64\nsteps = 2\nbatch_size = 1\nmin_images = 1\n"
+                           "checkpoint_every = 0\nlog_every = 1\n")
+    comfy = FakeComfy(models=study_inputs["models"])
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+             "out": str(tmp_path / "study"), "base_model": str(tiny_model["diffusers"]),
+             "checkpoint": "sd15.safetensors", "server_models": [str(study_inputs["models"])],
+             "methods": ["textual-inversion"], "strengths": [0.5],
+             "server": [comfy.url], "metrics": ["ssim", "lpips", "lpips_style"]}
+    report = runner.run_study(load_study_config(path, flags), progress=False, nets=nets)
+    placed = sorted((study_inputs["models"] / "embeddings").iterdir())
+    assert len(placed) == 1 and placed[0].name.startswith("stylora-study-monet-textual-inversion-")
+    assert len(comfy.prompts) == 3
+    texts = {n["inputs"]["text"] for p in comfy.prompts for n in p.values()
+             if n.get("_meta", {}).get("title") == "Positive prompt"}
+    assert texts == {f"a painting in the style of embedding:{placed[0].stem}"}
+    assert all(n["inputs"]["cfg"] == 5.0 for p in comfy.prompts for n in p.values()
+               if n.get("class_type") == "KSampler")
+    row = report["rows"][0]
+    assert row["method"] == "textual-inversion" and row["values"]["ssim"] is not None
+    assert row["values"]["train_seconds"] > 0 and report["loss_curves"]["monet/textual-inversion"]["steps"] == [1, 2]
+    assert (tmp_path / "study" / "report" / "loss_curves.png").is_file()
+    comfy.close()
