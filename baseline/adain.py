@@ -13,6 +13,7 @@ the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from torch import nn
 
 from ..core.files import atomic_write
@@ -98,6 +100,7 @@ class AdaIN(nn.Module):
     def __init__(self, pretrained: bool = True, seed: int = 0):
         super().__init__()
         encoder, self.decoder = encoder_layers(), decoder_layers()
+        self.weights = f"{ENCODER.name}, {DECODER.name}" if pretrained else f"random (seed {seed})"
         if pretrained:
             states, missing = {}, []
             for spec in (ENCODER, DECODER):  # both looked up first, so that one message names every missing file
@@ -139,11 +142,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
-    """[1, 3, H, W] in 0..1 -> an 8-bit image file, written atomically (format from the suffix)."""
+def save_image(image: torch.Tensor, path: Path, info: dict | None = None) -> None:
+    """[1, 3, H, W] in 0..1 -> an 8-bit image file, written atomically (format from the suffix); a PNG carries
+    `info` as JSON in its text chunk "stylora"."""
     arr = image[0].permute(1, 2, 0).mul(255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt))
+    extra = {}
+    if fmt == "PNG" and info:
+        extra["pnginfo"] = PngInfo()
+        extra["pnginfo"].add_text("stylora", json.dumps(info))
+    atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format=fmt, **extra))
 
 
 def stylize_file(model: AdaIN, content: Path, style: Path, out: Path, alpha: float, max_side: int,
@@ -153,7 +161,8 @@ def stylize_file(model: AdaIN, content: Path, style: Path, out: Path, alpha: flo
     photo = fit_image(load_image(content), max_side)
     painting = fit_image(load_image(style), max_side)
     result = model(to_tensor(photo).to(device), to_tensor(painting).to(device), alpha)
-    save_image(result, out)
+    save_image(result, out, {"method": "adain", "paper": "Huang and Belongie, ICCV 2017", "weights": model.weights,
+                             "alpha": alpha, "max_side": max_side, "content": content.name, "style": style.name})
     return time.perf_counter() - start
 
 

@@ -3,6 +3,8 @@ independent plain implementation, weights lookup and the `stylora adain` command
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -122,5 +124,8 @@ def test_stylora_adain_stylises_one_photo(tmp_path, monkeypatch, capsys):
     assert main(argv + ["--alpha", "0.8"]) == 0
     with Image.open(tmp_path / "out.png") as im:
         assert im.size == (96, 64)  # shrink-only, sides brought to multiples of 8
+        info = json.loads(im.text["stylora"])  # the output describes itself
+    assert info["alpha"] == 0.8 and info["weights"] == "vgg_normalised.pth, decoder.pth"
+    assert info["style"] == "painting.png" and info["method"] == "adain"
     assert main(argv[:-1] + [str(tmp_path / "out.gif")]) == 2
     assert "must end in .png" in capsys.readouterr().err
