@@ -2,6 +2,7 @@
 
     stylora train lora --data DIR --output FILE.safetensors [options]
     stylora train dreambooth --data DIR --output FILE.safetensors [options]
+    stylora train textual-inversion --data DIR --output FILE.safetensors [options]
     stylora costs A.resources.json B.resources.json
     stylora lora info FILE.safetensors
     stylora eval --content DIR --styled DIR [DIR ...] --style DIR --out DIR
@@ -10,6 +11,7 @@
     stylora prepare stats DIR ... [--out DIR]
     stylora run --server URL --workflow NAME --content IMG|DIR --style NAME [--strength S] [--mask IMG] --out PATH
     stylora study --config study.toml [flags override the file]
+    stylora adain --content IMG --style IMG --out IMG [--alpha A]
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ import traceback
 import typing
 from pathlib import Path
 
+from .baseline.config import AdaINConfig
 from .core.files import atomic_write_text
 from .core.settings import add_config_arguments, build_config
 from .core.version import __version__
 from .data.prepare import PrepareConfig
 from .eval.config import EvalConfig
 from .study.config import CalibrateConfig, add_study_arguments, load_study_config
-from .trainer.config import DreamBoothConfig, LoraTrainConfig
+from .trainer.config import DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from .workflows.client import RunConfig, bundled_workflows
 
 EXIT_RUNTIME = 1  # the command ran and failed (I/O, a damaged file, a diverged run, out of memory)
@@ -77,6 +80,16 @@ def make_parser() -> argparse.ArgumentParser:
     db.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
     db.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_arguments(db, DreamBoothConfig)
+    ti = train_sub.add_parser("textual-inversion", help="Textual Inversion: a style token embedding (Gal et al. 2023)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              description="Writes an embedding (.safetensors, key emb_params) that ComfyUI loads as "
+                                          "embedding:<name> from models/embeddings, A1111 as <name>, diffusers with "
+                                          "load_textual_inversion; and <output>.resources.json.")
+    ti.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    ti.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    ti.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
+    ti.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_config_arguments(ti, TextualInversionConfig)
     costs = sub.add_parser("costs", help="compare training costs from <output>.resources.json records")
     costs.add_argument("records", nargs="+", metavar="FILE", help="*.resources.json written by the trainers")
     costs.add_argument("--out", help="also write the table to this Markdown file")
@@ -129,6 +142,10 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_arguments(cal, CalibrateConfig, exclude=("style", "server"))
     cal.add_argument("--server", dest="server", action="extend", nargs="+", default=argparse.SUPPRESS,
                      help="ComfyUI server URL(s), repeatable (default: http://127.0.0.1:8188)")
+    adain = sub.add_parser("adain", help="the classical baseline: AdaIN style transfer of one photo (no ComfyUI)",
+                           description="Huang and Belongie (ICCV 2017) with the published weights vgg_normalised.pth "
+                                       "and decoder.pth (see README, AdaIN baseline).")
+    add_config_arguments(adain, AdaINConfig)
 
     info = sub.add_parser("lora", help="inspect LoRA files")
     info_sub = info.add_subparsers(dest="what", required=True)
@@ -180,6 +197,18 @@ def cmd_train_dreambooth(args: argparse.Namespace) -> int:
     cfg = build_config(DreamBoothConfig, args)
     result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_result(result)
+    return 0
+
+
+def cmd_train_textual_inversion(args: argparse.Namespace) -> int:
+    # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
+    from .trainer.textual_inversion import train_textual_inversion
+
+    cfg = build_config(TextualInversionConfig, args)
+    result = train_textual_inversion(cfg, resume=args.resume, overwrite=args.overwrite,
+                                     progress=not args.no_progress)
+    _print_result(result)
+    print(f"Use it as embedding:{Path(cfg.output).stem} in a ComfyUI prompt (file in models/embeddings)")
     return 0
 
 
@@ -258,6 +287,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adain(args: argparse.Namespace) -> int:
+    from .baseline.adain import run_adain  # heavy: torch
+
+    cfg = build_config(AdaINConfig, args)
+    print(f"Wrote {run_adain(cfg)}")
+    return 0
+
+
 def error_line(e: BaseException, command: str) -> tuple[str, int]:
     """One line `<what, naming the input> (<what to do>)` and the exit code for an exception from a command."""
     text = " ".join(str(e).split()) or type(e).__name__
@@ -301,8 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {("train", "lora"): cmd_train_lora, ("train", "dreambooth"): cmd_train_dreambooth,
+                ("train", "textual-inversion"): cmd_train_textual_inversion,
                 ("lora", "info"): cmd_lora_info, ("eval", None): cmd_eval, ("costs", None): cmd_costs,
                 ("run", None): cmd_run, ("study", None): cmd_study, ("calibrate", None): cmd_calibrate,
+                ("adain", None): cmd_adain,
                 **{("prepare", what): cmd_prepare for what in ("wikiart", "coco", "stats")}}
     try:
         return handlers[(args.command, getattr(args, "what", None))](args)

@@ -6,17 +6,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "gram")  # one value per styled image
+PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "lpips_style", "gram")  # one value per styled image
 SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
 ALL_METRICS = PAIR_METRICS + SET_METRICS
 # Which way is better, for the tables.
-HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "gram": False,
-                    "fid": False, "kid": False, "artfid": False}
+HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "lpips_style": False,
+                    "gram": False, "fid": False, "kid": False, "artfid": False}
 DESCRIPTION = {
     "ssim": "SSIM to the content photo (structure kept)",
     "lpips": "LPIPS (AlexNet) to the content photo",
     "lpips_vgg": "LPIPS (VGG-16) to the content photo",
     "content": "VGG-19 relu4_2 content loss to the content photo",
+    "lpips_style": "LPIPS (AlexNet) to the style images, mean over the style set",
     "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
     "fid": "FID of the outputs against the style set",
     "kid": "KID of the outputs against the style set",
@@ -31,7 +32,7 @@ class EvalConfig:
         metadata={"help": "folders of stylised outputs, paired with content photos by file stem"})
     out: str = field(metadata={"help": "folder for the report"})
     style: str | None = field(
-        default=None, metadata={"help": "folder of style images (needed for gram, fid, kid, artfid)"})
+        default=None, metadata={"help": "folder of style images (needed for lpips_style, gram, fid, kid, artfid)"})
     names: tuple[str, ...] = field(
         default=(), metadata={"help": "a label per styled folder; default: the folder names"})
     metrics: tuple[str, ...] = field(default=ALL_METRICS, metadata={"help": "which metrics to compute"})

@@ -5,8 +5,9 @@ Images are float tensors in 0..1, either ComfyUI's IMAGE layout [B, H, W, C] or 
 otherwise; nothing is resized silently.
 
 - content preservation: `ssim` (Wang et al. 2004), `LPIPS` (Zhang et al. 2018), `VGGStyle.content_loss`
-- style: `VGGStyle.gram_loss` (Gatys et al. 2016), `fid`/`kid` on Inception features (Heusel et al. 2017;
-  Binkowski et al. 2018), `artfid` (Wright & Ommer 2022, as StyleID evaluates it)
+- style: `lpips_to_style` (LPIPS to the style images), `VGGStyle.gram_loss` (Gatys et al. 2016), `fid`/`kid`
+  on Inception features (Heusel et al. 2017; Binkowski et al. 2018), `artfid` (Wright & Ommer 2022, as StyleID
+  evaluates it)
 """
 
 from __future__ import annotations
@@ -129,6 +130,22 @@ class LPIPS(nn.Module):
             d = (_normalize_channels(fx) - _normalize_channels(fy)) ** 2
             total = total + lin(d).mean(dim=(2, 3))
         return total.flatten()
+
+
+def lpips_to_style(lpips: LPIPS, output: torch.Tensor, style: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """LPIPS of each output to the style images, averaged over the style images: [B].
+
+    output: [B, 3, H, W] (or ComfyUI's [B, H, W, 3]) in 0..1; style: [N, 3, H, W] in 0..1, already at the outputs'
+    size (the caller scales them, see eval.scoring.style_at_size). Each output is compared with all N style images,
+    `chunk` at a time, so the memory is bounded for large style sets.
+    """
+    x, s = as_bchw(output, "output"), as_bchw(style, "style")
+    same_size(x[:1], s[:1], ("output", "style"))
+    totals = []
+    for image in x:
+        parts = [lpips(image[None], s[i:i + chunk]) for i in range(0, len(s), chunk)]
+        totals.append(torch.cat(parts).mean())
+    return torch.stack(totals)
 
 
 def gram_matrix(feat: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,15 @@ import torch
 from ..core.files import atomic_write, atomic_write_text, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
 from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SET_METRICS, EvalConfig
-from .metrics import InceptionFeatures, artfid, fid, kid, ssim
+from .metrics import InceptionFeatures, artfid, fid, kid, lpips_to_style, ssim
 from .scoring import (
+    StyleSet,
     fmt,
     json_safe,
     load_nets,
     load_tensor,
     mean_grams,
+    style_images,
     style_set_features,
     to_tensor,
 )
@@ -80,12 +82,15 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
         logger.debug("unavailable: %s (%s)", metric, why)
     nets = {k: v.to(device) for k, v in nets.items()}
     if cfg.style is None:
-        for metric in sorted(wanted & {"gram", "fid", "kid", "artfid"}):
+        for metric in sorted(wanted & {"lpips_style", "gram", "fid", "kid", "artfid"}):
             unavailable.setdefault(metric, "no --style folder given")
 
-    # 3. Style-set statistics: mean Gram matrices and (cached) Inception features.
+    # 3. Style-set statistics: the style images for LPIPS to the style, mean Gram matrices and (cached) Inception
+    #    features.
     style_files = list(index_by_stem(Path(cfg.style), "--style").values()) if cfg.style else []
-    style_grams, style_features = None, None
+    style_grams, style_features, paintings = None, None, None
+    if style_files and "lpips" in nets and "lpips_style" in wanted:
+        paintings = StyleSet(style_images(style_files))
     if style_files and "vgg" in nets and "gram" in wanted and "gram" not in unavailable:
         style_grams = mean_grams(nets["vgg"], style_files, cfg.style_max_side, device, progress)
     if style_files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
@@ -99,7 +104,8 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     bar = tqdm(total=total, desc="Evaluating", unit="img", disable=not progress)
     for m in methods:
         for row in m.rows:
-            feat = _score_pair(row, nets, wanted, unavailable, style_grams, cfg.resize_content, device, inception)
+            feat = _score_pair(row, nets, wanted, unavailable, style_grams, cfg.resize_content, device, inception,
+                               paintings)
             if feat is not None:
                 features[m.name].append(feat)
             bar.update(1)
@@ -158,16 +164,24 @@ def _unique_names(names: list[str]) -> list[str]:
 
 @torch.no_grad()
 def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: dict[str, str], style_grams,
-                resize_content: bool, device: torch.device, inception: InceptionFeatures | None = None
-                ) -> np.ndarray | None:
+                resize_content: bool, device: torch.device, inception: InceptionFeatures | None = None,
+                paintings: StyleSet | None = None) -> np.ndarray | None:
     """Fill `row` with the per-image metrics; return the output's Inception features [2048] when `inception`
-    is given (FID/KID need no content photo, so they count outputs whose pair fails)."""
+    is given (FID/KID need no content photo, so they count outputs whose pair fails). `paintings`: the style set
+    for LPIPS to the style, which needs no content photo either."""
     try:
         styled = load_tensor(Path(row["styled_file"])).to(device)
     except ImageLoadError as e:
         row["error"] = str(e)
         return None
     feat = inception(styled).numpy()[0] if inception is not None else None
+    problems = []
+    if paintings is not None:  # against the style images, so it needs no content photo
+        try:
+            h, w = styled.shape[-2:]
+            row["lpips_style"] = float(lpips_to_style(nets["lpips"], styled, paintings.at_size(w, h).to(device))[0])
+        except (RuntimeError, ValueError) as e:
+            problems.append(f"lpips_style: {' '.join(str(e).split())[:160]}")
     try:
         content_img = load_image(Path(row["content_file"]))
     except ImageLoadError as e:
@@ -199,7 +213,6 @@ def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: 
         "gram": lambda: nets["vgg"].gram_loss(styled, style_grams),
     }
     needs = {"lpips": "lpips", "lpips_vgg": "lpips_vgg", "content": "vgg", "gram": "vgg"}
-    problems = []
     for metric, score in scores.items():
         if metric not in wanted or (metric in needs and needs[metric] not in nets) or \
                 (metric == "gram" and style_grams is None):

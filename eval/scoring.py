@@ -18,9 +18,9 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..core.files import atomic_write, index_by_stem
-from ..core.images import ImageLoadError, load_image
+from ..core.images import ImageLoadError, load_image, resize_cover
 from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER
-from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, same_size, ssim
+from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, lpips_to_style, same_size, ssim
 from .weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,46 @@ def to_tensor(img) -> torch.Tensor:
 
 def load_tensor(path: Path) -> torch.Tensor:
     return to_tensor(load_image(path))
+
+
+def style_at_size(images: list[Image.Image], width: int, height: int) -> torch.Tensor:
+    """The style images for LPIPS to the style: each scaled to cover width x height (aspect kept, LANCZOS), then
+    centre-cropped (core.images.resize_cover). Returns [N, 3, height, width] in 0..1."""
+    return torch.cat([to_tensor(resize_cover(img.convert("RGB"), width, height)) for img in images])
+
+
+def style_images(files: list[Path]) -> list[Image.Image]:
+    """The readable images of a style folder (an unreadable one is skipped with a warning)."""
+    images = []
+    for f in files:
+        try:
+            images.append(load_image(f))
+        except ImageLoadError as e:
+            logger.warning("style image skipped: %s", e)
+    return images
+
+
+class StyleSet:
+    """The style images for LPIPS to the style, scaled to an output size once and kept for the next output of
+    that size (a study's outputs share one size)."""
+
+    def __init__(self, images: list[Image.Image]):
+        if not images:
+            raise ValueError("style: no readable style image for LPIPS to the style")
+        self.images = images
+        self._sized: dict[tuple[int, int], torch.Tensor] = {}
+
+    def at_size(self, width: int, height: int) -> torch.Tensor:
+        """[N, 3, height, width] in 0..1 (see style_at_size)."""
+        if (width, height) not in self._sized:
+            self._sized = {(width, height): style_at_size(self.images, width, height)}  # one size kept
+        return self._sized[width, height]
+
+
+def tensor_images(images: torch.Tensor) -> list[Image.Image]:
+    """[B, H, W, 3] or [B, 3, H, W] in 0..1 -> B PIL RGB images (rounded to 8 bits, as a saved image would be)."""
+    x = as_bchw(images, "style").permute(0, 2, 3, 1).mul(255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
 
 
 @torch.no_grad()
@@ -117,7 +157,7 @@ def load_nets(wanted: set[str], nets: dict[str, torch.nn.Module] | None = None
     makes its metrics unavailable (metric -> reason) instead of failing. `nets` supplies prebuilt ones."""
     nets = dict(nets or {})
     unavailable: dict[str, str] = {}
-    needs = {"lpips": {"lpips", "artfid"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
+    needs = {"lpips": {"lpips", "artfid", "lpips_style"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
              "inception": {"fid", "kid", "artfid"}}
     builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
                 "inception": lambda: InceptionFeatures()}
@@ -140,8 +180,9 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     """Metrics of a batch of styled images (the StyleMetrics node's work).
 
     content, styled: [B, H, W, 3] (ComfyUI IMAGE) or [B, 3, H, W], values 0..1, same H and W (batches of 1
-    broadcast); style: optional style image(s) of any size, for the Gram loss; style_folder: optional folder of
-    style images, for the Gram loss (its mean Gram matrices) and FID/KID/ArtFID (needs >= 2 styled images).
+    broadcast); style: optional style image(s) of any size, for the Gram loss and LPIPS to the style; style_folder:
+    optional folder of style images, for the Gram loss (its mean Gram matrices), LPIPS to the style (when no
+    `style` image is given) and FID/KID/ArtFID (needs >= 2 styled images).
     Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why}}.
     """
     wanted = set(metrics)
@@ -151,7 +192,8 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     nets, unavailable = load_nets(wanted, nets)
     nets = {k: v.to(device) for k, v in nets.items()}
     if style is None and style_folder is None:
-        unavailable.update({m: "no style image or style folder given" for m in ("gram",) if m in wanted})
+        unavailable.update({m: "no style image or style folder given" for m in ("gram", "lpips_style")
+                            if m in wanted})
     if style_folder is None:
         unavailable.update({m: "no style folder given" for m in ("fid", "kid", "artfid") if m in wanted})
     # 2. Per-image metrics.
@@ -164,6 +206,12 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     files = list(index_by_stem(Path(style_folder), "style_folder").values()) if style_folder else []
     if style_folder and not files:
         raise ValueError(f"style_folder {style_folder}: no images in it")
+    if "lpips_style" in wanted and "lpips" in nets and "lpips_style" not in unavailable:
+        paintings = tensor_images(style) if style is not None else style_images(files)
+        if not paintings:
+            raise ValueError(f"style_folder {style_folder}: no readable style image")
+        targets = style_at_size(paintings, x.shape[-1], x.shape[-2]).to(device)
+        per["lpips_style"] = lpips_to_style(nets["lpips"], x, targets).tolist()
     if "vgg" in nets:
         if "content" in wanted:
             per["content"] = nets["vgg"].content_loss(x, y).tolist()

@@ -19,7 +19,7 @@ from .host import has_module
 
 logger = logging.getLogger(__name__)
 
-METRIC_CHOICES = ("ssim", "lpips", "content", "gram", "fid", "kid", "artfid")
+METRIC_CHOICES = ("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid")
 
 
 class StyleMetrics:
@@ -34,9 +34,9 @@ class StyleMetrics:
         "The metrics as readable lines (wire to Preview Any, or read them on this node).",
         "The metrics as JSON: means, per-image values and the reason for each unavailable metric.",
     )
-    DESCRIPTION = ("SSIM, LPIPS and VGG content loss against the content photo; Gram style loss against a style "
-                   "image or folder; FID/KID/ArtFID against a style folder (for batches of 2 or more). Optionally "
-                   "appends a row to a CSV file.")
+    DESCRIPTION = ("SSIM, LPIPS and VGG content loss against the content photo; LPIPS to the style and Gram style "
+                   "loss against a style image or folder; FID/KID/ArtFID against a style folder (for batches of 2 or "
+                   "more). Optionally appends a row to a CSV file.")
 
     def __init__(self) -> None:
         self._nets: dict[str, torch.nn.Module] = {}  # kept between runs: loading VGG-19 takes seconds
@@ -51,9 +51,11 @@ class StyleMetrics:
                 "styled": ("IMAGE", {"tooltip": "The styled image(s), e.g. from VAE Decode."}),
             },
             "optional": {
-                "style": ("IMAGE", {"tooltip": "A style image (any size), for the Gram style loss."}),
+                "style": ("IMAGE", {"tooltip": "A style image (any size), for the Gram style loss and LPIPS to "
+                                                         "the style."}),
                 "style_folder": ("STRING", {"default": "", "tooltip": "A folder of style images on the server, for "
-                                                                      "the Gram loss and FID/KID/ArtFID."}),
+                                                                      "the Gram loss, LPIPS to the style and "
+                                                                      "FID/KID/ArtFID."}),
                 "csv_path": ("STRING", {"default": "", "tooltip": "Append one row per run to this CSV file "
                                                                   "(empty: none)."}),
                 "label": ("STRING", {"default": "", "tooltip": "A name for this run in the CSV (e.g. the style)."}),

@@ -11,15 +11,18 @@ from typing import Any
 
 import tomllib
 
-from ..trainer.config import DEFAULT_BASE_MODEL, DreamBoothConfig, LoraTrainConfig
+from ..trainer.config import DEFAULT_BASE_MODEL, DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from ..workflows.client import parse_value
 
 # `base`: plain img2img (the control), `lora`: a style LoRA, `dreambooth`: the full fine-tune baseline,
 # `dreambooth-lora`: DreamBooth with LoRA adapters, `image`: a training-free painting-style node when the server
-# has one (StyleFromImage).
-METHODS = ("base", "lora", "dreambooth", "dreambooth-lora", "image")
-TRAINED = ("lora", "dreambooth", "dreambooth-lora")
-TRAIN_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothConfig, "dreambooth-lora": DreamBoothConfig}
+# has one (StyleFromImage), `adain`: the classical feed-forward baseline (Huang and Belongie 2017), run in-process,
+# `textual-inversion`: a learned style word for the text encoder (Gal et al. 2023), sampled as embedding:<name>.
+METHODS = ("base", "lora", "dreambooth", "dreambooth-lora", "image", "adain", "textual-inversion")
+IN_PROCESS = ("adain",)  # methods that stylise here, without ComfyUI
+TRAINED = ("lora", "dreambooth", "dreambooth-lora", "textual-inversion")
+TRAIN_CONFIGS = {"lora": LoraTrainConfig, "dreambooth": DreamBoothConfig, "dreambooth-lora": DreamBoothConfig,
+                 "textual-inversion": TextualInversionConfig}
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,8 @@ class StudyConfig:
         "help": "the base SD1.5 checkpoint's name on the server(s) (its models/checkpoints)"})
     server_models: tuple[str, ...] = field(default=(), metadata={
         "help": "the servers' models folder(s): trained styles are copied into DIR/styles, DreamBooth checkpoints "
-                "into DIR/checkpoints (default: <out>/models, which the servers must see through "
-                "extra_model_paths.yaml)"})
+                "into DIR/checkpoints, embeddings into DIR/embeddings (default: <out>/models, which the servers must "
+                "see through extra_model_paths.yaml)"})
     methods: tuple[str, ...] = field(default=("base", "lora", "dreambooth", "dreambooth-lora"), metadata={
         "help": f"methods to compare, from {list(METHODS)}"})
     strengths: tuple[float, ...] = field(default=(0.2, 0.4, 0.6, 0.8), metadata={
@@ -56,10 +59,11 @@ class StudyConfig:
         "help": "more workflow overrides, 'Node title.input=value' (as in stylora run --set)"})
     train: tuple[tuple[str, str, Any], ...] = field(default=(), metadata={
         "help": "training settings per method (TOML tables [train.lora], [train.dreambooth], "
-                "[train.dreambooth-lora]; flag METHOD.KEY=VALUE, repeatable), passed to LoraTrainConfig / "
-                "DreamBoothConfig"})
-    metrics: tuple[str, ...] = field(default=("ssim", "lpips", "content", "gram", "fid", "kid", "artfid"), metadata={
-        "help": "metrics to compute (eval's names)"})
+                "[train.dreambooth-lora], [train.textual-inversion]; flag METHOD.KEY=VALUE, repeatable), passed to "
+                "LoraTrainConfig / DreamBoothConfig / TextualInversionConfig"})
+    metrics: tuple[str, ...] = field(
+        default=("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid"),
+        metadata={"help": "metrics to compute (eval's names)"})
     eval_device: str | None = field(default=None, metadata={"help": "device of the metrics (default: CUDA if any)"})
     grid_rows: int = field(default=4, metadata={"help": "content photos per style in the report's grids"})
     timeout: float = field(default=3600.0, metadata={"help": "seconds to wait for one image on a server"})
@@ -110,7 +114,8 @@ class StudyConfig:
         ordered = sorted(self.strengths)
         return ordered[(len(ordered) - 1) // 2]
 
-    def train_config(self, method: str, data: str, output: str) -> LoraTrainConfig | DreamBoothConfig:
+    def train_config(self, method: str, data: str, output: str
+                     ) -> LoraTrainConfig | DreamBoothConfig | TextualInversionConfig:
         """The trainer's config of `method` for one style; its settings from [train.<method>]."""
         values: dict[str, Any] = {"base_model": self.base_model, "base_config": self.base_config}
         values.update({k: tuple(v) if isinstance(v, list) else v for m, k, v in self.train if m == method})

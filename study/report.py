@@ -1,5 +1,5 @@
-"""The study's report: the comparison table with the targets, per-style grids and strength sweeps
-(report.md, report.json, grid_<style>.png, sweep_<method>.png)."""
+"""The study's report: the comparison table with the targets, per-style grids, strength sweeps and the trained
+methods' loss curves (report.md, report.json, grid_<style>.png, sweep_<method>.png, loss_curves.png)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,22 @@ from typing import Any
 
 from ..core.files import atomic_write, atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resize_cover
+from ..trainer.loss_curve import read_loss_log
 from .config import StudyConfig
 
 logger = logging.getLogger(__name__)
 
 BASE = "_base"  # plain img2img does not depend on the style: stylised once, scored against every style
-METRICS = ("ssim", "lpips", "content", "gram", "fid", "kid", "artfid")
+METRICS = ("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid")
 SET_METRICS = ("fid", "kid", "artfid")
 COLUMNS = METRICS + ("seconds_per_image", "train_seconds", "peak_memory_mb", "file_bytes")
-HEADERS = {"ssim": "SSIM ↑", "lpips": "LPIPS ↓", "content": "content ↓", "gram": "Gram ↓", "fid": "FID ↓",
+HEADERS = {"ssim": "SSIM ↑", "lpips": "LPIPS ↓", "content": "content ↓",
+           "lpips_style": "LPIPS to style ↓", "gram": "Gram ↓", "fid": "FID ↓",
            "kid": "KID ↓", "artfid": "ArtFID ↓", "seconds_per_image": "s / image", "train_seconds": "training time",
            "peak_memory_mb": "peak memory", "file_bytes": "file size"}
-# The study's targets: FID < 60 against the style set, SSIM > 0.7 to the photo, under 5 s per 512x512 image on a T4.
-TARGETS = {"fid": ("<", 60.0), "ssim": (">", 0.7), "seconds_per_image": ("<", 5.0)}
+# The study's targets: FID < 60 against the style set, SSIM > 0.7 to the photo, LPIPS < 0.3 to the style images,
+# under 5 s per 512x512 image on a T4.
+TARGETS = {"fid": ("<", 60.0), "ssim": (">", 0.7), "lpips_style": ("<", 0.3), "seconds_per_image": ("<", 5.0)}
 SSIM_TARGET = TARGETS["ssim"][1]
 UNAVAILABLE = "unavailable"
 NO_TRAINING = "none (no training)"
@@ -76,7 +79,7 @@ def collect(cfg: StudyConfig, jobs: list[tuple[str, str, float, int, str]], repo
                                       ("file_bytes", "bytes")):
                     values[column] = _clean(record.get(field)) if record else None
                     if values[column] is None:
-                        why[column] = NO_TRAINING if method in ("base", "image") else "no resource record"
+                        why[column] = NO_TRAINING if method in ("base", "image", "adain") else "no resource record"
                 rows.append({"method": method, "style": style, "strength": strength, "values": values,
                              "unavailable": why})
     return rows
@@ -165,8 +168,9 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
 def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, float, int, str]],
                  reports: dict[str, dict], stylize: dict[str, Any], costs: dict[str, dict | None],
                  skipped: dict[str, str], stage_seconds: dict[str, float], styled_root: Path,
-                 photos: list[Path]) -> dict[str, Any]:
-    """Write report.md, report.json, a grid per style and a strength sweep per method into `folder`."""
+                 photos: list[Path], loss_logs: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Write report.md, report.json, a grid per style, a strength sweep per method and the loss curves into
+    `folder`. `loss_logs`: "style/method" -> the trainer's loss log (CSV) of each trained artifact."""
     folder.mkdir(parents=True, exist_ok=True)
     strength = cfg.shown_strength
     rows = collect(cfg, jobs, reports, stylize, costs, skipped)
@@ -198,9 +202,10 @@ def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, f
                "download) on the servers used; training time, peak memory and file size come from the trainers' "
                "resource records.", "",
            f"## Targets (all-styles mean at strength {strength:g})", "",
-           "| method | FID < 60 | SSIM > 0.7 | < 5 s per image (T4, 512x512) |", "|---|---|---|---|"]
+           "| method | FID < 60 | SSIM > 0.7 | LPIPS to style < 0.3 | < 5 s per image (T4, 512x512) |",
+           "|---|---|---|---|---|"]
     for method, v in verdicts.items():
-        md.append(f"| {method} | {v['fid']} | {v['ssim']} | {v['seconds_per_image']} |")
+        md.append(f"| {method} | {v['fid']} | {v['ssim']} | {v['lpips_style']} | {v['seconds_per_image']} |")
     md += ["", "The time target is for a T4 at 512x512; a different GPU or image size measures something else.",
            "", "## Strength sweep (all-styles mean)", "",
            "| method | strength | SSIM | Gram | FID | s / image |", "|---|---|---|---|---|---|"]
@@ -218,14 +223,30 @@ def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, f
         share = f"{100 * s['share']:.0f}%" if s["share"] is not None else UNAVAILABLE
         md.append(f"| {name} | {s['seconds']:.1f} s | {share} |")
     md.append(f"| total | {total:.1f} s | |")
+    curves = {key: read_loss_log(path) for key, path in (loss_logs or {}).items() if Path(path).is_file()}
+    curves = {key: c for key, c in curves.items() if c[0]}
+    md += ["", "## Loss curves", ""]
+    if curves:
+        md += ["Training loss (mean over each logging window) against the optimizer step, a panel per style and a "
+               "line per trained method; the trainers' logs are `<artifact>.train_log.csv` beside each file.", "",
+               "![loss curves](loss_curves.png)", "",
+               "| style | method | steps | first loss | last loss |", "|---|---|---|---|---|"]
+        for key, (steps, losses) in curves.items():
+            style, method = key.split("/", 1)
+            md.append(f"| {style} | {method} | {steps[-1]} | {losses[0]:.4g} | {losses[-1]:.4g} |")
+    else:
+        md.append("No trained method in this study, or no loss log found: no loss curves.")
     md += ["", "Files: `grid_<style>.png` (content | painting | each method at the table's strength), "
-               "`sweep_<method>.png` (SSIM vs Gram loss, one point per strength), `report.json`.", ""]
+               "`sweep_<method>.png` (SSIM vs Gram loss, one point per strength), `loss_curves.png` (training "
+               "loss per style and method), `report.json`.", ""]
     atomic_write_text(folder / "report.md", "\n".join(md))
 
     report = {"config": cfg.to_dict(), "table_strength": strength, "photos": len(photos), "rows": rows,
               "mean": mean, "targets": {"limits": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items()},
                                         "verdicts": verdicts},
-              "ssim_crossing": crossings, "skipped": skipped, "stages": stages, "total_seconds": total,
+              "ssim_crossing": crossings, "skipped": skipped,
+              "loss_curves": {k: {"steps": st, "loss": lo} for k, (st, lo) in curves.items()},
+              "stages": stages, "total_seconds": total,
               "unavailable": {m: r.get("unavailable", {}) for m, r in reports.items()}}
     atomic_write_text(folder / "report.json", json.dumps(report, indent=1, allow_nan=False))
 
@@ -234,7 +255,32 @@ def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, f
         _grid(folder / f"grid_{style}.png", cfg, jobs, style, Path(style_folder), styled_root, photos, strength)
     for method in cfg.methods:
         _sweep(folder / f"sweep_{method}.png", method, rows, mean, crossings[method])
+    if curves:
+        _loss_curves(folder / "loss_curves.png", [n for n, _ in cfg.styles], curves)
     return report
+
+
+def _loss_curves(path: Path, styles: list[str], curves: dict[str, tuple[list[int], list[float]]]) -> None:
+    """A panel per style, a line per trained method: training loss against the optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(styles), figsize=(4.5 * len(styles), 3.6), squeeze=False)
+    for ax, style in zip(axes[0], styles):
+        for key, (steps, losses) in curves.items():
+            if key.split("/", 1)[0] == style:
+                ax.plot(steps, losses, "o-" if len(steps) < 30 else "-", markersize=3, label=key.split("/", 1)[1])
+        ax.set_title(style, fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 def _grid(path: Path, cfg: StudyConfig, jobs: list[tuple[str, str, float, int, str]], style: str,

@@ -15,16 +15,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..baseline.adain import AdaIN, stylize_file
 from ..core.files import atomic_write_text
 from ..core.images import IMAGE_EXTENSIONS
 from ..core.lora_file import read_metadata
 from ..eval.config import EvalConfig
 from ..eval.report import evaluate
+from ..eval.weights import WeightsUnavailable
 from ..trainer.checkpoint import checkpoint_root, complete_checkpoints
 from ..trainer.dreambooth import train_dreambooth
 from ..trainer.lora import train_lora
+from ..trainer.loss_curve import loss_log_path
+from ..trainer.textual_inversion import train_textual_inversion
 from ..workflows.client import API_DIR, RunConfig, Server, ServerError, run_workflow
-from .config import TRAINED, StudyConfig
+from .config import IN_PROCESS, TRAINED, StudyConfig
 from .report import BASE, write_report
 
 logger = logging.getLogger(__name__)
@@ -32,6 +38,8 @@ logger = logging.getLogger(__name__)
 STAGES = ("train", "place", "stylize", "evaluate", "report")
 IMAGE_NODE = "StyleFromImage"  # the training-free painting-style node the `image` method needs on the server
 IMAGE_WORKFLOW = "style_from_image"
+MODEL_FOLDERS = {"dreambooth": "checkpoints", "textual-inversion": "embeddings"}  # else styles
+TI_PROMPT = "a painting in the style of embedding:{}"  # the first of the trainer's style templates
 
 
 @dataclass(frozen=True)
@@ -84,18 +92,20 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
             manifest.record("train", f"{style}/{method}", {"artifact": str(artifacts[style, method])})
             bar.update(1)
 
-    # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints.
+    # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints,
+    #    embeddings in models/embeddings.
     names: dict[tuple[str, str], str] = {}
     with manifest.stage("place"):
         for (style, method), path in artifacts.items():
-            kind = "checkpoints" if method == "dreambooth" else "styles"
+            kind = MODEL_FOLDERS.get(method, "styles")
             names[style, method] = f"stylora-study-{style}-{method}-{_settings_digest(path)}.safetensors"
             for root in models:
                 place(path, root / kind / names[style, method])
 
     # 5. Stylise on the servers (a job at a time; run_workflow spreads its photos over the servers and skips
-    #    outputs that exist, so a killed run loses at most the images in flight).
+    #    outputs that exist, so a killed run loses at most the images in flight); AdaIN here, in-process.
     missing_nodes = _missing_on_servers(cfg.server, IMAGE_NODE) if "image" in cfg.methods else []
+    adain, adain_missing = None, None
     with manifest.stage("stylize"):
         for job in jobs:
             bar.set_postfix_str(f"stylize {job.style} {job.method} s={job.strength:g}")
@@ -113,8 +123,22 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
                     manifest.record("skipped", job.key, why)
                     bar.update(len(photos))
                     continue
-            run_cfg = job_run_config(cfg, job, styles, names, folder)
-            result = run_workflow(run_cfg, say=logger.info)
+            if job.method in IN_PROCESS:
+                if adain is None and adain_missing is None:
+                    try:
+                        adain = AdaIN().to(_device(cfg.eval_device))
+                    except WeightsUnavailable as e:
+                        adain_missing = str(e).splitlines()[0]
+                if adain_missing is not None:
+                    logger.warning("method adain, style %s: skipped: %s", job.style, adain_missing)
+                    manifest.record("skipped", job.key, adain_missing)
+                    bar.update(len(photos))
+                    continue
+                result = stylize_adain(adain, photos, _images(Path(styles[job.style]), "styles")[0], folder,
+                                       job.strength, cfg.max_side or 512)
+            else:
+                run_cfg = job_run_config(cfg, job, styles, names, folder)
+                result = run_workflow(run_cfg, say=logger.info)
             earlier = manifest.get("stylize", job.key) or {}
             seconds = {**earlier.get("seconds", {}), **{Path(p).stem: s for p, _, s in result.done}}
             manifest.record("stylize", job.key, {"done": not result.failed, "seconds": seconds,
@@ -153,7 +177,8 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
         report = write_report(out / "report", cfg, jobs=[(j.style, j.method, j.strength, j.seed, j.key) for j in jobs],
                               reports=reports, stylize=manifest.section("stylize"), costs=costs,
                               skipped=manifest.section("skipped"), stage_seconds=manifest.stage_seconds(),
-                              styled_root=out / "styled", photos=photos)
+                              styled_root=out / "styled", photos=photos,
+                              loss_logs={f"{s}/{m}": loss_log_path(p) for (s, m), p in artifacts.items()})
         bar.update(1)
     bar.close()
     return report
@@ -185,7 +210,8 @@ def train_artifact(method: str, train_cfg: Any, progress: bool) -> Path:
     if same_settings(output, train_cfg):
         logger.info("%s: finished with these settings, reused", output)
         return output
-    train = train_lora if method == "lora" else train_dreambooth
+    train = {"lora": train_lora, "dreambooth": train_dreambooth, "dreambooth-lora": train_dreambooth,
+             "textual-inversion": train_textual_inversion}[method]
     if complete_checkpoints(checkpoint_root(output)) and not output.exists():
         try:
             logger.info("%s: resuming the interrupted run", output)
@@ -252,6 +278,10 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
     if job.method == "lora":
         return RunConfig(workflow="style_transfer", style=(names[job.style, "lora"],), checkpoint=cfg.checkpoint,
                          set=tuple(sets), **common)
+    if job.method == "textual-inversion":  # the embedding is a prompt word, sampled with CFG like DreamBooth
+        word = Path(names[job.style, "textual-inversion"]).stem
+        return RunConfig(workflow="textual_inversion", checkpoint=cfg.checkpoint, **common,
+                         set=(*sets, f"Positive prompt.text={TI_PROMPT.format(word)}", "Sampler.cfg=5.0"))
     trigger = cfg.train_config(job.method, styles[job.style], "x.safetensors").instance_prompt \
         if job.method in ("dreambooth", "dreambooth-lora") else ""
     if job.method == "dreambooth":
@@ -264,6 +294,37 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
     painting = _images(Path(styles[job.style]), "styles")[0]  # image: the first painting is the style example
     return RunConfig(workflow=IMAGE_WORKFLOW, style_image=str(painting), checkpoint=cfg.checkpoint,
                      set=tuple(sets), **common)
+
+
+@dataclass
+class InProcessResult:
+    """What an in-process method did, in run_workflow's terms: (photo, output, seconds) done, (photo, why) failed."""
+
+    done: list[tuple[str, str, float]]
+    failed: list[tuple[str, str]]
+
+
+def stylize_adain(model: AdaIN, photos: list[Path], painting: Path, folder: Path, strength: float, max_side: int
+                  ) -> InProcessResult:
+    """AdaIN outputs of every photo in the style of `painting` (the style's first painting, as the `image` method
+    uses), with alpha = strength (the paper's content-style trade-off, eq. 14); existing outputs are kept."""
+    device = next(model.parameters()).device
+    result = InProcessResult([], [])
+    for photo in photos:
+        out = folder / f"{photo.stem}.png"
+        if out.is_file():
+            continue
+        try:
+            seconds = stylize_file(model, photo, painting, out, strength, max_side, device)
+        except (ValueError, RuntimeError) as e:  # an unreadable photo fails alone, as on a server
+            result.failed.append((str(photo), " ".join(str(e).split())[:300]))
+            continue
+        result.done.append((str(photo), str(out), seconds))
+    return result
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _missing_on_servers(servers: tuple[str, ...], node: str) -> list[str]:

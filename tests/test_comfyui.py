@@ -194,3 +194,20 @@ def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
     plain_half = _pixels(run("p5.png", str(tmp_path / "plain.json"), *half))
     assert (_pixels(run("s0d5.png", "style_transfer", *half, strength=0.0, **styled)) == plain_half).all()
     assert (_pixels(run("s5d5.png", "style_transfer", *half, strength=0.5, **styled)) != plain_half).any()
+
+
+def test_textual_inversion_embedding_changes_the_conditioning_in_comfyui(sd15_checkpoint, style_folder, tmp_path):
+    from stylora.trainer.config import TextualInversionConfig
+    from stylora.trainer.textual_inversion import train_textual_inversion
+
+    embeddings = tmp_path / "embeddings"
+    train_textual_inversion(TextualInversionConfig(data=str(style_folder), output=str(embeddings / "myti.safetensors"),
+                                                   base_model=str(sd15_checkpoint), resolution=64, steps=1,
+                                                   batch_size=1, min_images=1, checkpoint_every=0, num_vectors=2),
+                            progress=False)
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_embedding.py", str(sd15_checkpoint), str(embeddings),
+                            "myti")
+    assert report["injected"] == 2 and report["injected_equal_file"]  # both vectors, as stored, in the prompt
+    assert report["shape"] == [1, 77, 768] and report["max_diff"] > 1e-3
+    assert report["warnings_with"] == []  # no "embedding:myti does not exist" nor a load error
+    assert any("no_such_embedding does not exist" in m for m in report["warnings_missing"])

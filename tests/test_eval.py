@@ -168,7 +168,7 @@ def test_missing_weights_reported_unavailable_and_exit_zero(tmp_path, monkeypatc
     assert "unavailable: lpips: alexnet-owt-7be5be79.pth missing; see README" in out
     assert "torchvision AlexNet (ImageNet): not found in" in out  # where to get it, on the next line
     data = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert set(data["unavailable"]) == {"lpips", "lpips_vgg", "content", "gram", "fid", "kid", "artfid"}
+    assert set(data["unavailable"]) == {"lpips", "lpips_vgg", "content", "lpips_style", "gram", "fid", "kid", "artfid"}
     assert data["methods"]["soft"]["mean"]["ssim"] > 0.5
 
 
@@ -334,3 +334,40 @@ def test_metric_weights_come_from_comfyuis_models_folder_and_downloads_are_tried
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vgg19-dcbb9e9d.pth").write_bytes(b"x")  # the user puts the file in the documented folder
     assert weights.weights_path(weights.VGG19) == folder / "vgg19-dcbb9e9d.pth"
+
+
+def test_lpips_to_style_is_the_mean_lpips_to_each_style_image_at_the_outputs_size(tmp_path, random_nets):
+    """Oracle: LPIPS of the output to each style image, scaled to the output's size by PIL directly (the style
+    images are exactly twice the output's size, so no crop is involved), averaged over the style images."""
+    from stylora.eval.report import EvalConfig, evaluate
+    from stylora.eval.scoring import score_images
+
+    dirs = _eval_folders(tmp_path)
+    style = tmp_path / "style2x"
+    style.mkdir()
+    textures = list(skimage_textures().values())[:3]
+    for i, arr in enumerate(textures):
+        Image.fromarray(arr).resize((192, 128)).save(style / f"t{i}.png")
+    cfg = EvalConfig(content=str(dirs["content"]), styled=(str(dirs["soft"]),), out=str(tmp_path / "r"),
+                     style=str(style), metrics=("lpips", "lpips_style"))
+    rows = {r["image"]: r for r in evaluate(cfg, nets=random_nets, progress=False)["methods"]["soft"]["rows"]}
+    lpips = random_nets["lpips"]
+    paintings = [_t(np.asarray(Image.open(f).convert("RGB").resize((96, 64), Image.Resampling.LANCZOS)))
+                 for f in sorted(style.iterdir())]
+    for stem, row in rows.items():
+        output = _t(np.asarray(Image.open(dirs["soft"] / f"{stem}.png").convert("RGB")))
+        expected = float(np.mean([lpips(output, p).item() for p in paintings]))
+        to_photo = lpips(output, _t(np.asarray(Image.open(dirs["content"] / f"{stem}.png").convert("RGB")))).item()
+        assert row["lpips_style"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+        assert row["lpips"] == pytest.approx(to_photo, rel=1e-4, abs=1e-6)
+        assert abs(expected - to_photo) > 1e-3  # the photo and the style images give different numbers
+    # Style Metrics' back end: the same value from the style folder, and from the style images given as a batch.
+    output = _t(np.asarray(Image.open(dirs["soft"] / "coffee.png").convert("RGB")))
+    content = _t(np.asarray(Image.open(dirs["content"] / "coffee.png").convert("RGB")))
+    from_folder = score_images(content, output, style_folder=str(style), metrics=("lpips_style",), nets=random_nets)
+    assert from_folder["metrics"]["lpips_style"] == pytest.approx(rows["coffee"]["lpips_style"], rel=1e-4)
+    batch = torch.cat([_t(np.asarray(Image.open(f).convert("RGB"))) for f in sorted(style.iterdir())])
+    from_images = score_images(content, output, style=batch, metrics=("lpips_style",), nets=random_nets)
+    assert from_images["metrics"]["lpips_style"] == pytest.approx(rows["coffee"]["lpips_style"], rel=1e-4)
+    no_style = score_images(content, output, metrics=("lpips_style",), nets=random_nets)
+    assert "lpips_style" not in no_style["metrics"] and "no style" in no_style["unavailable"]["lpips_style"]

@@ -24,7 +24,7 @@ PACKAGE = "stylora"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("core",),
     ("eval", "data"),
-    ("trainer",),
+    ("trainer", "baseline"),
     ("nodes",),
     ("workflows",),
     ("study",),

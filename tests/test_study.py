@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import count_calls, make_style_folder, skimage_photos
@@ -154,7 +155,8 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
         assert f"| {method} | monet |" in md and f"| {method} | all styles (mean) |" in md
     lora_row = next(line for line in md.splitlines() if line.startswith("| lora | monet |"))
     cells = [c.strip() for c in lora_row.strip("|").split("|")]
-    assert cells[2] != "unavailable" and cells[6:9] == ["unavailable"] * 3  # SSIM measured; FID, KID, ArtFID not
+    assert cells[2] != "unavailable" and cells[7:10] == ["unavailable"] * 3  # SSIM measured; FID, KID, ArtFID not
+    assert cells[5] != "unavailable" and "| LPIPS to style < 0.3 |" in md  # LPIPS to the style and its target
     assert "inception" in md.lower() and "not available on this server" in md
     rows = {(r["method"], r["strength"]): r for r in report["rows"]}
     assert rows["lora", 0.3]["values"]["fid"] is None and "pt_inception" in rows["lora", 0.3]["unavailable"]["fid"]
@@ -162,7 +164,16 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     assert rows["lora", 0.3]["values"]["ssim"] == pytest.approx(report["mean"][2]["values"]["ssim"])
     assert report["targets"]["verdicts"]["lora"]["fid"] == "unmeasured"
     assert json.loads((out / "report" / "report.json").read_text(), parse_constant=pytest.fail)["photos"] == 3
-    for f in ("grid_monet.png", "sweep_base.png", "sweep_lora.png", "sweep_dreambooth-lora.png"):
+    # The loss curves: the trainers' CSV logs, one line per trained method, in the figure and the table.
+    from stylora.trainer.loss_curve import read_loss_log
+
+    for method in ("lora", "dreambooth-lora"):
+        steps, losses = read_loss_log(out / "train" / "monet" / f"{method}.train_log.csv")
+        assert report["loss_curves"][f"monet/{method}"] == {"steps": steps, "loss": losses} and steps
+        assert f"| monet | {method} | {steps[-1]} | {losses[0]:.4g} | {losses[-1]:.4g} |" in md
+        assert (out / "train" / "monet" / f"{method}.loss_curve.png").is_file()
+    assert "![loss curves](loss_curves.png)" in md and "monet/base" not in report["loss_curves"]
+    for f in ("grid_monet.png", "sweep_base.png", "sweep_lora.png", "sweep_dreambooth-lora.png", "loss_curves.png"):
         assert (out / "report" / f).is_file()
     assert {p.name for p in (out / "logs").iterdir()} >= {"train.log", "stylize.log", "evaluate.log", "report.log"}
     assert set(report["stages"]) == {"train", "place", "stylize", "evaluate", "report"}
@@ -176,4 +187,77 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 1} and len(comfy.prompts) == 15
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "styled").rglob("*.png")}
     dying.close()
+    comfy.close()
+
+
+def test_study_runs_adain_in_process_and_skips_it_without_weights(study_inputs, tmp_path, monkeypatch):
+    """The classical baseline needs no ComfyUI: the server URL is never contacted. Without its weights the method
+    is skipped, the report naming both files."""
+    from stylora.baseline.adain import AdaIN
+    from test_adain import _random_files
+
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "nothing"))
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+             "out": str(tmp_path / "none"), "methods": ["adain"], "strengths": [0.5, 1.0],
+             "server": ["http://127.0.0.1:9"], "metrics": ["ssim", "lpips", "lpips_style", "gram"]}
+    report = runner.run_study(load_study_config(None, flags), progress=False, nets=nets)
+    md = (tmp_path / "none" / "report" / "report.md").read_text()
+    assert "skipped: AdaIN unavailable: vgg_normalised.pth and decoder.pth missing" in md
+    assert report["rows"][0]["values"]["ssim"] is None
+
+    _random_files(tmp_path / "weights")
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    out = tmp_path / "study"
+    report = runner.run_study(load_study_config(None, {**flags, "out": str(out)}), progress=False, nets=nets)
+    outputs = sorted((out / "styled" / "monet" / "adain").rglob("*.png"))
+    assert len(outputs) == 6  # 3 photos x 2 strengths
+    # alpha = strength: the full-strength output is AdaIN of the photo with the style's first painting
+    model = AdaIN()
+    photo = study_inputs["photos"] / "astronaut.png"
+    painting = sorted(study_inputs["style"].iterdir())[0]
+    from stylora.baseline.adain import fit_image, to_tensor
+    from stylora.core.images import load_image
+
+    expected = model(to_tensor(fit_image(load_image(photo), 512)), to_tensor(fit_image(load_image(painting), 512)))
+    got = np.asarray(Image.open(out / "styled" / "monet" / "adain" / "s1.00_seed0" / "astronaut.png"), np.float32)
+    assert np.abs(got / 255 - expected[0].permute(1, 2, 0).numpy()).max() <= 0.5 / 255 + 1e-6
+    md = (out / "report" / "report.md").read_text()
+    row = next(r for r in report["rows"] if r["strength"] == 1.0)
+    assert row["values"]["ssim"] is not None and row["values"]["lpips_style"] is not None
+    assert row["values"]["seconds_per_image"] > 0 and row["unavailable"]["train_seconds"] == "none (no training)"
+    assert "| adain | monet |" in md and "| adain | all styles (mean) |" in md
+    verdict = report["targets"]["verdicts"]["adain"]["lpips_style"]
+    assert verdict == ("met" if report["mean"][0]["values"]["lpips_style"] < 0.3 else "not met")
+
+
+def test_study_trains_textual_inversion_and_prompts_with_the_embedding(tiny_model, study_inputs, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("STYLORA_WEIGHTS_DIR", raising=False)
+    nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+    path = _toml(tmp_path, "[train.textual-inversion]\nresolution = 64\nsteps = 2\nbatch_size = 1\nmin_images = 1\n"
+                           "checkpoint_every = 0\nlog_every = 1\n")
+    comfy = FakeComfy(models=study_inputs["models"])
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+             "out": str(tmp_path / "study"), "base_model": str(tiny_model["diffusers"]),
+             "checkpoint": "sd15.safetensors", "server_models": [str(study_inputs["models"])],
+             "methods": ["textual-inversion"], "strengths": [0.5],
+             "server": [comfy.url], "metrics": ["ssim", "lpips", "lpips_style"]}
+    report = runner.run_study(load_study_config(path, flags), progress=False, nets=nets)
+    placed = sorted((study_inputs["models"] / "embeddings").iterdir())
+    assert len(placed) == 1 and placed[0].name.startswith("stylora-study-monet-textual-inversion-")
+    assert len(comfy.prompts) == 3
+    texts = {n["inputs"]["text"] for p in comfy.prompts for n in p.values()
+             if n.get("_meta", {}).get("title") == "Positive prompt"}
+    assert texts == {f"a painting in the style of embedding:{placed[0].stem}"}
+    assert all(n["inputs"]["cfg"] == 5.0 for p in comfy.prompts for n in p.values()
+               if n.get("class_type") == "KSampler")
+    row = report["rows"][0]
+    assert row["method"] == "textual-inversion" and row["values"]["ssim"] is not None
+    assert row["values"]["train_seconds"] > 0 and report["loss_curves"]["monet/textual-inversion"]["steps"] == [1, 2]
+    assert (tmp_path / "study" / "report" / "loss_curves.png").is_file()
     comfy.close()

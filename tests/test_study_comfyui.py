@@ -183,3 +183,57 @@ def _catch(errors: list[BaseException], fn, *args, **kwargs) -> None:
         fn(*args, **kwargs)
     except BaseException as e:  # noqa: BLE001 (reported by the test)
         errors.append(e)
+
+
+def test_ci_study_on_real_comfyui_with_textual_inversion_and_adain(sd15_checkpoint, tmp_path, monkeypatch):
+    """Textual Inversion through ComfyUI (embedding:<name> in the prompt, from models/embeddings) and AdaIN
+    in-process (random weights in the published layout): their rows, LPIPS to the style with its target, and the
+    loss-curve figure in the report. Metric networks with random weights, so every column has a number."""
+    from stylora.eval.metrics import LPIPS, VGGStyle
+    from stylora.study import runner
+    from stylora.study.config import load_study_config
+    from test_adain import _random_files
+
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    _random_files(tmp_path / "weights")
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "weights"))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, arr in list(skimage_photos().items())[:2]:
+        Image.fromarray(arr).convert("RGB").resize((64, 64), Image.Resampling.LANCZOS).save(photos / f"{name}.png")
+    style = make_style_folder(tmp_path / "texture")
+    proc, url = _start(tmp_path / "comfy", sd15_checkpoint)
+    try:
+        flags = {"styles": [f"texture={style}"], "content": str(photos), "out": str(tmp_path / "study"),
+                 "base_model": str(sd15_checkpoint), "checkpoint": "sd15.safetensors", "server": [url],
+                 "server_models": [str(tmp_path / "comfy" / "models")], "methods": ["textual-inversion", "adain"],
+                 "strengths": [0.6], "max_side": 64, "sampler_steps": 1,
+                 "metrics": ["ssim", "lpips", "content", "lpips_style", "gram"],
+                 "train": ["textual-inversion.resolution=64", "textual-inversion.steps=2",
+                           "textual-inversion.batch_size=1", "textual-inversion.min_images=1",
+                           "textual-inversion.checkpoint_every=0", "textual-inversion.log_every=1"]}
+        nets = {"lpips": LPIPS("alex", pretrained=False), "vgg": VGGStyle(pretrained=False)}
+        start = time.monotonic()
+        report = runner.run_study(load_study_config(None, flags), progress=False, nets=nets)
+        print(f"CI-size study (textual-inversion, adain): {time.monotonic() - start:.1f} s wall")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    log = (tmp_path / "comfy" / "server.log").read_text()
+    assert "does not exist, ignoring" not in log and "error loading embedding" not in log, log[-3000:]
+    placed = list((tmp_path / "comfy" / "models" / "embeddings").glob("stylora-study-texture-textual-inversion-*"))
+    assert len(placed) == 1
+    md = (tmp_path / "study" / "report" / "report.md").read_text()
+    for method in ("textual-inversion", "adain"):
+        assert f"| {method} | texture |" in md and f"| {method} | all styles (mean) |" in md
+        row = next(r for r in report["rows"] if r["method"] == method)
+        assert 0 < row["values"]["ssim"] < 1 and row["values"]["lpips_style"] > 0, row
+        assert row["values"]["seconds_per_image"] > 0
+        assert report["targets"]["verdicts"][method]["lpips_style"] in ("met", "not met")
+    assert "LPIPS to style ↓" in md and "| LPIPS to style < 0.3 |" in md
+    assert "![loss curves](loss_curves.png)" in md and (tmp_path / "study" / "report" / "loss_curves.png").is_file()
+    assert report["loss_curves"]["texture/textual-inversion"]["steps"] == [1, 2]
+    assert len(list((tmp_path / "study" / "styled").rglob("*.png"))) == 2 * 2
+    print(next(line for line in md.splitlines() if line.startswith("| textual-inversion | texture |")))
+    print(next(line for line in md.splitlines() if line.startswith("| adain | texture |")))

@@ -306,3 +306,22 @@ def test_training_into_a_comfyui_models_folder_adds_only_the_lora_to_its_lists(t
     out.unlink()  # as if killed after the last checkpoint: --resume still finds them
     resumed = train_lora(cfg, resume=True, progress=False)
     assert resumed.resumed_from == 2 and listed() == ["x.safetensors"]
+
+
+def test_the_loss_curve_is_drawn_beside_the_output_and_the_csv_kept(trained):
+    """The plotted points are the CSV's rows: each the mean of the per-step losses of its logging window."""
+    from stylora.trainer.loss_curve import read_loss_log
+
+    out, every = trained["path"], trained["cfg"].log_every
+    png, log = out.parent / "style.loss_curve.png", out.parent / "style.train_log.csv"
+    assert log.is_file() and png.is_file()
+    with Image.open(png) as im:
+        im.verify()
+    with Image.open(png) as im:
+        assert im.size[0] >= 300 and len(set(im.convert("L").getdata())) > 10  # axes and a curve, not blank
+    losses = trained["result"].losses
+    steps, means = read_loss_log(log)
+    assert steps == list(range(every, 21, every)) + ([] if 20 % every == 0 else [20])
+    for step, mean in zip(steps, means):
+        window = losses[(step - 1) // every * every:step]
+        assert mean == pytest.approx(sum(window) / len(window), rel=1e-5)

@@ -253,3 +253,67 @@ class DreamBoothConfig(_TrainerSettings):
     @property
     def lr(self) -> float:
         return self.learning_rate or (1e-4 if self.lora else 5e-6)
+
+
+@dataclass(frozen=True)
+class TextualInversionConfig(_TrainerSettings):
+    """Everything that decides what `stylora train textual-inversion` produces (Gal et al., ICLR 2023): a learned
+    token embedding for SD1.x's CLIP text encoder, everything else frozen. Saved into the embedding's metadata."""
+
+    # --- data and model ---
+    data: str = field(metadata={"help": "folder of style images (searched recursively)"})
+    output: str = field(metadata={
+        "help": "path of the .safetensors embedding to write; its file name is the prompt word (embedding:<name>)"})
+    base_model: str = field(
+        default=DEFAULT_BASE_MODEL, metadata={"help": "hub id, diffusers folder, or single-file SD1.x checkpoint"})
+    base_config: str | None = field(
+        default=None, metadata={"help": "diffusers config folder for a single-file checkpoint; None = shipped SD1.5"})
+    initializer: str = field(default="painting", metadata={
+        "help": "a word of one CLIP token the vectors start from (Gal et al.: a coarse description of the concept)"})
+    num_vectors: int = field(default=1, metadata={
+        "help": "vectors in the embedding (Gal et al. use one; more capture more, and cost prompt tokens)"})
+    min_images: int = field(default=5, metadata={"help": "fewer usable images than this is an error"})
+    max_image_pixels: int = field(
+        default=100_000_000, metadata={"help": "larger images are refused as decompression bombs (width*height)"})
+
+    # --- optimisation (defaults after Gal et al. and diffusers' textual_inversion.py) ---
+    resolution: int = field(default=512, metadata={"help": "training side length (square centre crops)"})
+    steps: int = field(default=3000, metadata={"help": "optimizer steps (3000 as diffusers' example)"})
+    batch_size: int = field(default=4, metadata={"help": "images per micro-batch (Gal et al.: 4 per GPU)"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=5e-3, metadata={
+        "help": "AdamW learning rate of the embedding (Gal et al.'s base rate 0.005)"})
+    lr_scheduler: str = field(default="constant", metadata={"help": "any diffusers.optimization scheduler name"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps of the LR schedule"})
+    adam_weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW decoupled weight decay (0: it would only shrink the vectors' norm toward 0)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
+    use_8bit_adam: bool = field(default=False, metadata={"help": "bitsandbytes AdamW8bit when installed (CUDA only)"})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "dtype of the frozen UNet; the text encoder stays fp32"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute UNet activations in backward (less memory, slower)"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, prompt templates, noise and timesteps"})
+
+    # --- bookkeeping ---
+    checkpoint_every: int = field(default=500, metadata={"help": "resumable checkpoint interval in steps (0: none)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "complete checkpoints kept"})
+    log_every: int = field(default=10, metadata={"help": "CSV log interval in steps"})
+
+    def __post_init__(self) -> None:
+        check_at_least(self, ("resolution", "steps", "batch_size", "grad_accum", "num_vectors", "min_images",
+                              "max_image_pixels", "log_every"), 1)
+        if self.resolution % 64:
+            raise ValueError(f"resolution must be a multiple of 64, got {self.resolution}")
+        check_positive(self, ("learning_rate",))
+        check_at_least(self, ("warmup_steps", "adam_weight_decay", "max_grad_norm", "checkpoint_every",
+                              "keep_checkpoints", "seed"), 0)
+        if self.num_vectors > 16:
+            raise ValueError(f"num_vectors must be at most 16 (each takes one of the prompt's 75 tokens), "
+                             f"got {self.num_vectors}")
+        if not self.initializer.strip() or len(self.initializer.split()) != 1:
+            raise ValueError(f"initializer must be one word, got {self.initializer!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if not str(self.output).endswith(".safetensors"):
+            raise ValueError(f"output must be a .safetensors file, got {self.output!r}")

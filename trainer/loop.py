@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..core.files import Skipped
 from ..core.resources import peak_memory_mb, write_resource_record
 from .checkpoint import RunCheckpoints, check_finite
+from .loss_curve import loss_log_path, write_loss_curve
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
 def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: TrainProgress, cfg: Any, kind: str,
                start_step: int, step: int, t_start: float, skipped: list[Skipped],
                write_output: Callable[[float, float], None], **extra: Any) -> TrainResult:
-    """Write the trained output (`write_output(seconds, peak_mb)`, main process only) and its resource record,
-    then a last checkpoint for reference (every process: it ends on a barrier)."""
+    """Write the trained output (`write_output(seconds, peak_mb)`, main process only), its resource record and its
+    loss-curve plot, then a last checkpoint for reference (every process: it ends on a barrier)."""
     accelerator.wait_for_everyone()
     output = Path(cfg.output)
     peak_mb = peak_memory_mb(accelerator.device)
@@ -177,6 +178,8 @@ def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: Tra
         write_output(seconds, peak_mb)
         write_resource_record(output, run_record(kind, cfg, accelerator.device, track, start_step, seconds, peak_mb,
                                                  processes=accelerator.num_processes, **extra))
+        if track.enabled:
+            write_loss_curve(output, f"{kind}: {output.name}")
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoints.save(step)
@@ -196,7 +199,8 @@ def run_record(kind: str, cfg: Any, device: torch.device, track: TrainProgress, 
 
 class TrainProgress:
     """A run's progress bar, per-step losses and timings, and `<output stem>.train_log.csv` (step, loss, lr,
-    steps/s, elapsed; mean loss over each logging window), with TensorBoard when asked for."""
+    steps/s, elapsed; mean loss over each logging window), with TensorBoard when asked for. The loss curve is
+    drawn from that CSV when the run finishes (trainer.loss_curve)."""
 
     FIELDS = ("step", "loss", "lr", "steps_per_s", "elapsed_s")
 
@@ -208,7 +212,7 @@ class TrainProgress:
         self._window: list[float] = []
         self._t0, self._t_step = time.time(), time.perf_counter()
         self.bar = tqdm(total=total, initial=start_step, desc=desc, unit="step", disable=not show)
-        self.path = output.parent / f"{output.stem}.train_log.csv"
+        self.path = loss_log_path(output)
         self.tb = None
         if not enabled:
             return

@@ -191,6 +191,7 @@ DESCRIPTIONS = {
                         "(StyleID).",
     "layout_guard": "Layout guard: strength up to denoise 1 while a Canny ControlNet holds the photo's edges.",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
+    "textual_inversion": "Textual Inversion baseline: the style as a learned prompt word, embedding:<name>.",
 }
 CONTROLNET = "control_v11p_sd15_canny.safetensors"  # lllyasviel/control_v11p_sd15_canny, renamed (README)
 
@@ -393,9 +394,29 @@ Headless: stylora run ... --workflow layout_guard --content photo.jpg --style mo
                   [text])
 
 
+def textual_inversion() -> list[Node]:
+    n = _nodes()
+    n[4] = Node(4, "CLIPTextEncode", "Positive prompt", (0, 0),
+                {"text": "a painting in the style of embedding:stylora_style"}, {"clip": (1, 1)}, size=(320, 150))
+    n[5].links["clip"] = (1, 1)
+    n[8].values.update(cfg=5.0, denoise=0.6)  # the embedding is a prompt word: it acts through CFG
+    n[8].links = {"model": (1, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (7, 0)}
+    n[10].values["filename_prefix"] = "stylora/textual_inversion"
+    text = note_for("textual_inversion", """\
+Put the embedding written by `stylora train textual-inversion` into models/embeddings and name its
+file in the prompt: "a painting in the style of embedding:<file name>" (the shipped prompt expects
+stylora_style.safetensors). Only the text encoder's input changes (Gal et al., ICLR 2023); the
+checkpoint is the plain SD1.5 one, sampled at CFG 5. denoise sets how much of the photo is repainted.
+
+Headless: stylora run ... --workflow textual_inversion --content photo.jpg \
+--set 'Positive prompt.text=a painting in the style of embedding:my_style'""")
+    return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
+
+
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
              "style_metrics": style_metrics, "style_from_image": style_from_image, "layout_guard": layout_guard,
-             "dreambooth": dreambooth}  # first steps to advanced
+             "dreambooth": dreambooth,
+             "textual_inversion": textual_inversion}  # first steps to advanced
 
 
 def ui_workflow(name: str, schema: dict[str, dict]) -> dict[str, Any]:
@@ -451,7 +472,8 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "style_metrics": ("Style metrics", "styled", "scores"),
                 "style_from_image": ("Style from a painting", "painting", "styled"),
                 "layout_guard": ("Layout guard", "photo edges", "styled, layout kept"),
-                "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
+                "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth"),
+                "textual_inversion": ("Textual Inversion", "photo", "embedding")}
 
 
 def make_thumbnails() -> None:
@@ -484,7 +506,7 @@ def make_thumbnails() -> None:
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
              "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other),
-             "layout_guard": painted(style)}
+             "layout_guard": painted(style), "textual_inversion": painted(other)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
             "style_metrics": painted(style),
