@@ -194,8 +194,9 @@ def write_report(folder: Path, cfg: StudyConfig, *, jobs: list[tuple[str, str, f
     by_reason: dict[str, list[str]] = {}
     for r in shown:
         for column, why in r["unavailable"].items():
-            if why != NO_TRAINING and HEADERS[column].split()[0] not in by_reason.setdefault(why, []):
-                by_reason[why].append(HEADERS[column].split()[0])
+            name = HEADERS[column].rstrip(" ↑↓")  # "LPIPS" and "LPIPS to style" stay apart
+            if why != NO_TRAINING and name not in by_reason.setdefault(why, []):
+                by_reason[why].append(name)
     if by_reason:
         md += ["", "Unavailable:", ""] + [f"- {', '.join(cols)}: {why}" for why, cols in by_reason.items()]
     md += ["", "Seconds per image are wall time per photo as `stylora run` sees it (upload, queue, sample, "

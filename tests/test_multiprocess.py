@@ -90,8 +90,8 @@ def test_two_processes_write_once_match_one_process_and_resume_after_kill(tiny_m
     # 1. Two processes, one micro-batch of 1 each: one output, one set of checkpoints, written by the main process.
     done = _run(_launch(2, cfg))
     assert done.stdout.count("Wrote ") == 1, done.stdout
-    assert sorted(p.name for p in runs.iterdir()) == ["two.checkpoints", "two.resources.json", "two.safetensors",
-                                                      "two.train_log.csv"]
+    assert sorted(p.name for p in runs.iterdir()) == ["two.checkpoints", "two.loss_curve.png", "two.resources.json",
+                                                      "two.safetensors", "two.train_log.csv"]
     assert sorted(p.name for p in checkpoint_root(cfg.output).iterdir()) == [f"step-{s:08d}" for s in
                                                                              range(1, STEPS + 1)]
     assert json.loads((runs / "two.resources.json").read_text())["processes"] == 2
