@@ -190,6 +190,41 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     assert "IMPORT FAILED" not in "\n".join(line for line in server_log.splitlines() if "stylora" in line)
 
 
+def test_outputs_follow_their_inputs_in_comfyui(comfy_server, tmp_path):
+    """With the samplable test checkpoint an output depends on what went in: two strengths, two styles, two photos
+    and two paintings each give different images. Runs are deterministic (fixed seed, CPU), so equal inputs give
+    a difference of exactly 0. Limits in mean |difference| over 8-bit levels, below what the checkpoint gave in
+    ComfyUI (strength 0.8 vs 0.3: 23; the two styles at 0.8: 1.1, the LoRA's effect scaled down with the UNet's
+    output; two different photos at denoise 0.6: 4.9)."""
+    from PIL import Image
+    from stylora.workflows.client import RunConfig, run_workflow
+
+    photo, _ = _content(tmp_path)
+    other_photo, painting = tmp_path / "other.png", tmp_path / "painting.png"
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other_photo)
+    Image.open(REPO / "examples" / "stylora_content.jpg").rotate(90).save(painting)
+    common = dict(server=comfy_server["url"], checkpoint="sd15.safetensors", seed=1, set=FAST, timeout=600)
+    outputs = {}
+    runs = {"strong08": dict(style=("strong.safetensors",), strength=0.8),
+            "strong03": dict(style=("strong.safetensors",), strength=0.3),
+            "mystyle08": dict(style=("mystyle.safetensors",), strength=0.8),
+            "other08": dict(content=str(other_photo), style=("strong.safetensors",), strength=0.8),
+            "painting_a": dict(workflow="style_from_image", style_image=str(REPO / "examples" / "stylora_style.jpg")),
+            "painting_b": dict(workflow="style_from_image", style_image=str(painting))}
+    for name, kw in runs.items():
+        kw = {"content": str(photo), **kw}
+        result = run_workflow(RunConfig(out=str(tmp_path / f"{name}.png"), **common, **kw), poll=0.2)
+        assert not result.failed, (name, result.failed)
+        outputs[name] = _pixels(tmp_path / f"{name}.png")
+    differ = {f"{a} vs {b}": round(float(abs(outputs[a] - outputs[b]).mean()), 3)
+              for a, b in (("strong08", "strong03"), ("strong08", "mystyle08"), ("strong08", "other08"),
+                           ("painting_a", "painting_b"))}
+    print("mean |difference| (8-bit levels):", json.dumps(differ))
+    limits = {"strong08 vs strong03": 5, "strong08 vs mystyle08": 0.5, "strong08 vs other08": 1,
+              "painting_a vs painting_b": 0.1}
+    assert all(differ[k] > limit for k, limit in limits.items()), (differ, limits)
+
+
 def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
     from stylora.workflows.client import RunConfig, load_workflow, run_workflow
 
