@@ -7,8 +7,12 @@ import sys
 
 def start_comfy() -> None:
     """Parse ComfyUI's arguments as its main.py would: comfy.cli_args reads sys.argv at import; a CPU-only host
-    needs --cpu, a GPU host can set COMFYUI_ARGS=""."""
-    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split()]
+    needs --cpu, a GPU host can set COMFYUI_ARGS="". COMFYUI_BASE_DIRECTORY (set by the tests to a fresh folder)
+    becomes --base-directory: models/, input/, user/ of the shared ComfyUI checkout are never read or written, so
+    a file another run left in its models/styles cannot stand in for the one a check loads by name."""
+    base = os.environ.get("COMFYUI_BASE_DIRECTORY")
+    sys.argv = [sys.argv[0], *os.environ.get("COMFYUI_ARGS", "--cpu").split(),
+                *(("--base-directory", base) if base else ())]
     import comfy.options
 
     comfy.options.enable_args_parsing()

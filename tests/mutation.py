@@ -186,9 +186,14 @@ def _line_span(source: str) -> dict[int, int]:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.stmt):
             first = node.lineno
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                # A def line runs at import, outside every test: its defaults are covered by the tests that run
+                # the body (the first statement after the docstring).
+                body = [b for b in node.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+                first = body[0].lineno if body else first
             body_start = min((c.lineno for f in ("body", "orelse", "handlers", "finalbody")
                               for c in getattr(node, f, []) or []), default=(node.end_lineno or first) + 1)
-            for line in range(first, min(node.end_lineno or first, body_start - 1) + 1):
+            for line in range(node.lineno, min(node.end_lineno or node.lineno, body_start - 1) + 1):
                 span.setdefault(line, first)
     return span
 

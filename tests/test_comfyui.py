@@ -22,15 +22,35 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set (see ../shared/comfyui/README.md)")]
 
 
-def run_in_comfyui(script: Path, *args: str) -> dict:
+def run_in_comfyui(script: Path, *args: str, limit_s: float) -> dict:
+    """Run a check script with ComfyUI's python in a fresh ComfyUI base folder; its last stdout line as JSON.
+
+    Fails, saying what it waited for, when the script runs past `limit_s`, is killed (e.g. by the kernel when
+    memory runs out) or prints no JSON result."""
+    import tempfile
+
     env = dict(os.environ)
     extra = os.environ.get("COMFYUI_PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, COMFYUI_DIR, env.get("PYTHONPATH", "")) if p)
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.run([python, str(script), *args], cwd=COMFYUI_DIR, env=env, capture_output=True, text=True,
-                          timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory(prefix="comfy-base-") as base:
+        env["COMFYUI_BASE_DIRECTORY"] = base
+        try:
+            proc = subprocess.run([python, str(script), *args], cwd=COMFYUI_DIR, env=env, capture_output=True,
+                                  text=True, timeout=limit_s)
+        except subprocess.TimeoutExpired as e:
+            err = (e.stderr or b"")[-3000:]
+            pytest.fail(f"{script.name}: no result within {limit_s:.0f} s (waiting for ComfyUI's python to load the "
+                        f"checkpoint and run the check); its stderr ends with:\n{err!s}")
+    if proc.returncode < 0:
+        pytest.fail(f"{script.name}: killed by signal {-proc.returncode} (9: the kernel's out-of-memory killer?); "
+                    f"stderr ends with:\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, f"{script.name} exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        pytest.fail(f"{script.name}: its last stdout line is not the JSON result: {lines[-3:]!r}")
 
 
 def test_trained_lora_loads_in_stock_comfyui_with_every_key_mapped(sd15_checkpoint, style_folder, tmp_path):
@@ -41,7 +61,7 @@ def test_trained_lora_loads_in_stock_comfyui_with_every_key_mapped(sd15_checkpoi
     train_lora(LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(sd15_checkpoint),
                                resolution=64, steps=1, batch_size=1, min_images=1, checkpoint_every=0),
                progress=False)
-    report = run_in_comfyui(REPO / "tests" / "comfyui_check_lora.py", str(sd15_checkpoint), str(out))
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_lora.py", str(sd15_checkpoint), str(out), limit_s=600)
     assert report["is_sd15"]
     assert report["unmapped"] == []
     assert report["lora_tensors"] == 3 * 128
@@ -72,20 +92,21 @@ def test_load_style_lora_node_in_comfyui(sd15_checkpoint, style_folder, tmp_path
     save_file(sdxl, str(loras / "sdxllike.safetensors"))
     report = run_in_comfyui(REPO / "tests" / "comfyui_check_style_node.py", str(REPO), str(sd15_checkpoint),
                             str(loras), "good.safetensors", "other.safetensors", "third.safetensors",
-                            "sd2like.safetensors", "sdxllike.safetensors")
+                            "sd2like.safetensors", "sdxllike.safetensors", limit_s=900)
     assert report["registered"] and {"good.safetensors", "other.safetensors"} <= set(report["listed"])
     assert report["patched"] == 128 and report["strength"] == pytest.approx(0.8)
     assert report["blend_patches_per_key"] == 2 and report["blend_strengths"] == pytest.approx([0.25, 0.75])
     # Every one of the 128 patched weights carries the three styles at strength x normalised weight.
     assert report["blend3_keys"] == 128 and report["blend3_strengths"] == [[0.1, 0.3, 0.4]]
-    assert report["strength0_max_diff"] == 0.0 and report["strength05_max_diff"] > 0
+    assert report["compared"] == 128 and report["strength0_max_diff"] == 0.0 and report["strength05_max_diff"] > 0
+    print("Load Style LoRA check: peak memory of ComfyUI's process", report["peak_rss_gb"], "GB")
     assert report["base_untouched"] == 0
     assert "wrong shape" in report["refused"]["sd2like.safetensors"]
     assert "no matching model layer" in report["refused"]["sdxllike.safetensors"]
 
 
 def test_content_encode_with_comfyui_vae(sd15_checkpoint):
-    report = run_in_comfyui(REPO / "tests" / "comfyui_check_encode.py", str(REPO), str(sd15_checkpoint))
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_encode.py", str(REPO), str(sd15_checkpoint), limit_s=600)
     assert report["latent"] == [1, 4, 38, 25] and report["image"] == [1, 304, 200, 3]
     assert report["info"] == "200x300 -> 200x304, stretched +0x+4 px to a multiple (aspect 0.6667 -> 0.6579)"
     assert report["tiled"] == report["latent"] and report["tiled_info"].endswith("tiled 256px")
@@ -116,6 +137,7 @@ FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a
 def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp_path):
     import time
 
+    import numpy as np
     from stylora.workflows.client import RunConfig, bundled_workflows, run_workflow
 
     photo, mask = _content(tmp_path)
@@ -135,10 +157,13 @@ def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp
         ckpt = {} if name == "dreambooth" else {"checkpoint": "sd15.safetensors"}
         start = time.monotonic()
         cfg = RunConfig(content=str(photo), out=str(tmp_path / f"{name}.png"), server=comfy_server["url"],
-                        workflow=name, seed=1, set=FAST, **ckpt, **extra)
+                        workflow=name, seed=1, set=FAST, timeout=600, **ckpt, **extra)
         result = run_workflow(cfg, poll=0.2)
         timings[name] = round(time.monotonic() - start, 1)
         assert not result.failed and (tmp_path / f"{name}.png").is_file(), result.failed
+        # Finite and not flat: Save Image writes NaN as 0, so an overflowing model would come back all black.
+        out = _pixels(tmp_path / f"{name}.png")
+        assert out.std() > 5 and len(np.unique(out.reshape(-1, 3), axis=0)) > 100, f"{name}: a flat output"
     print("workflow wall times (s, 256x256, 2 steps, CPU):", json.dumps(timings))
     # Pixels outside the mask are the content's, exactly (after the 8-bit round trip of SaveImage).
     outside = _pixels(mask)[..., 0] == 0
@@ -168,6 +193,41 @@ def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp
     assert "IMPORT FAILED" not in "\n".join(line for line in server_log.splitlines() if "stylora" in line)
 
 
+def test_outputs_follow_their_inputs_in_comfyui(comfy_server, tmp_path):
+    """With the samplable test checkpoint an output depends on what went in: two strengths, two styles, two photos
+    and two paintings each give different images. Runs are deterministic (fixed seed, CPU), so equal inputs give
+    a difference of exactly 0. Limits in mean |difference| over 8-bit levels, below what the checkpoint gave in
+    ComfyUI (strength 0.8 vs 0.3: 23; the two styles at 0.8: 1.1, the LoRA's effect scaled down with the UNet's
+    output; two different photos at denoise 0.6: 4.9)."""
+    from PIL import Image
+    from stylora.workflows.client import RunConfig, run_workflow
+
+    photo, _ = _content(tmp_path)
+    other_photo, painting = tmp_path / "other.png", tmp_path / "painting.png"
+    Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other_photo)
+    Image.open(REPO / "examples" / "stylora_content.jpg").rotate(90).save(painting)
+    common = dict(server=comfy_server["url"], checkpoint="sd15.safetensors", seed=1, set=FAST, timeout=600)
+    outputs = {}
+    runs = {"strong08": dict(style=("strong.safetensors",), strength=0.8),
+            "strong03": dict(style=("strong.safetensors",), strength=0.3),
+            "mystyle08": dict(style=("mystyle.safetensors",), strength=0.8),
+            "other08": dict(content=str(other_photo), style=("strong.safetensors",), strength=0.8),
+            "painting_a": dict(workflow="style_from_image", style_image=str(REPO / "examples" / "stylora_style.jpg")),
+            "painting_b": dict(workflow="style_from_image", style_image=str(painting))}
+    for name, kw in runs.items():
+        kw = {"content": str(photo), **kw}
+        result = run_workflow(RunConfig(out=str(tmp_path / f"{name}.png"), **common, **kw), poll=0.2)
+        assert not result.failed, (name, result.failed)
+        outputs[name] = _pixels(tmp_path / f"{name}.png")
+    differ = {f"{a} vs {b}": round(float(abs(outputs[a] - outputs[b]).mean()), 3)
+              for a, b in (("strong08", "strong03"), ("strong08", "mystyle08"), ("strong08", "other08"),
+                           ("painting_a", "painting_b"))}
+    print("mean |difference| (8-bit levels):", json.dumps(differ))
+    limits = {"strong08 vs strong03": 5, "strong08 vs mystyle08": 0.5, "strong08 vs other08": 1,
+              "painting_a vs painting_b": 0.1}
+    assert all(differ[k] > limit for k, limit in limits.items()), (differ, limits)
+
+
 def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
     from stylora.workflows.client import RunConfig, load_workflow, run_workflow
 
@@ -178,7 +238,8 @@ def test_strength_zero_is_plain_img2img_in_comfyui(comfy_server, tmp_path):
     plain["4"]["inputs"]["text"] = ""  # what the (promptless) style's trigger output gives
     plain["8"]["inputs"].update(model=["1", 0], denoise=0.0)
     (tmp_path / "plain.json").write_text(json.dumps(plain))
-    common = dict(content=str(photo), server=comfy_server["url"], checkpoint="sd15.safetensors", seed=3)
+    common = dict(content=str(photo), server=comfy_server["url"], checkpoint="sd15.safetensors", seed=3,
+                  timeout=600)
 
     def run(out: str, workflow: str, *overrides: str, **kw) -> Path:
         run_workflow(RunConfig(out=str(tmp_path / out), workflow=workflow, set=FAST + overrides, **common, **kw),
