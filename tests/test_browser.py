@@ -41,7 +41,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow,
 FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT", "")  # the newest frontend's static folder
 # (frontend, renderer): the pinned frontend, then the newest with its canvas and with its Vue node renderer.
 CONFIGS = [("1.27", "canvas"), ("new", "canvas"), ("new", "vue")]
-NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "dreambooth"]
+NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "layout_guard",
+         "dreambooth", "textual_inversion"]
 
 # Node rectangles as the frontend lays them out ([x, y, w, h], title bar included), and overlapping pairs.
 OVERLAPS_JS = """() => {

@@ -225,7 +225,7 @@ def _nodes(extra: dict | None = None) -> dict[int, Node]:
                                                    **e.get("style", {})}, {"model": (1, 0), "clip": (1, 1)},
              size=(320, 320)),  # the height the Vue node renderer (frontend 1.5x) gives its six widgets
         Node(3, "StyleStrength", roles.STRENGTH.title, (0, 0), {"strength": 0.5, "max_denoise": 0.75},
-             {"model": (2, 0), "clip": (2, 1)}, size=(320, 160)),
+             {"model": (2, 0), "clip": (2, 1)}, size=(320, 210)),
         Node(4, "CLIPTextEncode", "Positive prompt", (0, 0), {"text": ""}, {"clip": (3, 2), "text": (2, 3)},
              size=(320, 150)),
         Node(5, "CLIPTextEncode", "Negative prompt", (0, 0), {"text": NEGATIVE}, {"clip": (3, 2)}, size=(320, 150)),
@@ -379,7 +379,7 @@ def layout_guard() -> list[Node]:
                   size=(320, 80))
     guard = Node(32, "ControlNetApplyAdvanced", "Layout guard", (0, 0), {"start_percent": 0.0, "end_percent": 1.0},
                  {"positive": (4, 0), "negative": (5, 0), "control_net": (31, 0), "image": (30, 0),
-                  "strength": (3, 3)}, size=(320, 190))
+                  "strength": (3, 3)}, size=(320, 230))
     n[8].links.update(positive=(32, 0), negative=(32, 1))
     text = note_for("layout_guard", f"""\
 Style Strength drives three things here: the style's weight, KSampler's denoise (max_denoise 1.0:
