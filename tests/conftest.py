@@ -92,7 +92,7 @@ def sd15_checkpoint(tmp_path_factory) -> Path:
                             metadata={"stylora.test_model": "random SD1.5 weights, seed 0, samplable rescaling"})
 
 
-CONTROLNET_NAME = "control_v11p_sd15_canny.safetensors"  # the layout_guard workflow's default file name
+CONTROLNET_NAME = "control_v11p_sd15_canny_fp16.safetensors"  # the layout_guard workflow's default file name
 
 
 @pytest.fixture(scope="session")

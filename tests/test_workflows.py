@@ -237,6 +237,15 @@ def test_validator_catches_broken_workflows(schema):
     assert any("widget values" in p for p in problems) and any(p.startswith("link 1:") for p in problems)
 
 
+# The public files the templates name: folder under ComfyUI/models and the download address (without the name).
+PUBLIC_FILES = {
+    "v1-5-pruned-emaonly.safetensors":
+        ("checkpoints", "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/"),
+    "control_v11p_sd15_canny_fp16.safetensors":
+        ("controlnet", "https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/"),
+}
+
+
 def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are():
     """Each loader that names a public file carries it as ComfyUI's own templates do (properties.models: name, url,
     directory), so frontend 1.5x's missing-models dialog offers the download; the files a person trains are
@@ -246,10 +255,9 @@ def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are
         graph = json.loads(path.read_text())
         for node in (n for n in graph["nodes"] if n["type"] not in build.UI_ONLY_TYPES):
             names = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
-            public = [v for v in names if v == "v1-5-pruned-emaonly.safetensors"]
+            public = [v for v in names if v in PUBLIC_FILES]
             assert node["properties"].get("models", []) == [
-                {"name": v, "directory": "checkpoints",
-                 "url": f"https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/{v}"}
+                {"name": v, "directory": PUBLIC_FILES[v][0], "url": PUBLIC_FILES[v][1] + v}
                 for v in public], (path.name, node["title"])
             for v in names:
                 assert v in public or "(stylora train" in v or v == "None", (path.name, node["title"], v)

@@ -34,11 +34,15 @@ CORE_SUBSET = REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json"
 LINK_FREE_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}  # widget types; a list (combo) is a widget too
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}  # frontend nodes: no schema, not in API format
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"  # the SD1.5 file most ComfyUI users have
+# SD1.5 Canny ControlNet 1.1 (Zhang et al. 2023) in the fp16 copy ComfyUI's own templates download
+CONTROLNET = "control_v11p_sd15_canny_fp16.safetensors"
 # Public files a template names, as ComfyUI's own templates carry them on the loader node (`properties.models`):
 # the frontend's missing-models dialog offers each one's download into its models folder.
 MODEL_FILES = {
     CHECKPOINT: {"name": CHECKPOINT, "directory": "checkpoints",
                  "url": f"https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/{CHECKPOINT}"},
+    CONTROLNET: {"name": CONTROLNET, "directory": "controlnet",
+                 "url": f"https://huggingface.co/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/{CONTROLNET}"},
 }
 # Files a person makes with the trainer: the placeholder names say so (no download exists).
 STYLE_PLACEHOLDER = "my_style (stylora train lora).safetensors"
@@ -193,7 +197,6 @@ DESCRIPTIONS = {
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
     "textual_inversion": "Textual Inversion baseline: the style as a learned prompt word, embedding:<name>.",
 }
-CONTROLNET = "control_v11p_sd15_canny.safetensors"  # lllyasviel/control_v11p_sd15_canny, renamed (README)
 
 
 def node_properties(n: Node) -> dict[str, Any]:
@@ -385,9 +388,9 @@ def layout_guard() -> list[Node]:
 Style Strength drives three things here: the style's weight, KSampler's denoise (max_denoise 1.0:
 strength 1 repaints everything) and, through its guard output, the ControlNet's strength (= denoise),
 so the photo's Canny edges hold what the sampler repaints. One knob; raise it until the layout gives.
-ControlNet: put {CONTROLNET} in ComfyUI/models/controlnet
-(diffusion_pytorch_model.safetensors of lllyasviel/control_v11p_sd15_canny, renamed; or
-control_v11p_sd15_canny.pth of lllyasviel/ControlNet-v1-1). Edges: Canny thresholds 0.4/0.8 (lower: more edges).
+ControlNet: put {CONTROLNET} (comfyanonymous/ControlNet-v1-1_fp16_safetensors,
+the fp16 copy of lllyasviel's Canny ControlNet 1.1) in ComfyUI/models/controlnet.
+Edges: Canny thresholds 0.4/0.8 (lower: more edges).
 
 Headless: stylora run ... --workflow layout_guard --content photo.jpg --style monet.safetensors --strength 0.9""")
     return layout([n[1], n[6], n[7], edges], [n[2], n[3], n[4], n[5]], [loader, guard, n[8]], [n[9], n[20], n[10]],

@@ -70,7 +70,7 @@ class RunConfig:
     seed: int | None = field(default=None, metadata={"help": "sampler seed (default: the workflow's)"})
     controlnet: str | None = field(
         default=None, metadata={"help": "ControlNet file on the server, models/controlnet (layout_guard; default: "
-                                        "the workflow's, control_v11p_sd15_canny.safetensors)"})
+                                        "the workflow's, control_v11p_sd15_canny_fp16.safetensors)"})
     keep_colours: float | None = field(
         default=None,
         metadata={"help": "0..1: how much of the photo's colours to keep under the style's luminance (0: the "
