@@ -7,6 +7,7 @@ from .metrics import StyleMetrics
 from .strength import StyleStrength
 from .style_image import StyleFromImage
 from .style_lora import LoadStyleLoRA, register_model_folders
+from .training import TrainStyle
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoadStyleLoRA": LoadStyleLoRA,
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "MaskedStyleApply": MaskedStyleApply,
     "StyleMetrics": StyleMetrics,
     "StyleFromImage": StyleFromImage,
+    "TrainStyle": TrainStyle,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadStyleLoRA": "Load Style LoRA (Stylora)",
@@ -23,6 +25,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "MaskedStyleApply": "Masked Style Apply (Stylora)",
     "StyleMetrics": "Style Metrics (Stylora)",
     "StyleFromImage": "Style From Image (Stylora)",
+    "TrainStyle": "Train Style LoRA (Stylora)",
 }
 
 try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register

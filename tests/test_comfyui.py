@@ -155,7 +155,8 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
     ours = {k: v["display_name"] for k, v in info.items() if v.get("category") == "Stylora"}
     assert ours == {"LoadStyleLoRA": "Load Style LoRA (Stylora)", "ContentEncode": "Content Encode (Stylora)",
                     "StyleStrength": "Style Strength (Stylora)", "MaskedStyleApply": "Masked Style Apply (Stylora)",
-                    "StyleMetrics": "Style Metrics (Stylora)", "StyleFromImage": "Style From Image (Stylora)"}
+                    "StyleMetrics": "Style Metrics (Stylora)", "StyleFromImage": "Style From Image (Stylora)",
+                    "TrainStyle": "Train Style LoRA (Stylora)"}
     assert sorted(json.loads(get("/api/workflow_templates")[1])["stylora"]) == bundled_workflows()
     for name in bundled_workflows():  # listed and served (ComfyUI serves only the first template folder)
         assert get(f"/api/workflow_templates/stylora/{name}.json")[0] == 200
