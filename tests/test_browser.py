@@ -31,7 +31,8 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason=f"no Chromium at {CHROMIUM}"),
               pytest.mark.skipif(not HAVE_PLAYWRIGHT, reason="playwright is not installed")]
 
-NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "dreambooth"]
+NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "dreambooth",
+         "train_style"]
 
 # Node rectangles as the frontend lays them out ([x, y, w, h], title bar included), and overlapping pairs.
 OVERLAPS_JS = """() => {

@@ -114,6 +114,7 @@ FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a
 
 
 def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
+    import shutil
     import time
 
     from stylora.workflows.client import RunConfig, bundled_workflows, run_workflow
@@ -126,14 +127,19 @@ def test_every_bundled_workflow_runs_headless(comfy_server, tmp_path):
         "style_metrics": dict(style=("mystyle.safetensors",), style_image=str(REPO / "examples" / "stylora_style.jpg")),
         "style_from_image": dict(style_image=str(REPO / "examples" / "stylora_style.jpg")),
         "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
+        "train_style": dict(set=("Train style.folder=paintings", "Train style.name=headless", "Train style.steps=1",
+                                 "Train style.resolution=64")),
     }
+    shutil.copytree(comfy_server["base"] / "paintings", comfy_server["base"] / "input" / "paintings",
+                    dirs_exist_ok=True)
     assert sorted(per_workflow) == bundled_workflows()
     timings = {}
     for name, extra in per_workflow.items():
         ckpt = {} if name == "dreambooth" else {"checkpoint": "sd15.safetensors"}
         start = time.monotonic()
+        sets = FAST + extra.pop("set", ())
         cfg = RunConfig(content=str(photo), out=str(tmp_path / f"{name}.png"), server=comfy_server["url"],
-                        workflow=name, seed=1, set=FAST, **ckpt, **extra)
+                        workflow=name, seed=1, set=sets, **ckpt, **extra)
         result = run_workflow(cfg, poll=0.2)
         timings[name] = round(time.monotonic() - start, 1)
         assert not result.failed and (tmp_path / f"{name}.png").is_file(), result.failed

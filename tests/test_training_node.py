@@ -290,3 +290,20 @@ def test_without_comfyui_the_host_functions_do_nothing_or_say_why(monkeypatch):
         training.raise_cancelled("stop")
     with pytest.raises(RuntimeError, match="runs inside ComfyUI"):
         training.styles_folder()
+
+
+def test_the_train_style_workflow_trains_on_the_checkpoint_stylora_run_names():
+    from stylora.workflows.client import RunConfig, load_workflow, substitute
+
+    graph = load_workflow("train_style")
+    cfg = RunConfig(content="photo.jpg", out="out.png", workflow="train_style", checkpoint="mine.safetensors",
+                    set=("Train style.steps=2",))
+    done = substitute(graph, cfg, "photo.png", None)
+    trained = [n for n in done.values() if n["class_type"] == "TrainStyle"]
+    loaded = [n for n in done.values() if n["class_type"] == "CheckpointLoaderSimple"]
+    assert [n["inputs"]["ckpt_name"] for n in trained + loaded] == ["mine.safetensors", "mine.safetensors"]
+    assert trained[0]["inputs"]["steps"] == 2
+    # The styled photo samples the model the node returns (the style applied), through Style Strength.
+    strength = next(k for k, n in done.items() if n["class_type"] == "StyleStrength")
+    train_id = next(k for k, n in done.items() if n["class_type"] == "TrainStyle")
+    assert done[strength]["inputs"]["model"] == [train_id, 0]

@@ -180,6 +180,7 @@ DESCRIPTIONS = {
     "style_from_image": "Style from one painting: no training, the painting's style injected into the UNet "
                         "(StyleID).",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
+    "train_style": "Train a style: a folder of paintings in, a style LoRA out, then the photo styled with it.",
 }
 
 
@@ -344,9 +345,33 @@ Headless: stylora run ... --workflow style_from_image --content photo.jpg --styl
     return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
 
 
+def train_style() -> list[Node]:
+    n = _nodes()
+    train = Node(12, "TrainStyle", roles.TRAIN.title, (0, 0), {"ckpt_name": CHECKPOINT, "folder": "paintings",
+                                                             "name": "my_style"},
+                 {"model": (1, 0), "clip": (1, 1)}, size=(320, 330))
+    n[3].links = {"model": (12, 0), "clip": (12, 1)}
+    n[4].links = {"clip": (3, 2)}  # the trained style is promptless: the positive prompt stays empty
+    n[10].values["filename_prefix"] = "stylora/trained"
+    text = note_for("train_style", """\
+1. Put 5+ paintings (50-100 for a good style) in ComfyUI/input/paintings/ (or another folder there, named in
+   `folder`); broken and tiny files are skipped and listed in the log.
+2. Train Style LoRA: the same checkpoint as Load Checkpoint, a name, and the trainer's settings
+   (6000 steps at 512 px suit 50-100 paintings; `stylora train lora`'s defaults for everything else).
+   It writes models/styles/<name>.safetensors; Load Style LoRA lists it from then on.
+3. Queue. The node's bar counts the steps. Cancel stops after the current step and keeps a checkpoint:
+   queue again to continue. Queued again when finished, the style is reused, not trained again.
+4. The photo below is styled with the new style through Style Strength, as in style_transfer.
+Training runs where ComfyUI runs (a GPU: 512 px on a 16 GB T4; a CPU: very slow; see README).
+
+Headless: stylora run --workflow train_style --content photo.jpg --set "Train style.name=monet" \
+--set "Train style.folder=paintings/monet" --out out.png""")
+    return layout([n[1], train], [n[6], n[7]], [n[3], n[4], n[5]], [n[8], n[9]], [n[10], text])
+
+
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
              "style_metrics": style_metrics, "style_from_image": style_from_image,
-             "dreambooth": dreambooth}  # first steps to advanced
+             "dreambooth": dreambooth, "train_style": train_style}  # first steps to advanced
 
 
 def ui_workflow(name: str, schema: dict[str, dict]) -> dict[str, Any]:
@@ -401,7 +426,8 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "style_blend": ("Style blend", "photo", "two styles"),
                 "style_metrics": ("Style metrics", "styled", "scores"),
                 "style_from_image": ("Style from a painting", "painting", "styled"),
-                "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth")}
+                "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth"),
+                "train_style": ("Train a style", "paintings", "styled")}
 
 
 def make_thumbnails() -> None:
@@ -422,6 +448,16 @@ def make_thumbnails() -> None:
         flat = ImageOps.grayscale(ImageOps.posterize(photo.filter(ImageFilter.ModeFilter(7)), 3))
         return Image.blend(photo, ImageOps.colorize(flat, palette[0], palette[2], palette[1]), 0.75)
 
+    def paintings(size: int) -> Image.Image:
+        """Four small 'paintings' in the style's palette: crops of the example photo, painted."""
+        full = painted(style).resize((size * 2, size * 2), Image.Resampling.LANCZOS)
+        grid = Image.new("RGB", (size, size), (255, 255, 255))
+        half = size // 2 - 2
+        for i, (x, y) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            tile = full.crop((x * size, y * size, x * size + size, y * size + size)).resize((half, half))
+            grid.paste(tile.rotate(90 * i), (x * (half + 4), y * (half + 4)))
+        return grid
+
     def bars() -> Image.Image:
         panel = Image.new("RGB", (side, side), (245, 245, 245))
         d = ImageDraw.Draw(panel)
@@ -433,12 +469,14 @@ def make_thumbnails() -> None:
     right = {"style_transfer": painted(style), "masked_style": Image.composite(painted(style), photo, mask),
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
-             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other)}
+             "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other),
+             "train_style": painted(style)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
             "style_metrics": painted(style),
             "style_from_image": Image.open(out / "stylora_style.jpg").convert("RGB").resize(
-                (side, side), Image.Resampling.LANCZOS)}
+                (side, side), Image.Resampling.LANCZOS),
+            "train_style": paintings(side)}
     for name, (title, left_label, right_label) in THUMB_TITLES.items():
         canvas = Image.new("RGB", (256, 176), (255, 255, 255))
         d = ImageDraw.Draw(canvas)

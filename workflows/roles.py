@@ -26,7 +26,8 @@ STRENGTH = Role("Strength", "the Style Strength node that --strength sets")
 CONTENT = Role("Content", "the LoadImage node that takes the --content photo")
 SAMPLER = Role("Sampler", "the sampler whose seed/denoise --seed/--strength set")
 STYLE_IMAGE = Role("Style image", "the LoadImage node that takes --style-image")
-ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE)
+TRAIN = Role("Train style", "the Train Style LoRA node, which trains on the checkpoint --checkpoint names")
+ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE, TRAIN)
 
 
 def node_titled(graph: dict[str, dict], title: str) -> dict | None:
