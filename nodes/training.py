@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..core.files import atomic_write, scan_folder
@@ -296,7 +297,8 @@ class TrainStyle:
         # 4. Train, continue an interrupted run, or reuse a finished one; the bar shows the steps, Cancel stops.
         report = StepReport(StopTraining)
         try:
-            train_or_reuse(cfg, on_step=report)
+            with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+                train_or_reuse(cfg, on_step=report)
         except StopTraining:
             raise_cancelled(f"TrainStyle: cancelled at step {report.last} of {steps}; the checkpoint in "
                             f"{output.parent / (output.stem + '.checkpoints')} is kept: queue again to continue")

@@ -40,13 +40,14 @@ def test_train_style_is_found_on_the_canvas_and_its_bar_moves(comfy_server):
         page.evaluate("() => app.graph.clear()")
         # 1. The node search (double-click on the empty canvas), as a person adds a node.
         page.mouse.dblclick(700, 500)
-        search = page.get_by_placeholder("Search Nodes...")
-        search.wait_for(timeout=10_000)
-        search.fill("Train Style")
+        page.wait_for_timeout(1000)  # the search box opens focused
+        page.keyboard.type("Train Style", delay=50)
         option = page.get_by_text("Train Style LoRA (Stylora)").first
-        option.wait_for(timeout=10_000)
+        try:
+            option.wait_for(timeout=10_000)
+        finally:
+            page.screenshot(path="/tmp/canvas-train-search.png")
         assert option.is_visible()
-        page.screenshot(path="/tmp/canvas-train-search.png")
         page.keyboard.press("Enter")
         page.wait_for_timeout(800)
         assert page.evaluate("() => app.graph._nodes.map((n) => n.type)") == ["TrainStyle"]
