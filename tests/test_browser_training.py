@@ -1,4 +1,4 @@
-"""Train Style LoRA on ComfyUI's web canvas, in headless Chromium: a person finds the node with the canvas's node
+"""Train Style LoRA on ComfyUI's web canvas, in headless Chromium: a person finds the node with the Node Library's
 search, queues it, and watches its progress. Needs what tests/test_browser.py needs (COMFYUI_DIR, Chromium,
 playwright); screenshots go to /tmp/canvas-train-*.png."""
 
@@ -38,17 +38,19 @@ def test_train_style_is_found_on_the_canvas_and_its_bar_moves(comfy_server):
         page.wait_for_timeout(3000)
         page.keyboard.press("Escape")  # the Templates browser, open on a first start
         page.evaluate("() => app.graph.clear()")
-        # 1. The node search (double-click on the empty canvas), as a person adds a node.
-        page.mouse.dblclick(700, 500)
-        page.wait_for_timeout(1000)  # the search box opens focused
-        page.keyboard.type("Train Style", delay=50)
+        # 1. The Node Library's search (the sidebar's Nodes tab), as a person looks for a node; a click adds it.
+        search = page.get_by_placeholder("Search Nodes...").first
+        if not search.is_visible():
+            page.get_by_text("Nodes", exact=True).first.click()
+        search.wait_for(timeout=10_000)
+        search.fill("Train Style")
         option = page.get_by_text("Train Style LoRA (Stylora)").first
         try:
             option.wait_for(timeout=10_000)
         finally:
             page.screenshot(path="/tmp/canvas-train-search.png")
         assert option.is_visible()
-        page.keyboard.press("Enter")
+        option.click()
         page.wait_for_timeout(800)
         assert page.evaluate("() => app.graph._nodes.map((n) => n.type)") == ["TrainStyle"]
         # 2. Small settings, queued as the Queue button does.
