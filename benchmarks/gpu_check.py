@@ -98,7 +98,7 @@ def build_checkpoint(path: Path) -> Path:
     from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
 
     if not path.is_file():
-        save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0), path)
+        save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0, samplable=True), path)
     return path
 
 
@@ -118,6 +118,14 @@ def make_base(base: Path, ckpt: Path) -> Path:
                          (base / "models" / "checkpoints" / "sd15.safetensors", ckpt)):
         if not link.exists():
             link.symlink_to(target)
+    # layout_guard's ControlNet (random weights, the UNet's architecture) and train_style's paintings
+    from conftest import CONTROLNET_NAME, build_random_controlnet
+
+    (base / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
+    if not (base / "models" / "controlnet" / CONTROLNET_NAME).is_file():
+        build_random_controlnet(base / "models" / "controlnet" / CONTROLNET_NAME)
+    if not (base / "input" / "paintings").is_dir():
+        make_style_folder(base / "input" / "paintings")
     if not (styles / "mystyle.safetensors").is_file():
         folder = base / "paintings"
         if not folder.is_dir():
@@ -135,9 +143,11 @@ def make_base(base: Path, ckpt: Path) -> Path:
 
 def in_comfyui(script: str, env: dict[str, str], *args: str) -> dict:
     """One of the real-host tests' in-process checks, under ComfyUI's python; its JSON report."""
+    from comfyui_env import comfyui_pythonpath
+
     comfy = os.environ["COMFYUI_DIR"]
     full = dict(os.environ, **env)
-    full["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""), comfy) if p)
+    full["PYTHONPATH"] = comfyui_pythonpath(comfy)
     proc = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), str(REPO / "tests" / script), *args],
                           cwd=comfy, env=full, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
@@ -217,17 +227,23 @@ def run_every_workflow(url: str, work: Path, photo: Path, mask: Path, steps: int
         "style_blend": dict(style=("mystyle.safetensors", "strong.safetensors:0.5", "third.safetensors:0.5")),
         "style_metrics": dict(style=("mystyle.safetensors",), style_image=style_image),
         "style_from_image": dict(style_image=style_image),
+        "layout_guard": dict(style=("mystyle.safetensors",), strength=1.0),  # denoise 1, the random ControlNet
         "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
+        "textual_inversion": dict(),  # the shipped prompt's embedding is absent: ComfyUI warns and samples
+        # one training step at 64 px: the node's cost per step is benchmarks/train_node_memory.py's
+        "train_style": dict(set=("Train style.folder=paintings", "Train style.name=gpu_check", "Train style.steps=1",
+                                 "Train style.resolution=64")),
     }
     check("every bundled workflow is covered", sorted(per_workflow) == bundled_workflows(), bundled_workflows())
     table = {}
     for name, extra in per_workflow.items():
         size = f"Content encode.max_side={pixels(photo).shape[0]}"
-        run(url, work / f"{name}.png", name, photo, steps, size, **extra)
+        sets = extra.pop("set", ())
+        run(url, work / f"{name}.png", name, photo, steps, size, *sets, **extra)
         if timed:
             peak = VramPeak(url)
             start = time.monotonic()
-            run(url, work / f"{name}.png", name, photo, steps, size, "Sampler.seed=4", **extra)
+            run(url, work / f"{name}.png", name, photo, steps, size, "Sampler.seed=4", *sets, **extra)
             table[name] = (time.monotonic() - start, peak.stop())
         say(f"ok   {name} ran")
     return table

@@ -8,6 +8,7 @@ from .metrics import StyleMetrics
 from .strength import StyleStrength
 from .style_image import StyleFromImage
 from .style_lora import LoadStyleLoRA, register_model_folders
+from .training import TrainStyle
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     "LoadStyleLoRA": LoadStyleLoRA,
@@ -17,6 +18,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "StyleMetrics": StyleMetrics,
     "StyleFromImage": StyleFromImage,
     "KeepPhotoColours": KeepPhotoColours,
+    "TrainStyle": TrainStyle,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "LoadStyleLoRA": "Load Style LoRA (Stylora)",
@@ -26,6 +28,7 @@ NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {
     "StyleMetrics": "Style Metrics (Stylora)",
     "StyleFromImage": "Style From Image (Stylora)",
     "KeepPhotoColours": "Keep Photo Colours (Stylora)",
+    "TrainStyle": "Train Style LoRA (Stylora)",
 }
 
 try:  # inside ComfyUI: make models/styles a model folder; elsewhere there is nothing to register

@@ -26,3 +26,15 @@ def load_pack(pack: str):
     sys.modules["stylora_pack"] = module
     spec.loader.exec_module(module)
     return module
+
+
+STANDIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchvision_standin")
+
+
+def comfyui_pythonpath(*extra: str) -> str:
+    """PYTHONPATH for a ComfyUI process: COMFYUI_PYTHONPATH (on CPU machines a torchvision stand-in), preceded by
+    tests/torchvision_standin where that holds a stand-in (ours also covers what the trainer's diffusers imports
+    need; a real torchvision is never shadowed), then `extra`."""
+    given = [p for p in os.environ.get("COMFYUI_PYTHONPATH", "").split(os.pathsep) if p]
+    standin = [STANDIN] if any(os.path.isdir(os.path.join(p, "torchvision")) for p in given) else []
+    return os.pathsep.join([*standin, *given, *(p for p in extra if p)])

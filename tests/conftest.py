@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from comfyui_env import comfyui_pythonpath
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,6 +104,11 @@ def sd15_controlnet(tmp_path_factory) -> Path:
     COMFYUI_SD15_CONTROLNET names an existing one instead."""
     if os.environ.get("COMFYUI_SD15_CONTROLNET"):
         return Path(os.environ["COMFYUI_SD15_CONTROLNET"])
+    return build_random_controlnet(tmp_path_factory.mktemp("controlnet") / CONTROLNET_NAME)
+
+
+def build_random_controlnet(path: Path) -> Path:
+    """Writes the random-weight SD1.5 ControlNet (see sd15_controlnet) to `path` (fp16 safetensors)."""
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
     from safetensors.torch import save_file
@@ -118,7 +124,6 @@ def sd15_controlnet(tmp_path_factory) -> Path:
         if k.startswith(("controlnet_down_blocks.", "controlnet_mid_block.")) and k.endswith(".weight"):
             v = torch.randn(v.shape, generator=gen) * 0.02
         state[k] = v.to(torch.float16).contiguous()
-    path = tmp_path_factory.mktemp("controlnet") / CONTROLNET_NAME
     save_file(state, str(path))
     return path
 
@@ -196,7 +201,7 @@ def comfyui_process(base: Path, *extra_args: str, log_name: str = "server.log", 
     import urllib.request
 
     env = dict(os.environ, STYLORA_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("COMFYUI_PYTHONPATH", ""),) if p)
+    env["PYTHONPATH"] = comfyui_pythonpath()
     port = _free_port()
     log = open(base / log_name, "w")
     proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", *(["--cpu"] if cpu else []),

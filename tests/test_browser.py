@@ -42,7 +42,7 @@ FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT", "")  # the newest fronte
 # (frontend, renderer): the pinned frontend, then the newest with its canvas and with its Vue node renderer.
 CONFIGS = [("1.27", "canvas"), ("new", "canvas"), ("new", "vue")]
 NAMES = ["style_transfer", "masked_style", "style_blend", "style_metrics", "style_from_image", "layout_guard",
-         "dreambooth", "textual_inversion"]
+         "dreambooth", "textual_inversion", "train_style"]
 
 # Node rectangles as the frontend lays them out ([x, y, w, h], title bar included), and overlapping pairs.
 OVERLAPS_JS = """() => {

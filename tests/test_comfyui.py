@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_env import comfyui_pythonpath
 from conftest import REPO, place_controlnet
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -30,8 +31,7 @@ def run_in_comfyui(script: Path, *args: str, limit_s: float) -> dict:
     import tempfile
 
     env = dict(os.environ)
-    extra = os.environ.get("COMFYUI_PYTHONPATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, COMFYUI_DIR, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = comfyui_pythonpath(COMFYUI_DIR, env.get("PYTHONPATH", ""))
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     with tempfile.TemporaryDirectory(prefix="comfy-base-") as base:
         env["COMFYUI_BASE_DIRECTORY"] = base
@@ -135,6 +135,7 @@ FAST = ("Sampler.steps=2", "Content encode.max_side=256")  # 256x256, 2 steps: a
 
 
 def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp_path):
+    import shutil
     import time
 
     import numpy as np
@@ -150,14 +151,20 @@ def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp
         "style_from_image": dict(style_image=str(REPO / "examples" / "stylora_style.jpg")),
         "layout_guard": dict(style=("mystyle.safetensors",), strength=1.0),  # denoise 1, the random ControlNet
         "dreambooth": dict(style=("sd15.safetensors",)),  # any SD1.5 checkpoint stands in for a DreamBooth one
+        "textual_inversion": dict(),  # the shipped prompt's embedding is absent: ComfyUI warns and samples
+        "train_style": dict(set=("Train style.folder=paintings", "Train style.name=headless", "Train style.steps=1",
+                                 "Train style.resolution=64")),
     }
+    shutil.copytree(comfy_server["base"] / "paintings", comfy_server["base"] / "input" / "paintings",
+                    dirs_exist_ok=True)
     assert sorted(per_workflow) == bundled_workflows()
     timings = {}
     for name, extra in per_workflow.items():
         ckpt = {} if name == "dreambooth" else {"checkpoint": "sd15.safetensors"}
         start = time.monotonic()
+        sets = FAST + extra.pop("set", ())
         cfg = RunConfig(content=str(photo), out=str(tmp_path / f"{name}.png"), server=comfy_server["url"],
-                        workflow=name, seed=1, set=FAST, timeout=600, **ckpt, **extra)
+                        workflow=name, seed=1, set=sets, timeout=600, **ckpt, **extra)
         result = run_workflow(cfg, poll=0.2)
         timings[name] = round(time.monotonic() - start, 1)
         assert not result.failed and (tmp_path / f"{name}.png").is_file(), result.failed
@@ -183,7 +190,8 @@ def test_every_bundled_workflow_runs_headless(comfy_server, sd15_controlnet, tmp
     assert ours == {"LoadStyleLoRA": "Load Style LoRA (Stylora)", "ContentEncode": "Content Encode (Stylora)",
                     "StyleStrength": "Style Strength (Stylora)", "MaskedStyleApply": "Masked Style Apply (Stylora)",
                     "StyleMetrics": "Style Metrics (Stylora)", "StyleFromImage": "Style From Image (Stylora)",
-                    "KeepPhotoColours": "Keep Photo Colours (Stylora)"}
+                    "KeepPhotoColours": "Keep Photo Colours (Stylora)",
+                    "TrainStyle": "Train Style LoRA (Stylora)"}
     assert sorted(json.loads(get("/api/workflow_templates")[1])["stylora"]) == bundled_workflows()
     for name in bundled_workflows():  # listed and served (ComfyUI serves only the first template folder)
         assert get(f"/api/workflow_templates/stylora/{name}.json")[0] == 200

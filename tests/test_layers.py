@@ -8,6 +8,9 @@ Layers on the same tier are siblings and do not import each other.
 Imports of the pack's own code belong at the top of the module. One inside a function is allowed only when it
 is marked `# heavy: <why>` (on its line or the line above): it defers a heavy optional dependency (diffusers,
 peft, accelerate) so that something light (e.g. `stylora --help`) stays fast.
+
+Nodes never reach into the trainer, with one exception (TRAINER_GATE): the Train Style LoRA node's module may import
+the trainer in exactly one marked function-level import, so listing the nodes in ComfyUI never loads it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("study",),
     ("cli", "__init__"),
 )
-# On top of the tier order: nodes sit on core and eval only; they never reach into the trainer.
+# On top of the tier order: nodes sit on core and eval only; they never reach into the trainer...
 FORBIDDEN = {("nodes", "trainer")}
+# ...except this one module, through exactly one marked import inside a function (see the module docstring).
+TRAINER_GATE = "stylora.nodes.training"
 NOT_PACKAGE = {"tests", "benchmarks", ".venv", ".git", ".ci", "examples"}
 TIER = {layer: tier for tier, layers in enumerate(LAYERS) for layer in layers}
 
@@ -109,13 +114,18 @@ def violations(root: Path) -> list[str]:
     for module, imports in graph.items():
         src = layer_of(module)
         where = modules[module].relative_to(root)
+        gate_lines = sorted({line for target, line, *_ in imports if layer_of(target) == "trainer"})
         for target, line, in_function, heavy in imports:
             dst = layer_of(target)
             if in_function and not heavy:
                 problems.append(f"{where}:{line}: imports {target} inside a function without a '# heavy:' reason")
             if dst == src:
                 continue
-            if (src, dst) in FORBIDDEN:
+            if (src, dst) == ("nodes", "trainer") and module == TRAINER_GATE:
+                if not in_function or line != gate_lines[0]:
+                    problems.append(f"{where}:{line}: {module} may import the trainer only once, inside a function "
+                                    f"(a marked '# heavy:' import), not again here ({target})")
+            elif (src, dst) in FORBIDDEN:
                 problems.append(f"{where}:{line}: {src} must not import {dst} ({target})")
             elif TIER[dst] >= TIER[src]:
                 problems.append(f"{where}:{line}: {src} imports {target}, which is not below it "
@@ -193,6 +203,32 @@ def test_a_bad_import_is_caught(tmp_path, file, line, expected):
     path = root / file
     path.write_text(path.read_text(encoding="utf-8") + "\n" + line, encoding="utf-8")
     assert any(expected in p for p in violations(root)), violations(root)
+
+
+@pytest.mark.parametrize("file, line, expected", [
+    ("nodes/training.py", "from ..trainer import config\n", "may import the trainer only once, inside a function"),
+    ("nodes/training.py", "def f():\n    # heavy: test\n    from ..trainer import loop\n",
+     "may import the trainer only once"),
+    ("nodes/training.py", "def f():\n    from ..trainer import loop\n", "without a '# heavy:' reason"),
+    ("nodes/mask.py", "def f():\n    # heavy: test\n    from ..trainer import lora\n", "nodes must not import trainer"),
+])
+def test_only_the_training_node_reaches_the_trainer_and_only_once(tmp_path, file, line, expected):
+    root = _copy_pack(tmp_path)
+    assert not violations(root)
+    path = root / file
+    path.write_text(path.read_text(encoding="utf-8") + "\n" + line, encoding="utf-8")
+    assert any(expected in p for p in violations(root)), violations(root)
+
+
+def test_the_training_node_imports_the_trainer_once_inside_its_run():
+    modules, graph = import_graph(REPO)
+    gate = {(t, line, in_function, heavy) for t, line, in_function, heavy in graph[TRAINER_GATE]
+            if layer_of(t) == "trainer"}
+    assert len({line for _, line, *_ in gate}) == 1  # one import statement
+    assert {(t, in_function, heavy) for t, _, in_function, heavy in gate} == {("stylora.trainer.lora", True, True)}
+    others = [m for m, imports in graph.items() if layer_of(m) == "nodes" and m != TRAINER_GATE
+              and any(layer_of(t) == "trainer" for t, *_ in imports)]
+    assert others == []
 
 
 def test_a_marked_heavy_import_inside_a_function_is_allowed(tmp_path):

@@ -16,7 +16,7 @@ def test_declarations_are_complete_without_comfyui():
     import stylora
 
     assert sorted(NODE_CLASS_MAPPINGS) == ["ContentEncode", "KeepPhotoColours", "LoadStyleLoRA", "MaskedStyleApply",
-                                           "StyleFromImage", "StyleMetrics", "StyleStrength"]
+                                           "StyleFromImage", "StyleMetrics", "StyleStrength", "TrainStyle"]
     assert set(NODE_CLASS_MAPPINGS) == set(NODE_DISPLAY_NAME_MAPPINGS)
     assert (REPO / stylora.WEB_DIRECTORY / "stylora.js").is_file()
     for cls in NODE_CLASS_MAPPINGS.values():

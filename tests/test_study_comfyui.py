@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from comfyui_env import comfyui_pythonpath
 from conftest import REPO, _free_port, count_calls, make_style_folder, skimage_photos
 from PIL import Image
 from test_comfyui import COMFYUI_DIR
@@ -37,7 +38,7 @@ def _start(base: Path, checkpoint: Path) -> tuple[subprocess.Popen, str]:
         (base / sub).mkdir(parents=True)
     (base / "custom_nodes" / "stylora").symlink_to(REPO)
     (base / "models" / "checkpoints" / "sd15.safetensors").symlink_to(checkpoint)
-    env = dict(os.environ, STYLORA_OFFLINE="1", PYTHONPATH=os.environ.get("COMFYUI_PYTHONPATH", ""))
+    env = dict(os.environ, STYLORA_OFFLINE="1", PYTHONPATH=comfyui_pythonpath())
     port = _free_port()
     log = open(base / "server.log", "w")  # noqa: SIM115 (open while the server runs)
     proc = subprocess.Popen([os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen",

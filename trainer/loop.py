@@ -35,6 +35,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf: the run stops before the bad step changes the weights."""
 
 
+class StopTraining(Exception):
+    """Raised by a step callback (`train_lora(on_step=...)`) to stop a run early, e.g. on a user's cancel: the loop
+    writes a checkpoint of the last completed step, as on Ctrl-C, and re-raises; the same run resumes from it."""
+
+
+# Called with (steps completed, total steps): once before the first step of a run (the resumed step, or 0) and after
+# every optimizer step. It may raise StopTraining to stop the run at that step.
+StepCallback = Callable[[int, int], None]
+
+
 @dataclass
 class TrainResult:
     output: Path  # the written LoRA file
@@ -127,7 +137,8 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
 
     Each optimizer step is `cfg.grad_accum` micro-steps; `micro_step(index, g)` returns the loss (a scalar tensor)
     of micro-batch `index` (global across processes) with all its randomness drawn from `g`. A checkpoint is
-    written every `cfg.checkpoint_every` steps and when interrupted (Ctrl-C), so `--resume` loses nothing.
+    written every `cfg.checkpoint_every` steps and when interrupted (Ctrl-C, or StopTraining raised by `after_step`),
+    so `--resume` loses nothing.
     """
     step = start_step
     try:
@@ -154,7 +165,7 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
                 checkpoints.save(step)
             if after_step is not None:
                 after_step(step)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopTraining):
         if step > start_step:
             checkpoints.save(step)
             logger.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)

@@ -24,13 +24,14 @@ from PIL import Image
 
 from ..core.files import atomic_write, scan_folder
 from ..core.images import ImageLoadError, load_image, resize_cover
-from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
+from ..core.lora_file import DTYPES, peft_to_kohya, read_metadata, save_lora
 from ..core.version import __version__
 from .base_model import load_base_model, resolve_source
-from .checkpoint import RunCheckpoints, start_or_resume
+from .checkpoint import RunCheckpoints, checkpoint_root, complete_checkpoints, start_or_resume
 from .config import LoraTrainConfig
 from .dataset import BatchOrder, StyleDataset, batch_latents, encode_latents, encode_prompt, load_style_dataset
 from .loop import (
+    StepCallback,
     TrainProgress,
     TrainResult,
     add_lora_adapters,
@@ -39,6 +40,7 @@ from .loop import (
     start_accelerator,
     train_steps,
 )
+from .loop import StopTraining as StopTraining  # re-exported: what a host's on_step raises to stop a run
 from .losses import denoising_loss, perceptual_net, perceptual_terms
 
 logger = logging.getLogger(__name__)
@@ -50,11 +52,13 @@ RESUME_INVARIANTS = ("data", "base_model", "base_config", "trigger", "use_captio
 
 
 def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-               perceptual: torch.nn.Module | None = None) -> TrainResult:
+               perceptual: torch.nn.Module | None = None, on_step: StepCallback | None = None) -> TrainResult:
     """Train a style LoRA as `cfg` says and write it to `cfg.output`. See LoraTrainConfig for every knob.
 
     `perceptual` may supply the LPIPS + Gram loss network (eval.metrics.PerceptualLoss) used when
     cfg.lpips_weight or cfg.style_weight > 0; by default it is built from the published weights.
+    `on_step(done, total)` is called before the first step and after every step (a host's progress bar); raising
+    StopTraining from it stops the run with a checkpoint of the last completed step (see trainer/loop.py).
     """
     t_start = time.time()
     cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
@@ -145,16 +149,20 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
             loss = loss + (cfg.lpips_weight * lp.sum() + cfg.style_weight * gram.sum()) / len(ids)
         return loss
 
-    def preview(step: int) -> None:
+    def after_step(step: int) -> None:
         if cfg.preview_every and step % cfg.preview_every == 0 and accelerator.is_main_process:
             _save_preview(cfg, base, accelerator.unwrap_model(unet), output, step)
+        if on_step is not None:
+            on_step(step, cfg.steps)
 
-    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints, previews.
+    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints, previews, progress.
     track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "Training style LoRA", show, cfg.log_with,
                           enabled=accelerator.is_main_process)
     unet.train()
+    if on_step is not None:
+        on_step(start_step, cfg.steps)
     step = train_steps(accelerator, unet, lora_params, optimizer, lr_schedule, checkpoints, track, cfg, start_step,
-                       micro_step, preview)
+                       micro_step, after_step)
 
     # 11. Write the LoRA in kohya layout with its metadata and the resource record.
     def write_lora(seconds: float, peak_mb: float) -> None:
@@ -165,6 +173,48 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
 
     return finish_run(accelerator, checkpoints, track, cfg, "style_lora", start_step, step, t_start, dataset.skipped,
                       write_lora)
+
+
+def train_or_reuse(cfg: LoraTrainConfig, *, progress: bool = True, on_step: StepCallback | None = None
+                   ) -> TrainResult | None:
+    """Make sure `cfg.output` holds the style `cfg` describes, training only what is missing: a finished file trained
+    with these settings on these images is kept (returns None: nothing trained); an unfinished run of these settings
+    continues from its newest checkpoint; otherwise a fresh run. A finished file or an unfinished run of other
+    settings is an error naming the differences (never replaced). `on_step` as in train_lora."""
+    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))
+    output = Path(cfg.output)
+    # 1. A finished file: reused when its recorded settings and images are these.
+    if output.exists():
+        meta = read_metadata(output)
+        differ = changed_settings(json.loads(meta.get("stylora.config", "{}")), cfg, tuple(cfg.to_dict()))
+        if differ:
+            raise FileExistsError(f"{output} was trained with other settings ({differ}); choose another output "
+                                  "name, or delete the file to train it again")
+        dataset = load_style_dataset(cfg.data, cfg.resolution, cfg.crop, cfg.trigger, cfg.use_captions,
+                                     cfg.min_images, cfg.max_image_pixels)
+        if meta.get("stylora.dataset_fingerprint") != dataset.fingerprint:
+            raise FileExistsError(f"{output} was trained on other images than those now in {cfg.data}; choose "
+                                  "another output name, or delete the file to train it again")
+        logger.info("%s: finished with these settings and images, reused", output)
+        if on_step is not None:
+            on_step(cfg.steps, cfg.steps)
+        return None
+    # 2. An unfinished run: continued when it has these settings (train_lora checks the images).
+    done = complete_checkpoints(checkpoint_root(output))
+    if done:
+        info = json.loads((done[-1][1] / "info.json").read_text(encoding="utf-8"))
+        differ = changed_settings(info.get("config", {}), cfg, RESUME_INVARIANTS)
+        if differ:
+            raise FileExistsError(f"{checkpoint_root(output)} holds an unfinished run with other settings ({differ}); "
+                                  "use its settings to continue it, or delete that folder to start again")
+    return train_lora(cfg, resume=bool(done), progress=progress, on_step=on_step)
+
+
+def changed_settings(saved: dict[str, Any], cfg: LoraTrainConfig, names: tuple[str, ...]) -> str:
+    """The settings among `names` (except the output path) whose saved value differs from `cfg`'s, as
+    "name: saved -> now" pairs; "" when none does."""
+    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as they were saved
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in names if k != "output" and saved.get(k) != now[k])
 
 
 def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int, seconds: float) -> dict[str, str]:

@@ -196,6 +196,7 @@ DESCRIPTIONS = {
     "layout_guard": "Layout guard: strength up to denoise 1 while a Canny ControlNet holds the photo's edges.",
     "dreambooth": "DreamBooth baseline: the same photo styled by a DreamBooth checkpoint, for comparison.",
     "textual_inversion": "Textual Inversion baseline: the style as a learned prompt word, embedding:<name>.",
+    "train_style": "Train a style: a folder of paintings in, a style LoRA out, then the photo styled with it.",
 }
 
 
@@ -416,10 +417,34 @@ Headless: stylora run ... --workflow textual_inversion --content photo.jpg \
     return layout([n[1], n[6], n[7]], [n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
 
 
+def train_style() -> list[Node]:
+    n = _nodes()
+    train = Node(12, "TrainStyle", roles.TRAIN.title, (0, 0), {"ckpt_name": CHECKPOINT, "folder": "paintings",
+                                                             "name": "my_style"},
+                 {"model": (1, 0), "clip": (1, 1)}, size=(320, 330))
+    n[3].links = {"model": (12, 0), "clip": (12, 1)}
+    n[4].links = {"clip": (3, 2)}  # the trained style is promptless: the positive prompt stays empty
+    n[10].values["filename_prefix"] = "stylora/trained"
+    text = note_for("train_style", """\
+1. Put 5+ paintings (50-100 for a good style) in ComfyUI/input/paintings/ (or another folder there, named in
+   `folder`); broken and tiny files are skipped and listed in the log.
+2. Train Style LoRA: the same checkpoint as Load Checkpoint, a name, and the trainer's settings
+   (6000 steps at 512 px suit 50-100 paintings; `stylora train lora`'s defaults for everything else).
+   It writes models/styles/<name>.safetensors; Load Style LoRA lists it from then on.
+3. Queue. The node's bar counts the steps. Cancel stops after the current step and keeps a checkpoint:
+   queue again to continue. Queued again when finished, the style is reused, not trained again.
+4. The photo below is styled with the new style through Style Strength, as in style_transfer.
+Training runs where ComfyUI runs (a GPU: 512 px on a 16 GB T4; a CPU: very slow; see README).
+
+Headless: stylora run --workflow train_style --content photo.jpg --set "Train style.name=monet" \
+--set "Train style.folder=paintings/monet" --out out.png""")
+    return layout([n[1], train], [n[6], n[7]], [n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
+
+
 WORKFLOWS = {"style_transfer": style_transfer, "masked_style": masked_style, "style_blend": style_blend,
              "style_metrics": style_metrics, "style_from_image": style_from_image, "layout_guard": layout_guard,
              "dreambooth": dreambooth,
-             "textual_inversion": textual_inversion}  # first steps to advanced
+             "textual_inversion": textual_inversion, "train_style": train_style}  # first steps to advanced
 
 
 def ui_workflow(name: str, schema: dict[str, dict]) -> dict[str, Any]:
@@ -476,7 +501,8 @@ THUMB_TITLES = {"style_transfer": ("Style transfer", "photo", "styled"),
                 "style_from_image": ("Style from a painting", "painting", "styled"),
                 "layout_guard": ("Layout guard", "photo edges", "styled, layout kept"),
                 "dreambooth": ("DreamBooth baseline", "photo", "DreamBooth"),
-                "textual_inversion": ("Textual Inversion", "photo", "embedding")}
+                "textual_inversion": ("Textual Inversion", "photo", "embedding"),
+                "train_style": ("Train a style", "paintings", "styled")}
 
 
 def make_thumbnails() -> None:
@@ -497,6 +523,16 @@ def make_thumbnails() -> None:
         flat = ImageOps.grayscale(ImageOps.posterize(photo.filter(ImageFilter.ModeFilter(7)), 3))
         return Image.blend(photo, ImageOps.colorize(flat, palette[0], palette[2], palette[1]), 0.75)
 
+    def paintings(size: int) -> Image.Image:
+        """Four small 'paintings' in the style's palette: crops of the example photo, painted."""
+        full = painted(style).resize((size * 2, size * 2), Image.Resampling.LANCZOS)
+        grid = Image.new("RGB", (size, size), (255, 255, 255))
+        half = size // 2 - 2
+        for i, (x, y) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            tile = full.crop((x * size, y * size, x * size + size, y * size + size)).resize((half, half))
+            grid.paste(tile.rotate(90 * i), (x * (half + 4), y * (half + 4)))
+        return grid
+
     def bars() -> Image.Image:
         panel = Image.new("RGB", (side, side), (245, 245, 245))
         d = ImageDraw.Draw(panel)
@@ -509,14 +545,16 @@ def make_thumbnails() -> None:
              "style_blend": Image.fromarray(np.concatenate([np.asarray(painted(style))[:, : side // 2],
                                                             np.asarray(painted(other))[:, side // 2:]], 1)),
              "style_metrics": bars(), "style_from_image": painted(style), "dreambooth": painted(other),
-             "layout_guard": painted(style), "textual_inversion": painted(other)}
+             "layout_guard": painted(style), "textual_inversion": painted(other),
+             "train_style": painted(style)}
     left = {"masked_style": Image.composite(Image.new("RGB", photo.size, (255, 255, 255)), photo,
                                             mask.point(lambda v: v // 2)),
             "style_metrics": painted(style),
             "style_from_image": Image.open(out / "stylora_style.jpg").convert("RGB").resize(
                 (side, side), Image.Resampling.LANCZOS),
             "layout_guard": ImageOps.invert(photo.convert("L").filter(ImageFilter.FIND_EDGES).point(
-                lambda v: 255 if v > 40 else 0)).convert("RGB")}
+                lambda v: 255 if v > 40 else 0)).convert("RGB"),
+            "train_style": paintings(side)}
     for name, (title, left_label, right_label) in THUMB_TITLES.items():
         canvas = Image.new("RGB", (256, 176), (255, 255, 255))
         d = ImageDraw.Draw(canvas)

@@ -37,6 +37,7 @@ from .roles import (
     STYLE,
     STYLE_CHECKPOINT,
     STYLE_IMAGE,
+    TRAIN,
     WorkflowError,
     find,
     node_titled,
@@ -245,6 +246,8 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
         require(g, COLOURS, cfg.workflow)["inputs"]["amount"] = cfg.keep_colours
     if cfg.checkpoint is not None:
         require(g, CHECKPOINT, cfg.workflow)["inputs"]["ckpt_name"] = cfg.checkpoint
+        if find(g, TRAIN) is not None:  # a style trained in the graph is trained on the checkpoint it samples with
+            find(g, TRAIN)["inputs"]["ckpt_name"] = cfg.checkpoint
     if style_image_name is not None:
         require(g, STYLE_IMAGE, cfg.workflow)["inputs"]["image"] = style_image_name
     for item in cfg.set:

@@ -28,7 +28,8 @@ SAMPLER = Role("Sampler", "the sampler whose seed/denoise --seed/--strength set"
 STYLE_IMAGE = Role("Style image", "the LoadImage node that takes --style-image")
 COLOURS = Role("Keep colours", "the Keep Photo Colours node whose amount --keep-colours sets")
 CONTROLNET = Role("ControlNet", "the ControlNetLoader whose file --controlnet names (layout_guard)")
-ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE, COLOURS, CONTROLNET)
+TRAIN = Role("Train style", "the Train Style LoRA node, which trains on the checkpoint --checkpoint names")
+ROLES = (CHECKPOINT, STYLE, STYLE_CHECKPOINT, STRENGTH, CONTENT, SAMPLER, STYLE_IMAGE, COLOURS, CONTROLNET, TRAIN)
 
 
 def node_titled(graph: dict[str, dict], title: str) -> dict | None:
