@@ -101,5 +101,6 @@ def test_describe_summarises_modules_rank_parameters_and_metadata_in_order(tmp_p
         "  stylora.config (training settings):", "    lr: 0.0001"]
     bare = save_lora(tmp_path / "bare.safetensors", {"x.lora_down.weight": torch.ones(1, 1)}, {})
     assert describe(bare).splitlines()[1:] == [
-        "  calibration: none (Style Strength uses its default ramps; stylora calibrate measures one)", "  (no metadata)"]
+        "  calibration: none (Style Strength uses its default ramps; stylora calibrate measures one)",
+        "  (no metadata)"]
     assert describe(bare).startswith("bare.safetensors: 0 modules, rank ?, 1 parameters (float32)")
