@@ -101,6 +101,38 @@ def test_bad_calibrations_are_named():
     assert read_calibration({}) is None
 
 
+def test_out_of_range_inputs_are_refused_on_every_path():
+    """Strengths and max_denoise outside 0..1 and SSIM outside -1..1 are named, also where no style is calibrated."""
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=f"strength must be in 0..1, got {bad}"):
+            style_schedule(bad)
+        with pytest.raises(ValueError, match=f"strength must be in 0..1, got {bad}"):
+            blend_strength(bad, [])  # uncalibrated: today's ramps, still validated
+    with pytest.raises(ValueError, match="max_denoise must be in 0..1, got 1.5"):
+        style_schedule(0.5, max_denoise=1.5)
+    with pytest.raises(ValueError, match="SSIM values must be finite, in -1..1"):
+        Calibration(strengths=(0.0, 1.0), ssim=(1.5, 0.5))
+    with pytest.raises(ValueError, match="SSIM values must be finite, in -1..1"):
+        Calibration(strengths=(0.0, 1.0), ssim=(0.5, -1.5))
+    assert Calibration(strengths=(0.0, 1.0), ssim=(1.0, -1.0)).ssim == (1.0, -1.0)  # the bounds themselves are valid
+
+
+def test_pooling_averages_a_run_of_rising_values_by_their_counts():
+    """Pool-adjacent-violators on 0.5, 0.6, 0.7: all three pooled to their mean 0.6 (a pooled block of two, worth
+    two, merged with one more), by hand."""
+    assert decreasing_fit([0.5, 0.6, 0.7]) == pytest.approx([0.6, 0.6, 0.6])
+    assert decreasing_fit([0.9, 0.5, 0.6, 0.7, 0.2]) == pytest.approx([0.9, 0.6, 0.6, 0.6, 0.2])
+    # two pooled blocks of two merged: (0.4 x 2 + 0.5 x 2) / 4, the mean of all four values
+    assert decreasing_fit([0.3, 0.5, 0.4, 0.6]) == pytest.approx([0.45] * 4)
+
+
+def test_a_strength_too_small_to_move_the_goal_maps_to_zero():
+    """strength 1e-18 leaves the goal at the curve's top in floating point: no segment holds it strictly below the
+    top, so the remap is 0 (not an index past the curve)."""
+    cal = Calibration(strengths=(0.0, 0.5, 1.0), ssim=(0.9, 0.9, 0.3))
+    assert calibrated_strength(1e-18, cal) == 0.0
+
+
 # --- the style file ---------------------------------------------------------------------------------------------
 
 

@@ -124,3 +124,11 @@ def test_every_bundled_workflow_keeps_colours_on_the_way_to_save_and_run_sets_th
         assert substitute(graph, cfg, "p.png", None)[colours[0]]["inputs"]["amount"] == 0.8
     with pytest.raises(ValueError, match="keep_colours must be in 0..1, got 2"):
         RunConfig(content="p.png", out="o.png", keep_colours=2.0)
+
+
+def test_tensors_that_are_not_image_batches_are_named():
+    photo, styled = images(3)
+    with pytest.raises(ValueError, match=r"must be IMAGE \[B, H, W, 3\], got \(24, 24, 3\)"):
+        keep_colours(photo[0], styled, 1.0)
+    with pytest.raises(ValueError, match=r"must be IMAGE \[B, H, W, 3\]"):
+        keep_colours(photo, styled[..., :2], 1.0)
