@@ -23,20 +23,12 @@ from __future__ import annotations
 import torch
 
 LUMA = (0.299, 0.587, 0.114)  # BT.601 luma weights (Y'CbCr of JPEG; the Y of YIQ)
-CB = (-0.168736, -0.331264, 0.5)  # BT.601 full-range chroma rows (JPEG), for reporting chroma
-CR = (0.5, -0.418688, -0.081312)
 
 
 def luma(image: torch.Tensor) -> torch.Tensor:
     """IMAGE [..., 3] in 0..1 (gamma-encoded sRGB) -> luma Y' [..., 1] in 0..1 (BT.601)."""
     weights = torch.tensor(LUMA, dtype=image.dtype, device=image.device)
     return (image * weights).sum(-1, keepdim=True)
-
-
-def chroma(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE [..., 3] in 0..1 -> (Cb, Cr) [..., 2] in -0.5..0.5 (BT.601 full range, the JPEG convention)."""
-    rows = torch.tensor((CB, CR), dtype=image.dtype, device=image.device)
-    return image @ rows.T
 
 
 def keep_colours(photo: torch.Tensor, styled: torch.Tensor, amount: float = 1.0) -> torch.Tensor:
