@@ -275,7 +275,7 @@ def test_textual_inversion_embedding_changes_the_conditioning_in_comfyui(sd15_ch
                                                    batch_size=1, min_images=1, checkpoint_every=0, num_vectors=2),
                             progress=False)
     report = run_in_comfyui(REPO / "tests" / "comfyui_check_embedding.py", str(sd15_checkpoint), str(embeddings),
-                            "myti")
+                            "myti", limit_s=600)  # a checkpoint load and two text encodes: a minute here
     assert report["injected"] == 2 and report["injected_equal_file"]  # both vectors, as stored, in the prompt
     assert report["shape"] == [1, 77, 768] and report["max_diff"] > 1e-3
     assert report["warnings_with"] == []  # no "embedding:myti does not exist" nor a load error

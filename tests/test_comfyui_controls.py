@@ -66,7 +66,8 @@ def test_calibrated_style_loads_and_style_strength_reports_the_calibrated_mappin
     cal = Calibration(strengths=(0.0, 0.5, 1.0), ssim=(0.95, 0.45, 0.35))
     update_metadata(loras / "calibrated.safetensors", {CALIBRATION_KEY: cal.to_json()})
     report = run_in_comfyui(REPO / "tests" / "comfyui_check_calibration.py", str(REPO), str(sd15_checkpoint),
-                            str(loras), "calibrated.safetensors", "plain.safetensors")
+                            str(loras), "calibrated.safetensors", "plain.safetensors",
+                            limit_s=600)  # a checkpoint load and two LoRA applications: about a minute here
     assert report["unmapped"] == [] and report["stock_patched"] == 128
     assert report["info_calibrated"] and report["style_calibrated"] and not report["plain_info_calibrated"]
     assert report["denoise"] == pytest.approx(0.225) and report["guard"] == pytest.approx(0.225)
