@@ -132,3 +132,13 @@ def test_tensors_that_are_not_image_batches_are_named():
         keep_colours(photo[0], styled, 1.0)
     with pytest.raises(ValueError, match=r"must be IMAGE \[B, H, W, 3\]"):
         keep_colours(photo, styled[..., :2], 1.0)
+
+
+def test_node_declares_two_images_and_an_amount_from_zero_to_one():
+    """What the canvas draws: content and styled IMAGE sockets, the amount widget 0..1 in steps of 0.05, default 1
+    (the node's purpose is the photo's colours)."""
+    required = KeepPhotoColours.INPUT_TYPES()["required"]
+    assert list(required) == ["content", "styled", "amount"]
+    assert required["content"][0] == required["styled"][0] == "IMAGE"
+    kind, opts = required["amount"]
+    assert kind == "FLOAT" and (opts["default"], opts["min"], opts["max"], opts["step"]) == (1.0, 0.0, 1.0, 0.05)
