@@ -8,16 +8,7 @@ import json
 import logging
 import sys
 
-from comfyui_env import load_pack, start_comfy
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+from comfyui_env import Collect, load_pack, start_comfy
 
 
 def main(pack: str, ckpt: str, lora_dir: str, calibrated: str, uncalibrated: str) -> None:

@@ -9,16 +9,7 @@ import json
 import logging
 import sys
 
-from comfyui_env import start_comfy
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
+from comfyui_env import Collect, start_comfy
 
 
 def main(ckpt: str, embeddings: str, name: str) -> None:

@@ -1,8 +1,20 @@
 """Shared start of the scripts that run under ComfyUI's python (tests/comfyui_check_*.py)."""
 
 import importlib.util
+import logging
 import os
 import sys
+
+
+class Collect(logging.Handler):
+    """Keeps every log message ComfyUI emits while attached (what the checks report as warnings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def start_comfy() -> None:
