@@ -55,6 +55,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"stylora: error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_trainer_arguments(parser: argparse.ArgumentParser, config: type, resume_help: str) -> None:
+    """What every `stylora train` recipe takes: --config, --resume, --overwrite, --no-progress, then its settings."""
+    parser.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    add_config_arguments(parser, config)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="stylora", description="Stylora: style LoRAs for Stable Diffusion 1.5")
     parser.add_argument("--version", action="version", version=f"stylora {__version__}")
@@ -65,31 +74,19 @@ def make_parser() -> argparse.ArgumentParser:
     train_sub = train.add_subparsers(dest="what", required=True)
     lora = train_sub.add_parser("lora", help="train a style LoRA from a folder of paintings",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    lora.add_argument("--config", help="JSON or TOML file of settings; flags override it")
-    lora.add_argument("--resume", action="store_true",
-                      help="continue from the newest complete checkpoint next to --output")
-    lora.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
-    lora.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(lora, LoraTrainConfig)
+    add_trainer_arguments(lora, LoraTrainConfig,
+                          resume_help="continue from the newest complete checkpoint next to --output")
     db = train_sub.add_parser("dreambooth", help="DreamBooth with prior preservation (the comparison baseline)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Writes a single-file SD1.x checkpoint (or, with --lora, a DreamBooth-LoRA) "
                                           "and <output>.resources.json with its training cost.")
-    db.add_argument("--config", help="JSON or TOML file of settings; flags override it")
-    db.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    db.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
-    db.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(db, DreamBoothConfig)
+    add_trainer_arguments(db, DreamBoothConfig, resume_help="continue from the newest complete checkpoint")
     ti = train_sub.add_parser("textual-inversion", help="Textual Inversion: a style token embedding (Gal et al. 2023)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Writes an embedding (.safetensors, key emb_params) that ComfyUI loads as "
                                           "embedding:<name> from models/embeddings, A1111 as <name>, diffusers with "
                                           "load_textual_inversion; and <output>.resources.json.")
-    ti.add_argument("--config", help="JSON or TOML file of settings; flags override it")
-    ti.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    ti.add_argument("--overwrite", action="store_true", help="replace an existing --output and its checkpoints")
-    ti.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
-    add_config_arguments(ti, TextualInversionConfig)
+    add_trainer_arguments(ti, TextualInversionConfig, resume_help="continue from the newest complete checkpoint")
     costs = sub.add_parser("costs", help="compare training costs from <output>.resources.json records")
     costs.add_argument("records", nargs="+", metavar="FILE", help="*.resources.json written by the trainers")
     costs.add_argument("--out", help="also write the table to this Markdown file")
