@@ -48,3 +48,18 @@ def _report(missing: list[str], used_by: str) -> bool:
             logger.warning("Stylora: ComfyUI has no %s, which %s needs (tested with %s); this node may fail or "
                            "behave differently on this ComfyUI version", piece, used_by, TESTED_WITH)
     return not missing
+
+
+# === Model folders and file lookups (folder_paths) ===========================================================
+
+
+# === LoRA patches on ModelPatcher and CLIP (Load Style LoRA, Style Strength) =================================
+
+
+# === The VAE (Content Encode's float32 copy) ==================================================================
+
+
+# === Devices, progress, Cancel and memory (Style Metrics, Train Style) ========================================
+
+
+# === Attention patches and the model wrapper (Style From Image) ===============================================
