@@ -1,7 +1,7 @@
 """Published weights of the feature networks behind the metrics, found where users already have them.
 
-Search order for a file: inside ComfyUI its `models/stylora_metrics/` folder (folder_paths key
-"stylora_metrics", registered by the node pack), $STYLORA_WEIGHTS_DIR, the torch hub cache
+Search order for a file: the host application's folders for them (inside ComfyUI its `models/stylora_metrics/`,
+which the node pack registers and hands here with `use_host_folders`), $STYLORA_WEIGHTS_DIR, the torch hub cache
 (`torch.hub.get_dir()/checkpoints`, where torchvision, lpips and pytorch-fid put them), then the packages that
 vendor small ones (torchmetrics and lpips ship the LPIPS linear heads). Missing files are downloaded (into the
 first of those folders) unless STYLORA_OFFLINE=1, at most once per process: a failed download is remembered, so
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ class WeightsUnavailable(RuntimeError):
     """A metric's pretrained weights are not on this machine and could not be downloaded."""
 
 
-METRICS_FOLDER_KEY = "stylora_metrics"  # ComfyUI folder_paths key of models/stylora_metrics
 _FAILED_DOWNLOADS: dict[str, str] = {}  # file name -> why its download failed, for the rest of the process
 
 
@@ -56,15 +56,17 @@ LPIPS_LINEAR = {
 }
 
 
-def search_dirs() -> list[Path]:
-    dirs = []
-    try:  # inside ComfyUI: its models folder for these files comes first
-        import folder_paths
+_host_folders: list[Callable[[], list[str]]] = []  # the host application's lookup of its folders for these files
 
-        if METRICS_FOLDER_KEY in folder_paths.folder_names_and_paths:
-            dirs += [Path(d) for d in folder_paths.get_folder_paths(METRICS_FOLDER_KEY)]
-    except ImportError:
-        pass
+
+def use_host_folders(folders: Callable[[], list[str]]) -> None:
+    """Search the folders `folders()` returns (asked at each lookup) first: a host application's place for these
+    files (the ComfyUI node pack passes its models/stylora_metrics lookup)."""
+    _host_folders[:] = [folders]
+
+
+def search_dirs() -> list[Path]:
+    dirs = [Path(d) for folders in _host_folders for d in folders()]
     if os.environ.get("STYLORA_WEIGHTS_DIR"):
         dirs.append(Path(os.environ["STYLORA_WEIGHTS_DIR"]))
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")

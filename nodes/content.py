@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .host import has_attrs, has_module
+from .host import float32_vae
 
 logger = logging.getLogger(__name__)
 
@@ -172,12 +172,9 @@ class ContentEncode:
         }
 
     def _fp32_vae(self, vae: Any) -> Any:
-        import comfy.sd
-
-        has_module("comfy.sd", "VAE", used_by="Content Encode (float32 retry)")
-        has_attrs(vae, "VAE", "get_sd", used_by="Content Encode (float32 retry)")
+        """The float32 copy of `vae`, built once per VAE the node is given (it takes a VAE's memory)."""
         if self._fp32 is None or self._fp32[0] != id(vae):
-            self._fp32 = (id(vae), comfy.sd.VAE(sd=vae.get_sd(), dtype=torch.float32))
+            self._fp32 = (id(vae), float32_vae(vae))
         return self._fp32[1]
 
     def encode(self, image: torch.Tensor, vae: Any, max_side: int, size_multiple: int, rounding: str,

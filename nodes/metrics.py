@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..eval.scoring import append_csv, format_scores, json_safe, load_nets, score_images
-from .host import has_module
+from .host import torch_device
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class StyleMetrics:
 
     def measure(self, content: torch.Tensor, styled: torch.Tensor, style: torch.Tensor | None = None,
                 style_folder: str = "", csv_path: str = "", label: str = ""):
-        device = _device()
+        device = torch_device()
         # 1. Networks, looked up once per node: what is missing stays listed as unavailable, not retried each run.
         if self._unavailable is None:
             self._nets, self._unavailable = load_nets(set(METRIC_CHOICES))
@@ -87,10 +87,3 @@ class StyleMetrics:
                                           "images": scores["images"], **scores["metrics"]})
         return {"ui": {"text": [text], "stylora_metrics": [scores]}, "result": (text, as_json)}
 
-
-def _device() -> torch.device:
-    if has_module("comfy.model_management", "get_torch_device", used_by="Style Metrics"):
-        import comfy.model_management
-
-        return comfy.model_management.get_torch_device()
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

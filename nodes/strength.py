@@ -28,32 +28,10 @@ from ..core.strength_rule import (
     guard_weight,
     style_schedule,
 )
-from .host import has_attrs
+from .host import CALIBRATION_ATTACHMENT, STYLE_ATTACHMENT, attachment, rescale_clip_style, scaled_clone
 from .style_image import INJECTION_ATTACHMENT, rescale_injection
 
-STYLE_ATTACHMENT = "stylora_style_adapters"  # ModelPatcher attachment: the patch adapters LoadStyleLoRA added
-# ModelPatcher attachment: one (calibration JSON or None, patch strength) per style LoadStyleLoRA applied
-CALIBRATION_ATTACHMENT = "stylora_style_calibrations"
-
-
-def scale_patches(patches: dict[str, list[tuple]], ours: set[int], factor: float) -> dict[str, list[tuple]]:
-    """ComfyUI patch lists with the strength of our patches (adapter id in `ours`) multiplied by `factor`.
-
-    A patch is (strength_patch, adapter, strength_model, offset, function); factor 0 drops ours altogether,
-    so the result is exactly the patches the model had before the style. Other patches are kept as they are.
-    """
-    out: dict[str, list[tuple]] = {}
-    for key, plist in patches.items():
-        new = []
-        for p in plist:
-            if id(p[1]) in ours:
-                if factor == 0:
-                    continue
-                p = (p[0] * factor, *p[1:])
-            new.append(p)
-        if new:
-            out[key] = new
-    return out
+USED_BY = "Style Strength"
 
 
 class StyleStrength:
@@ -102,17 +80,15 @@ class StyleStrength:
 
     def apply(self, model: Any, strength: float, max_denoise: float = 0.75, clip: Any = None,
               use_calibration: bool = True):
-        import uuid
-
         # 1. Which patches are the style's: LoadStyleLoRA records its adapters on the model.
-        ours = model.get_attachment(STYLE_ATTACHMENT) if hasattr(model, "get_attachment") else None
-        injection = model.get_attachment(INJECTION_ATTACHMENT) if hasattr(model, "get_attachment") else None
+        ours = attachment(model, STYLE_ATTACHMENT, USED_BY)
+        injection = attachment(model, INJECTION_ATTACHMENT, USED_BY)
         if not ours and injection is None:
             raise ValueError("StyleStrength: model has no style applied by Load Style LoRA or Style From Image "
                              "(Stylora); connect the model output of one of them")
         style_schedule(strength, max_denoise)  # validates both before anything is read
         # 2. A calibrated style (or blend) remaps the strength first; uncalibrated ones keep today's ramps.
-        recorded = model.get_attachment(CALIBRATION_ATTACHMENT) if hasattr(model, "get_attachment") else None
+        recorded = attachment(model, CALIBRATION_ATTACHMENT, USED_BY)
         styles = [(Calibration.from_json(c) if c else None, w) for c, w in (recorded or ())]
         if injection is not None:
             styles.append((None, 1.0))  # Style From Image has no calibration
@@ -122,20 +98,11 @@ class StyleStrength:
         how = "calibrated" if calibrated else ("uncalibrated" if use_calibration else "calibration off")
         mapping = (f"strength {strength:.3f} -> {how}: raw strength {raw:.3f}, LoRA weight x{lora_scale:.3f}, "
                    f"denoise {denoise:.3f}, guard {guard:.3f}")
-        # 3. Rescale on a clone (the input model stays as it is) and give it a new patches_uuid, so ComfyUI
+        # 3. Rescale on a clone (the input model stays as it is); the host gives it a new patches_uuid, so ComfyUI
         #    re-bakes the weights instead of reusing those of the unscaled model.
-        out = model.clone()
-        if ours:
-            has_attrs(model, "ModelPatcher", "patches", "patches_uuid", used_by="Style Strength")
-            out.patches = scale_patches(model.patches, {id(a) for a in ours}, lora_scale)
-            out.patches_uuid = uuid.uuid4()
+        out = scaled_clone(model, lora_scale, USED_BY)
         # 4. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
         rescale_injection(out, lora_scale)
         # 5. The same for the text encoder's style patches (LoRAs with lora_te_* keys), on a clone of the CLIP.
-        out_clip = clip
-        clip_ours = clip.patcher.get_attachment(STYLE_ATTACHMENT) if clip is not None else None
-        if clip_ours:
-            out_clip = clip.clone()
-            out_clip.patcher.patches = scale_patches(clip.patcher.patches, {id(a) for a in clip_ours}, lora_scale)
-            out_clip.patcher.patches_uuid = uuid.uuid4()
+        out_clip = clip if clip is None else rescale_clip_style(clip, lora_scale, USED_BY)
         return (out, denoise, out_clip, guard, mapping)

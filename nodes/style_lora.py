@@ -11,59 +11,31 @@ from typing import Any
 
 from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
 from ..core.strength_rule import read_calibration
-from ..eval.weights import METRICS_FOLDER_KEY
-from .host import has_attrs, has_module
-from .strength import CALIBRATION_ATTACHMENT, STYLE_ATTACHMENT
+from .host import (
+    CALIBRATION_ATTACHMENT,
+    STYLE_ATTACHMENT,
+    attach,
+    attachment,
+    clip_patcher,
+    load_lora,
+    lora_key_map,
+    sd15_mismatch,
+    style_adapters,
+    style_files,
+    style_path,
+    weight_shapes,
+)
 
-STYLE_FOLDER_KEY = "stylora"  # folder_paths key of models/styles (namespaced: ComfyUI has no generic "styles")
 NONE = "None"
+USED_BY = "Load Style LoRA"
 
 
-def style_files() -> list[str]:
-    """Style files ComfyUI can see: models/styles first, then models/loras (empty without ComfyUI)."""
-    try:
-        import folder_paths
-    except ImportError:
-        return []
-    names: list[str] = []
-    for key in (STYLE_FOLDER_KEY, "loras"):
-        if key in folder_paths.folder_names_and_paths:
-            names += [n for n in folder_paths.get_filename_list(key) if n not in names]
-    return names
-
-
-def style_path(name: str) -> str:
-    import folder_paths
-
-    for key in (STYLE_FOLDER_KEY, "loras"):
-        if key in folder_paths.folder_names_and_paths:
-            path = folder_paths.get_full_path(key, name)
-            if path:
-                return path
-    raise FileNotFoundError(f"LoadStyleLoRA: style {name!r} is in neither models/styles nor models/loras")
-
-
-def register_model_folders(folder_paths: Any) -> None:
-    """Add models/styles under the key 'stylora' and models/stylora_metrics (Style Metrics' network weights) under
-    'stylora_metrics', each merged with any extra_model_paths.yaml entry for its key."""
-    if not has_attrs(folder_paths, "folder_paths", "models_dir", "folder_names_and_paths", "supported_pt_extensions",
-                     used_by="the models/styles folder"):
-        return
-    for key, folder in ((STYLE_FOLDER_KEY, "styles"), (METRICS_FOLDER_KEY, "stylora_metrics")):
-        default = os.path.join(folder_paths.models_dir, folder)
-        entry = folder_paths.folder_names_and_paths.get(key)
-        if entry is None:
-            folder_paths.folder_names_and_paths[key] = ([default], set(folder_paths.supported_pt_extensions))
-        elif default not in entry[0]:
-            entry[0].append(default)
-
-
-def style_adapters(before: Any, after: Any) -> tuple:
-    """Adapters of the style patches on `after`: those recorded on `before` plus every patch `after` added."""
-    known = tuple(before.get_attachment(STYLE_ATTACHMENT) or ())
-    old = {id(p) for plist in before.patches.values() for p in plist}
-    added = tuple(p[1] for plist in after.patches.values() for p in plist if id(p) not in old)
-    return known + added
+def file_signature(path: str) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten or replaced under the same name: (inode, size, mtime, ctime) in ns.
+    The mtime alone misses a copy that keeps the old file's time (cp -p, sync tools, an unpacked archive); ctime
+    and the inode change with every write or rename onto the name."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class LoadStyleLoRA:
@@ -87,7 +59,7 @@ class LoadStyleLoRA:
                    "instead of being half-applied.")
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, float], tuple[dict, dict]] = {}  # (path, mtime) -> (tensors, metadata)
+        self._cache: dict[tuple, tuple[dict, dict]] = {}  # (path, file_signature) -> (tensors, metadata)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -115,32 +87,23 @@ class LoadStyleLoRA:
         keys = []
         for name in names:
             path = style_path(name)
-            keys.append((path, os.path.getmtime(path)))
+            keys.append((path, file_signature(path)))
         self._cache = {k: self._cache[k] if k in self._cache else read_lora(k[0]) for k in keys}
         return [self._cache[k] for k in keys]
 
     def load(self, model, clip, style: str, strength: float, style_2: str = NONE, weight_2: float = 1.0,
              style_3: str = NONE, weight_3: float = 1.0):
-        import comfy.lora
-        import comfy.sd
-        import comfy.supported_models
-
-        has_module("comfy.lora", "model_lora_keys_unet", "model_lora_keys_clip", used_by="Load Style LoRA")
-        has_module("comfy.sd", "load_lora_for_models", used_by="Load Style LoRA")
-        has_module("comfy.supported_models", "SD15", used_by="Load Style LoRA")
         # 1. Only SD1.5: the styles' layers and widths are SD1.5's.
-        config = model.model.model_config
-        if not isinstance(config, comfy.supported_models.SD15):
-            raise ValueError(f"LoadStyleLoRA: the model is {type(config).__name__}; Stylora styles are for SD1.5 "
+        other = sd15_mismatch(model, USED_BY)
+        if other is not None:
+            raise ValueError(f"LoadStyleLoRA: the model is {other}; Stylora styles are for SD1.5 "
                              "checkpoints (load one with Load Checkpoint)")
         # 2. The styles and their normalised blend weights.
         picks = [(style, 1.0)] + [(s, w) for s, w in ((style_2, weight_2), (style_3, weight_3)) if s != NONE and w]
         weights = normalize_blend([w for _, w in picks])
         # 3. ComfyUI's own key map and the model's weight shapes, for the fit check.
-        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-        shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
-        shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()})
+        key_map = lora_key_map(model, clip, USED_BY)
+        shapes = weight_shapes(model, clip, USED_BY)
         # 4. Check every style before patching anything, then patch each at strength * weight.
         loaded = []
         for (name, _), (state, meta) in zip(picks, self._read_all([name for name, _ in picks])):
@@ -156,9 +119,9 @@ class LoadStyleLoRA:
             loaded.append((name, state, meta, calibration))
         info: dict[str, Any] = {"styles": [], "strength": strength}
         before, before_clip = model, clip
-        calibrations = list(before.get_attachment(CALIBRATION_ATTACHMENT) or ())
+        calibrations = list(attachment(before, CALIBRATION_ATTACHMENT, USED_BY) or ())
         for (name, state, meta, calibration), w in zip(loaded, weights):
-            model, clip = comfy.sd.load_lora_for_models(model, clip, state, strength * w, strength * w)
+            model, clip = load_lora(model, clip, state, strength * w, strength * w, USED_BY)
             calibrations.append((calibration.to_json() if calibration else None, strength * w))
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
                                    or meta.get("modelspec.trigger_phrase", ""),
@@ -167,10 +130,12 @@ class LoadStyleLoRA:
                                    "calibrated": calibration is not None,
                                    "calibration": calibration.to_json() if calibration else None})
         # 5. Record which patches are styles (ours and those of earlier Load Style LoRA nodes) for StyleStrength.
-        model.set_attachments(STYLE_ATTACHMENT, style_adapters(before, model))
-        model.set_attachments(CALIBRATION_ATTACHMENT, tuple(calibrations))  # Style Strength's remap
+        attach(model, STYLE_ATTACHMENT, style_adapters(before, model, USED_BY), USED_BY)
+        attach(model, CALIBRATION_ATTACHMENT, tuple(calibrations), USED_BY)  # Style Strength's remap
         if clip is not None:  # text-encoder patches (lora_te_* keys), which Style Strength scales too
-            clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(before_clip.patcher, clip.patcher))
+            patcher = clip_patcher(clip, USED_BY)
+            attach(patcher, STYLE_ATTACHMENT, style_adapters(clip_patcher(before_clip, USED_BY), patcher, USED_BY),
+                   USED_BY)
         info["trigger"] = ", ".join(s["trigger"] for s in info["styles"] if s["trigger"])
         info["calibrated"] = all(s["calibrated"] for s in info["styles"])
         info["suggested_denoise"] = sum(s["suggested_denoise"] * abs(s["weight"]) for s in info["styles"])

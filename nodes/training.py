@@ -2,15 +2,14 @@
 file format), into models/styles.
 
 The node is a thin layer over `trainer.lora.train_or_reuse`: a finished style with the same settings and images is
-reused, an interrupted one continues from its newest checkpoint, anything else trains afresh. ComfyUI is reached only
-through the small functions below (folder_paths, the progress bar, Cancel, model management); each works without
+reused, an interrupted one continues from its newest checkpoint, anything else trains afresh. ComfyUI (folder_paths,
+the progress bar, Cancel, model management) is reached only through `nodes.host`, whose functions work without
 ComfyUI, so the node imports and is tested without it. The trainer (torch, diffusers, peft, accelerate) is imported
 on the first run, not when ComfyUI lists the node.
 """
 
 from __future__ import annotations
 
-import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,19 @@ import torch
 from PIL import Image
 
 from ..core.files import atomic_write, scan_folder
-from .style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA
+from .host import (
+    cancelled,
+    checkpoint_file,
+    checkpoint_names,
+    input_folder,
+    is_interrupt,
+    progress_bar,
+    raise_cancelled,
+    refresh_style_list,
+    release_models,
+    styles_folder,
+)
+from .style_lora import LoadStyleLoRA
 
 # The node's widgets start at `stylora train lora`'s defaults (trainer/config.py LoraTrainConfig; a test keeps them
 # equal). Every other setting is that command's default too.
@@ -31,91 +42,13 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}")
 _FLAG_WORDS = (("--base-model", "ckpt_name"), ("--data", "folder"), ("--output", "name"))
 
 
-# --- ComfyUI, reached only through these functions (each works without ComfyUI) --------------------------------
-
-def _folder_paths() -> Any:
-    try:
-        import folder_paths
-    except ImportError:
-        return None
-    return folder_paths
-
-
-def checkpoint_names() -> list[str]:
-    """ComfyUI's checkpoints list (empty without ComfyUI)."""
-    fp = _folder_paths()
-    return fp.get_filename_list("checkpoints") if fp is not None else []
-
-
 def checkpoint_path(name: str) -> str:
     """The file of checkpoint `name` in ComfyUI's checkpoints folders."""
-    fp = _folder_paths()
-    path = fp.get_full_path("checkpoints", name) if fp is not None else None
+    path = checkpoint_file(name)
     if not path:
         raise ValueError(f"TrainStyle: ckpt_name {name!r} is not in ComfyUI's checkpoints "
                          f"({checkpoint_names()[:10]}); put an SD1.5 .safetensors in models/checkpoints")
     return path
-
-
-def input_folder() -> Path:
-    """ComfyUI's input folder."""
-    fp = _folder_paths()
-    if fp is None:
-        raise RuntimeError("TrainStyle: ComfyUI's folder_paths is not importable (the node runs inside ComfyUI)")
-    return Path(fp.get_input_directory())
-
-
-def styles_folder() -> Path:
-    """models/styles, where trained styles are written (the folder the pack registers for Load Style LoRA)."""
-    fp = _folder_paths()
-    if fp is None:
-        raise RuntimeError("TrainStyle: ComfyUI's folder_paths is not importable (the node runs inside ComfyUI)")
-    return Path(fp.models_dir) / "styles"
-
-
-def refresh_style_list() -> None:
-    """Forget ComfyUI's cached list of styles, so Load Style LoRA lists a new one on the next look (ComfyUI also
-    notices the folder's changed time; this does not depend on its resolution)."""
-    fp = _folder_paths()
-    if fp is not None:
-        fp.filename_list_cache.pop(STYLE_FOLDER_KEY, None)
-
-
-def release_models() -> None:
-    """Free memory for training, and after it: ComfyUI unloads the models it holds on the GPU and empties the
-    allocator's cache; Python's garbage (the trainer's model copies) is collected."""
-    gc.collect()
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.unload_all_models()
-    mm.soft_empty_cache()
-
-
-class _NoBar:
-    """The progress bar outside ComfyUI: shows nothing."""
-
-    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
-        pass
-
-
-def progress_bar(total: int) -> Any:
-    """ComfyUI's progress bar of the running node (comfy.utils.ProgressBar), or one that shows nothing."""
-    try:
-        import comfy.utils
-    except ImportError:
-        return _NoBar()
-    return comfy.utils.ProgressBar(total)
-
-
-def cancelled() -> bool:
-    """Whether the user pressed Cancel (ComfyUI's interrupt flag); never outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return False
-    return bool(mm.processing_interrupted())
 
 
 def show_progress(bar: Any, done: int, total: int) -> bool:
@@ -125,22 +58,11 @@ def show_progress(bar: Any, done: int, total: int) -> bool:
         return False
     try:
         bar.update_absolute(done, total)
-    except Exception as e:  # comfy.model_management.InterruptProcessingException, raised by the server's hook
-        if type(e).__name__ == "InterruptProcessingException":
+    except Exception as e:  # ComfyUI's interrupt exception, raised by the server's hook
+        if is_interrupt(e):
             return False
         raise
     return True
-
-
-def raise_cancelled(message: str) -> None:
-    """End the node the way ComfyUI ends a cancelled prompt (its InterruptProcessingException; the flag is
-    cleared), or with InterruptedError outside ComfyUI."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        raise InterruptedError(message) from None
-    mm.interrupt_current_processing(False)
-    raise mm.InterruptProcessingException(message)
 
 
 # --- The node -------------------------------------------------------------------------------------------------

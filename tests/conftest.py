@@ -139,6 +139,33 @@ def place_controlnet(comfy_server: dict, controlnet: Path) -> str:
     return CONTROLNET_NAME
 
 
+@pytest.fixture(scope="module", params=["fake", pytest.param("real", marks=pytest.mark.comfyui)])
+def host(request):
+    """The host the patcher behaviour tests run on (tests/fake_host.py): the fake ModelPatcher, and ComfyUI's own
+    when COMFYUI_DIR is set (imported into this process on the CPU; its modules are taken out of sys.modules and
+    sys.path is restored when the test module ends, so later tests see no ComfyUI)."""
+    from fake_host import FakeHost, RealHost, import_real_comfyui
+
+    if request.param == "fake":
+        yield FakeHost()
+        return
+    if not os.environ.get("COMFYUI_DIR"):
+        pytest.skip("COMFYUI_DIR is not set (see ../shared/comfyui/README.md)")
+    import sys
+
+    modules, path = set(sys.modules), list(sys.path)
+    try:
+        yield RealHost(import_real_comfyui())
+    finally:
+        added = tuple(p for p in sys.path if p not in path)  # COMFYUI_DIR and its torchvision stand-in
+        for name in set(sys.modules) - modules:
+            module = sys.modules[name]
+            places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or ())]
+            if any(str(place).startswith(added) for place in places):
+                del sys.modules[name]
+        sys.path[:] = path
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """STYLORA_REQUIRE_HOST=1 (set by .ci/run once it has built ComfyUI and a browser): a real-host test that skips

@@ -6,20 +6,19 @@ Tiny models built from configs, random feature-network weights, stand-ins for Co
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, make_style_folder
+from fake_host import FakeCLIP, FakeComfy
 from stylora.core.lora_file import DTYPES, kohya_modules, kohya_name, peft_to_kohya, read_lora, save_lora
 from stylora.eval import backbones
 from stylora.eval.metrics import LPIPS, ssim
 from stylora.eval.weights import ALEXNET, FID_INCEPTION, LPIPS_LINEAR, VGG19
 from stylora.nodes.mask import MaskedStyleApply, feather_mask, fit_mask
 from stylora.nodes.metrics import StyleMetrics
-from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA
+from stylora.nodes.style_lora import LoadStyleLoRA
 from stylora.trainer import lora as lora_training
 from stylora.trainer.config import DreamBoothConfig, LoraTrainConfig
 from stylora.trainer.dreambooth import train_dreambooth
@@ -28,65 +27,21 @@ from stylora.trainer.lora import train_lora
 # --- 1. LoadStyleLoRA: a blend patches each style at strength x its normalised weight -------------------------
 
 
-class _Patcher:
-    """The parts of ComfyUI's ModelPatcher that LoadStyleLoRA touches."""
-
-    def __init__(self, model=None, patches=None):
-        self.model, self.patches, self.attachments = model, patches or {}, {}
-
-    def clone(self):
-        return _Patcher(self.model, {k: v[:] for k, v in self.patches.items()})
-
-    def get_attachment(self, key):
-        return self.attachments.get(key)
-
-    def set_attachments(self, key, value):
-        self.attachments[key] = value
-
-
-def _comfy_stand_ins(monkeypatch, files: dict[str, str], weight_key: str, shape: tuple[int, int]) -> list:
-    """comfy.*, folder_paths: an SD1.5 model with one weight; load_lora_for_models records (file keys, strengths)."""
-    calls = []
-
-    class SD15:
-        pass
-
-    def load_lora_for_models(model, clip, state, strength_model, strength_clip):
-        calls.append((sorted(state), strength_model, strength_clip))
-        patched = model.clone()
-        patched.patches.setdefault(weight_key, []).append((strength_model, object(), 1.0, None, None))
-        return patched, clip
-
-    comfy = types.ModuleType("comfy")
-    comfy.lora = types.SimpleNamespace(
-        model_lora_keys_unet=lambda model, key_map: {**key_map, "lora_unet_x": weight_key},
-        model_lora_keys_clip=lambda clip_model, key_map: key_map)
-    comfy.sd = types.SimpleNamespace(load_lora_for_models=load_lora_for_models)
-    comfy.supported_models = types.SimpleNamespace(SD15=SD15)
-    folder_paths = types.SimpleNamespace(folder_names_and_paths={STYLE_FOLDER_KEY: (["/styles"], {".safetensors"})},
-                                         get_full_path=lambda key, name: files.get(name))
-    for name, module in (("comfy", comfy), ("comfy.lora", comfy.lora), ("comfy.sd", comfy.sd),
-                         ("comfy.supported_models", comfy.supported_models), ("folder_paths", folder_paths)):
-        monkeypatch.setitem(sys.modules, name, module)
-    inner = types.SimpleNamespace(model_config=SD15(), state_dict=lambda: {weight_key: torch.zeros(shape)})
-    return calls, _Patcher(inner), types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(state_dict=dict),
-                                                         patcher=_Patcher())
-
-
 def test_blend_patches_each_style_at_strength_times_its_normalised_weight(tmp_path, monkeypatch):
     files = {}
     for name in ("a", "b", "c"):
         state = {"lora_unet_x.lora_down.weight": torch.zeros(2, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 2),
                  "lora_unet_x.alpha": torch.tensor(2.0)}
         files[name] = str(save_lora(tmp_path / f"{name}.safetensors", state, {"stylora.trigger": name}))
-    calls, model, clip = _comfy_stand_ins(monkeypatch, files, "diffusion_model.x.weight", (8, 8))
+    comfy = FakeComfy(files).install(monkeypatch)
+    model, clip = comfy.model(), FakeCLIP()
     _, _, info, _ = LoadStyleLoRA().load(model, clip, "a", 0.8, style_2="b", weight_2=3.0, style_3="c", weight_3=0.0)
     # weights 1 and 3 normalise to 0.25 and 0.75; a weight of 0 drops the style
-    assert [s for _, s_model, s_clip in calls for s in (s_model, s_clip)] == pytest.approx([0.2, 0.2, 0.6, 0.6])
+    assert [s for _, s_model, s_clip in comfy.loaded for s in (s_model, s_clip)] == pytest.approx([0.2, 0.2, 0.6, 0.6])
     assert [s["weight"] for s in info["styles"]] == [0.25, 0.75] and info["trigger"] == "a, b"
-    calls.clear()
+    comfy.loaded.clear()
     LoadStyleLoRA().load(model, clip, "a", 0.5)
-    assert [s for _, s, _ in calls] == [0.5]  # a single style: its weight normalises to 1
+    assert [s for _, s, _ in comfy.loaded] == [0.5]  # a single style: its weight normalises to 1
 
 
 # --- 2, 3. MaskedStyleApply: the composite uses the feathered weights; the noise mask's polarity -------------

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import skimage_photos
+from fake_host import FakePatcher
 from PIL import Image
 from stylora.core.lora_file import describe, read_lora, save_lora, update_metadata
 from stylora.core.strength_rule import (
@@ -209,20 +210,8 @@ def test_lora_info_shows_the_calibration(tmp_path):
 # --- the nodes --------------------------------------------------------------------------------------------------
 
 
-class _Patcher:
-    """Stands in for ComfyUI's ModelPatcher: patches, attachments, clone."""
-
-    def __init__(self, patches: dict, attachments: dict):
-        self.patches, self.attachments = patches, attachments
-
-    def get_attachment(self, key):
-        return self.attachments.get(key)
-
-    def set_attachments(self, key, value):
-        self.attachments[key] = value
-
-    def clone(self):
-        return type(self)({k: list(v) for k, v in self.patches.items()}, dict(self.attachments))
+def _Patcher(patches: dict, attachments: dict) -> FakePatcher:
+    return FakePatcher(patches=patches, attachments=attachments)
 
 
 def test_style_strength_uses_the_calibration_only_when_every_style_has_one():
@@ -264,13 +253,11 @@ def test_load_style_lora_says_whether_each_style_is_calibrated(tmp_path, monkeyp
     damaged = _style(tmp_path / "damaged.safetensors")
     update_metadata(damaged, {CALIBRATION_KEY: "not json"})
 
-    class Model(_Patcher):
-        model = types.SimpleNamespace(model_config=None, state_dict=lambda: {})
-
     class SD15:
         pass
 
-    Model.model.model_config = SD15()
+    def Model(patches: dict, attachments: dict) -> FakePatcher:
+        return FakePatcher(types.SimpleNamespace(model_config=SD15(), state_dict=lambda: {}), patches, attachments)
     comfy = types.ModuleType("comfy")
     comfy.lora = types.SimpleNamespace(model_lora_keys_unet=lambda m, k: k, model_lora_keys_clip=lambda c, k: k)
     comfy.supported_models = types.SimpleNamespace(SD15=SD15)

@@ -305,7 +305,7 @@ def test_metric_weights_come_from_comfyuis_models_folder_and_downloads_are_tried
     import types
 
     from stylora.eval import weights
-    from stylora.nodes.style_lora import register_model_folders
+    from stylora.nodes.host import register_model_folders
 
     fp = types.SimpleNamespace(models_dir=str(tmp_path / "models"), folder_names_and_paths={},
                                supported_pt_extensions={".pth", ".safetensors"})

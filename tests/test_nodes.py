@@ -7,9 +7,11 @@ import types
 import pytest
 import torch
 from conftest import REPO
+from fake_host import FakeVAE
 from stylora import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from stylora.core.lora_file import check_lora_fits, normalize_blend
-from stylora.nodes.style_lora import STYLE_FOLDER_KEY, LoadStyleLoRA, register_model_folders
+from stylora.nodes.host import STYLE_ATTACHMENT, STYLE_FOLDER_KEY, register_model_folders, style_adapters
+from stylora.nodes.style_lora import LoadStyleLoRA
 
 
 def test_declarations_are_complete_without_comfyui():
@@ -129,42 +131,22 @@ def test_encode_sizing_keeps_aspect_and_says_what_it_did():
     assert torch.equal(resize_images(images[:, :336, :512], plan_size(512, 336, 512)), images[:, :336, :512])
 
 
-class _FakeVAE:
-    """ComfyUI VAE stand-in: 8x downscale by average pooling; `bad` makes it overflow like an fp16 VAE."""
-
-    def __init__(self, bad: bool = False):
-        self.bad, self.calls = bad, []
-
-    def _enc(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
-        x = torch.cat([x, x[:, :1]], 1)
-        return x * float("nan") if self.bad else x
-
-    def encode(self, pixels):
-        self.calls.append("encode")
-        return self._enc(pixels)
-
-    def encode_tiled(self, pixels, tile_x, tile_y, overlap):
-        self.calls.append(f"tiled {tile_x}")
-        return self._enc(pixels)
-
-
 def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
     from stylora.nodes.content import ContentEncode, encode_images
 
     node = ContentEncode()
-    good = _FakeVAE()
-    node._fp32_vae = lambda vae: good  # the float32 copy (built with comfy.sd.VAE inside ComfyUI)
-    latent, image, info, _ = node.encode(torch.rand(1, 100, 150, 3), _FakeVAE(bad=True), 512, 8, "stretch",
+    good = FakeVAE()
+    node._fp32_vae = lambda vae: good  # the float32 copy (built by the host inside ComfyUI)
+    latent, image, info, _ = node.encode(torch.rand(1, 100, 150, 3), FakeVAE(bad=True), 512, 8, "stretch",
                                          "shrink only")
     assert latent["samples"].shape == (1, 4, 13, 19) and image.shape == (1, 104, 152, 3)
     assert torch.isfinite(latent["samples"]).all() and "re-encoded in float32" in info
-    vae = _FakeVAE()
+    vae = FakeVAE()
     encode_images(vae, torch.rand(1, 64, 64, 3), tiling="always", tile_size=256)
     encode_images(vae, torch.rand(1, 64, 64, 3))
     assert vae.calls == ["tiled 256", "encode"]
     with pytest.raises(ValueError, match="NaN"):
-        encode_images(_FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: _FakeVAE(bad=True))
+        encode_images(FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: FakeVAE(bad=True))
 
 
 @pytest.mark.parametrize("rounding", ["crop", "stretch"])
@@ -172,84 +154,61 @@ def test_content_encode_gives_the_mask_the_photos_resize_and_crop(rounding):
     from stylora.nodes.content import ContentEncode
 
     photo = torch.rand(1, 203, 309, 3, generator=torch.Generator().manual_seed(0))
-    _, image, info, mask = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only",
+    _, image, info, mask = ContentEncode().encode(photo, FakeVAE(), 128, 16, rounding, "shrink only",
                                                   mask=photo[..., 0])  # a "mask" that is the photo's red channel
     assert mask.shape == image.shape[:3] == (1, 80, 128 if rounding == "crop" else 128)
     assert torch.allclose(mask, image[..., 0], atol=1e-6)  # pixel for pixel where the photo's pixels went
-    no_alpha = ContentEncode().encode(photo, _FakeVAE(), 128, 16, rounding, "shrink only", mask=torch.zeros(64, 64))
+    no_alpha = ContentEncode().encode(photo, FakeVAE(), 128, 16, rounding, "shrink only", mask=torch.zeros(64, 64))
     assert no_alpha[3].shape == (1, 80, 128) and not no_alpha[3].any()
 
 
 # --- StyleStrength ------------------------------------------------------------------------------------------
 
-class _FakePatcher:
-    """The parts of ComfyUI's ModelPatcher that StyleStrength uses."""
-
-    def __init__(self, patches=None, attachments=None):
-        self.patches = patches or {}
-        self.attachments = dict(attachments or {})
-        self.patches_uuid = "base"
-
-    def clone(self):
-        return _FakePatcher({k: v[:] for k, v in self.patches.items()}, self.attachments)
-
-    def get_attachment(self, key):
-        return self.attachments.get(key)
-
-    def set_attachments(self, key, value):
-        self.attachments[key] = value
-
-
-def test_style_strength_zero_is_the_identity_and_scales_only_style_patches():
-    from stylora.nodes.strength import STYLE_ATTACHMENT, StyleStrength, style_schedule
-    from stylora.nodes.style_lora import style_adapters
+def test_style_strength_zero_is_the_identity_and_scales_only_style_patches(host):
+    from stylora.nodes.strength import StyleStrength, style_schedule
 
     assert style_schedule(0.0) == (0.0, 0.0)
     assert style_schedule(0.25) == (0.5, 0.1875) and style_schedule(0.5, 0.6) == (1.0, 0.3)
     assert style_schedule(1.0) == (1.0, 0.75)
     with pytest.raises(ValueError, match="strength must be in 0..1, got 1.5"):
         style_schedule(1.5)
-    other = object()  # e.g. a detail LoRA from stock LoraLoader, applied before the style
-    base = _FakePatcher({"w1": [(1.0, other, 1.0, None, None)]})
+    other = (torch.ones(2, 2),)  # e.g. a detail LoRA from stock LoraLoader, applied before the style
+    base = host.patcher(("w1", "w2"))
+    host.add_patch(base, "w1", other, 1.0)
     styled = base.clone()
-    a1, a2 = object(), object()
-    styled.patches["w1"].append((0.8, a1, 0.8, None, None))
-    styled.patches["w2"] = [(0.8, a2, 0.8, None, None)]
+    a1, a2 = (torch.ones(2, 2),), (torch.ones(2, 2),)
+    host.add_patch(styled, "w1", a1, 0.8, 0.8)
+    host.add_patch(styled, "w2", a2, 0.8, 0.8)
     styled.set_attachments(STYLE_ATTACHMENT, style_adapters(base, styled))
     assert styled.get_attachment(STYLE_ATTACHMENT) == (a1, a2)
+    uuid = styled.patches_uuid
     zero, denoise, no_clip = StyleStrength().apply(styled, 0.0)[:3]
-    assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != "base" and no_clip is None
+    assert denoise == 0.0 and zero.patches == base.patches and zero.patches_uuid != uuid and no_clip is None
     half, denoise, _ = StyleStrength().apply(styled, 0.25, max_denoise=0.8)[:3]
     assert denoise == pytest.approx(0.2)
     assert half.patches["w1"] == [(1.0, other, 1.0, None, None), (0.4, a1, 0.8, None, None)]
-    assert styled.patches["w2"] == [(0.8, a2, 0.8, None, None)]  # the input model is untouched
+    assert half.patches_uuid not in (uuid, zero.patches_uuid)  # each rescale is baked afresh
+    assert styled.patches["w2"] == [(0.8, a2, 0.8, None, None)] and styled.patches_uuid == uuid  # input untouched
     with pytest.raises(ValueError, match="no style applied"):
         StyleStrength().apply(base, 0.5)
 
 
-class _FakeCLIP:
-    """ComfyUI's CLIP as StyleStrength sees it: a ModelPatcher in `.patcher`, cloned by `clone()`."""
+def test_style_strength_scales_the_text_encoder_patches_too(host):
+    from stylora.nodes.strength import StyleStrength
 
-    def __init__(self, patcher):
-        self.patcher = patcher
-
-    def clone(self):
-        return _FakeCLIP(self.patcher.clone())
-
-
-def test_style_strength_scales_the_text_encoder_patches_too():
-    from stylora.nodes.strength import STYLE_ATTACHMENT, StyleStrength
-    from stylora.nodes.style_lora import style_adapters
-
-    te_adapter, other, unet_adapter = object(), object(), object()
-    base_clip = _FakeCLIP(_FakePatcher({"clip_l.fc1": [(1.0, other, 1.0, None, None)]}))
+    te_adapter, other, unet_adapter = (torch.ones(2, 2),), (torch.ones(2, 2),), (torch.ones(2, 2),)
+    base_clip = host.clip(host.patcher(("clip_l.fc1", "clip_l.fc2")))
+    host.add_patch(base_clip.patcher, "clip_l.fc1", other, 1.0)
     clip = base_clip.clone()  # what Load Style LoRA returns for a LoRA with lora_te_* keys
-    clip.patcher.patches["clip_l.fc1"].append((0.8, te_adapter, 0.8, None, None))
-    clip.patcher.patches["clip_l.fc2"] = [(0.8, te_adapter, 0.8, None, None)]
+    host.add_patch(clip.patcher, "clip_l.fc1", te_adapter, 0.8, 0.8)
+    host.add_patch(clip.patcher, "clip_l.fc2", te_adapter, 0.8, 0.8)
     clip.patcher.set_attachments(STYLE_ATTACHMENT, style_adapters(base_clip.patcher, clip.patcher))
-    model = _FakePatcher({"w": [(0.8, unet_adapter, 0.8, None, None)]}, {STYLE_ATTACHMENT: (unet_adapter,)})
+    model = host.patcher(("w",))
+    host.add_patch(model, "w", unet_adapter, 0.8, 0.8)
+    model.set_attachments(STYLE_ATTACHMENT, (unet_adapter,))
+    uuid = clip.patcher.patches_uuid
     _, _, zero = StyleStrength().apply(model, 0.0, clip=clip)[:3]
-    assert zero.patcher.patches == base_clip.patcher.patches and zero.patcher.patches_uuid != "base"
+    assert zero.patcher.patches == base_clip.patcher.patches and zero.patcher.patches_uuid != uuid
     _, _, quarter = StyleStrength().apply(model, 0.125, clip=clip)[:3]  # LoRA scale 0.25
     assert quarter.patcher.patches == {"clip_l.fc1": [(1.0, other, 1.0, None, None),
                                                       (0.2, te_adapter, 0.8, None, None)],

@@ -17,7 +17,7 @@ import torch
 from conftest import count_calls, make_style_folder
 from PIL import Image
 from stylora.nodes import training
-from stylora.nodes.style_lora import STYLE_FOLDER_KEY
+from stylora.nodes.host import STYLE_FOLDER_KEY
 from stylora.nodes.training import TrainStyle
 
 
