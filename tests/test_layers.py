@@ -228,3 +228,80 @@ def test_a_marked_heavy_import_inside_a_function_is_allowed(tmp_path):
     deferred = "\n\ndef f():\n    # heavy: test\n    from .trainer import lora\n"
     path.write_text(path.read_text(encoding="utf-8") + deferred, encoding="utf-8")
     assert not violations(root)
+
+
+# --- ComfyUI's internals: one module of the pack reaches them ---------------------------------------------------
+
+# The modules that may import ComfyUI (`comfy`, `folder_paths`) or touch ModelPatcher's internals; every other module
+# goes through nodes/host.py's functions.
+HOST_ADAPTERS = (
+    "stylora.nodes.host",
+    "stylora.nodes.style_image",  # temporary exception: its attention patches are to move into nodes/host.py
+)
+COMFY_PACKAGES = ("comfy", "folder_paths", "comfy_extras", "comfy_api", "nodes")
+# ModelPatcher / CLIP / VAE / folder_paths fields and methods that are ComfyUI internals (not a stable API).
+HOST_INTERNALS = frozenset({
+    "patches", "patches_uuid", "model_options", "add_patches", "get_attachment", "set_attachments",
+    "remove_attachments", "set_model_unet_function_wrapper", "set_model_attn1_replace", "set_model_attn1_patch",
+    "patcher", "cond_stage_model", "model_config", "get_sd", "folder_names_and_paths",
+    "get_full_path", "get_filename_list", "get_folder_paths", "models_dir", "filename_list_cache",
+})
+# A node module may import another node module only here: (importer, imported) and why.
+NODE_TO_NODE = {
+    ("stylora.nodes", "*"): "the package lists the nodes",
+    ("stylora.nodes.help_pages", "stylora.nodes"): "the help pages are written for the registered nodes",
+    ("stylora.nodes.training", "stylora.nodes.style_lora"): "a trained style comes back applied by Load Style LoRA",
+    ("stylora.nodes.strength", "stylora.nodes.style_image"): "temporary: Style From Image's injection follows the "
+                                                               "strength through its own function",
+}
+
+
+def host_violations(root: Path) -> list[str]:
+    """Every import of ComfyUI and every use of a ComfyUI internal outside HOST_ADAPTERS, and every import of one
+    node module by another that NODE_TO_NODE does not list."""
+    modules, graph = import_graph(root)
+    problems = []
+    for module, path in modules.items():
+        where = path.relative_to(root)
+        if module not in HOST_ADAPTERS:
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                for name in names:
+                    if name.split(".")[0] in COMFY_PACKAGES:
+                        problems.append(f"{where}:{node.lineno}: imports {name}; reach ComfyUI through nodes/host.py")
+                if isinstance(node, ast.Attribute) and node.attr in HOST_INTERNALS:
+                    problems.append(f"{where}:{node.lineno}: touches ComfyUI's .{node.attr}; do it in nodes/host.py")
+        if layer_of(module) != "nodes":
+            continue
+        for target, line, *_ in graph[module]:
+            pair = (module, target)
+            if (layer_of(target) == "nodes" and target not in ("stylora.nodes.host", module)
+                    and pair not in NODE_TO_NODE and (module, "*") not in NODE_TO_NODE):
+                problems.append(f"{where}:{line}: node module {module} imports {target}; share it through "
+                                "nodes/host.py")
+    return problems
+
+
+def test_only_the_host_adapter_reaches_comfyuis_internals():
+    problems = host_violations(REPO)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("file, line, expected", [
+    ("nodes/content.py", "def f():\n    import comfy.sd\n", "imports comfy.sd; reach ComfyUI through nodes/host.py"),
+    ("nodes/style_lora.py", "import folder_paths\n", "imports folder_paths"),
+    ("eval/weights.py", "from folder_paths import get_folder_paths\n", "imports folder_paths"),
+    ("nodes/strength.py", "def f(m):\n    m.patches = {}\n", "touches ComfyUI's .patches"),
+    ("nodes/style_lora.py", "def f(m):\n    return m.model.model_config\n", "touches ComfyUI's .model_config"),
+    ("nodes/metrics.py", "def f(m):\n    m.patches_uuid = 1\n", "touches ComfyUI's .patches_uuid"),
+    ("nodes/content.py", "def f(m):\n    return m.model_options\n", "touches ComfyUI's .model_options"),
+    ("nodes/mask.py", "from .strength import StyleStrength\n", "node module stylora.nodes.mask imports "
+                                                               "stylora.nodes.strength"),
+])
+def test_comfyui_outside_the_host_is_caught(tmp_path, file, line, expected):
+    root = _copy_pack(tmp_path)
+    assert not host_violations(root)
+    path = root / file
+    path.write_text(path.read_text(encoding="utf-8") + "\n" + line, encoding="utf-8")
+    assert any(expected in p for p in host_violations(root)), host_violations(root)

@@ -149,6 +149,54 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
         encode_images(FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: FakeVAE(bad=True))
 
 
+@pytest.mark.parametrize("bad", ["one", "all"])
+def test_content_encode_re_encodes_in_float32_when_any_latent_value_is_not_finite(bad):
+    """One inf among the latent's values (an fp16 VAE overflowing on one bright patch) is as unusable as all NaN."""
+    from stylora.nodes.content import encode_images
+
+    pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    half, full = FakeVAE(bad=bad), FakeVAE()
+    latents, note = encode_images(half, pixels, fp32_vae=lambda: full)
+    assert half.calls == ["encode"] and full.calls == ["encode"]
+    assert note == "re-encoded in float32 (the VAE overflowed)"
+    torch.testing.assert_close(latents, FakeVAE().encode(pixels), rtol=0, atol=0)
+    assert torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="no float32 VAE is available"):
+        encode_images(FakeVAE(bad=bad), pixels)
+    with pytest.raises(ValueError, match="NaN/inf values even in float32"):
+        encode_images(FakeVAE(bad=bad), pixels, fp32_vae=lambda: FakeVAE(bad="one"))
+
+
+def test_load_style_lora_reads_a_style_replaced_under_the_same_name(tmp_path, monkeypatch):
+    """A style file overwritten by another style, with the same size and the old file's time (cp -p, a sync
+    tool): the node's cache must not hand back the old style."""
+    import os
+
+    from fake_host import FakeCLIP, FakeComfy
+    from stylora.core.lora_file import save_lora
+
+    def style(value: float) -> dict:
+        return {"lora_unet_x.lora_down.weight": torch.full((2, 8), value),
+                "lora_unet_x.lora_up.weight": torch.full((8, 2), value), "lora_unet_x.alpha": torch.tensor(2.0)}
+
+    path = tmp_path / "s.safetensors"
+    save_lora(path, style(0.1), {"stylora.trigger": "old"})
+    comfy = FakeComfy({"s.safetensors": str(path)}).install(monkeypatch)
+    node = LoadStyleLoRA()
+    assert node.load(comfy.model(), FakeCLIP(), "s.safetensors", 1.0)[3] == "old"
+    before = os.stat(path)
+    save_lora(tmp_path / "new.safetensors", style(0.2), {"stylora.trigger": "new"})
+    (tmp_path / "new.safetensors").replace(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # the old file's time
+    assert os.stat(path).st_size == before.st_size and os.stat(path).st_mtime_ns == before.st_mtime_ns
+    _, _, info, trigger = node.load(comfy.model(), FakeCLIP(), "s.safetensors", 1.0)
+    assert trigger == "new" and info["styles"][0]["trigger"] == "new"
+    assert len(node._cache) == 1  # the old file's entry is gone
+    unchanged = node._cache.copy()
+    node.load(comfy.model(), FakeCLIP(), "s.safetensors", 1.0)
+    assert all(node._cache[k] is unchanged[k] for k in unchanged)  # an unchanged file is not read again
+
+
 @pytest.mark.parametrize("rounding", ["crop", "stretch"])
 def test_content_encode_gives_the_mask_the_photos_resize_and_crop(rounding):
     from stylora.nodes.content import ContentEncode
