@@ -158,12 +158,17 @@ def host(request):
         yield RealHost(import_real_comfyui())
     finally:
         added = tuple(p for p in sys.path if p not in path)  # COMFYUI_DIR and its torchvision stand-in
-        for name in set(sys.modules) - modules:
-            module = sys.modules[name]
-            places = [getattr(module, "__file__", None) or "", *(getattr(module, "__path__", None) or ())]
-            if any(str(place).startswith(added) for place in places):
-                del sys.modules[name]
+        ours = [name for name in set(sys.modules) - modules if _loaded_from(sys.modules[name], added)]
+        for name in ours:  # found first, removed after: a namespace package's path is looked up via its parent
+            del sys.modules[name]
         sys.path[:] = path
+
+
+def _loaded_from(module, folders: tuple[str, ...]) -> bool:
+    """Whether `module` (a file or a namespace package) was loaded from one of `folders`."""
+    spec = getattr(module, "__spec__", None)
+    places = [getattr(spec, "origin", None) or "", *(getattr(spec, "submodule_search_locations", None) or ())]
+    return any(str(place).startswith(folders) for place in places)
 
 
 @pytest.hookimpl(hookwrapper=True)

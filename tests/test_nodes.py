@@ -267,6 +267,27 @@ def test_style_strength_scales_the_text_encoder_patches_too(host):
     assert names[:3] == ("model", "denoise", "clip")  # saved workflows keep their output slots
 
 
+def test_the_rescaled_style_is_what_comfyui_bakes_into_the_weights(host):
+    """On ComfyUI's own ModelPatcher: the weight it computes at load is the base plus the style's delta at the
+    rescaled strength (0.8 x LoRA scale 0.5), and a second rescale of the same input is baked afresh."""
+    from stylora.nodes.strength import StyleStrength
+
+    if host.name != "real":
+        pytest.skip("baking the weights is ComfyUI's own code (runs with COMFYUI_DIR)")
+    delta = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    base = host.patcher(("x.weight",))
+    styled = base.clone()
+    adapter = (delta,)  # ComfyUI's plain weight-difference patch
+    host.add_patch(styled, "x.weight", adapter, 0.8)
+    styled.set_attachments(STYLE_ATTACHMENT, (adapter,))
+    for strength, scale in ((0.25, 0.5), (0.0, 0.0), (0.5, 1.0)):
+        out = StyleStrength().apply(styled, strength)[0]
+        out.patch_model()
+        torch.testing.assert_close(out.model.x.weight.detach(), 0.8 * scale * delta, rtol=0, atol=1e-6)
+        out.unpatch_model()
+        assert not out.model.x.weight.any()  # the base weight back
+
+
 # --- MaskedStyleApply -----------------------------------------------------------------------------------------
 
 def test_masked_composite_is_exact_outside_the_mask_and_feathers_inward():
