@@ -267,6 +267,46 @@ def test_style_strength_scales_the_text_encoder_patches_too(host):
     assert names[:3] == ("model", "denoise", "clip")  # saved workflows keep their output slots
 
 
+def test_style_strength_declares_its_inputs():
+    from stylora.nodes.strength import StyleStrength
+
+    inputs = StyleStrength.INPUT_TYPES()
+    required, optional = inputs["required"], inputs["optional"]
+    assert [(k, v[0]) for k, v in required.items()] == [("model", "MODEL"), ("strength", "FLOAT"),
+                                                       ("max_denoise", "FLOAT")]
+    assert {k: required["strength"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01}
+    assert {k: required["max_denoise"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 0.75, "min": 0.0, "max": 1.0, "step": 0.01}
+    assert optional["clip"][0] == "CLIP" and optional["use_calibration"][0] == "BOOLEAN"
+    assert optional["use_calibration"][1]["default"] is True
+    assert StyleStrength.RETURN_TYPES == ("MODEL", "FLOAT", "CLIP", "FLOAT", "STRING")
+
+
+def test_a_painting_injection_beside_a_calibrated_style_keeps_todays_ramps():
+    """Style From Image has no calibration: a model carrying it and a calibrated LoRA style is uncalibrated."""
+    import types
+
+    from fake_host import FakePatcher
+    from stylora.core.strength_rule import Calibration
+    from stylora.nodes.host import CALIBRATION_ATTACHMENT
+    from stylora.nodes.strength import StyleStrength
+    from stylora.nodes.style_image import INJECTION_ATTACHMENT
+
+    adapter, cal = ("a",), Calibration((0.0, 0.5, 1.0), (0.95, 0.45, 0.35)).to_json()
+    attachments = {STYLE_ATTACHMENT: (adapter,), CALIBRATION_ATTACHMENT: ((cal, 1.0),)}
+    alone = FakePatcher(patches={"w": [(1.0, adapter, 1.0, None, None)]}, attachments=attachments)
+    assert "-> calibrated: raw strength 0.300" in StyleStrength().apply(alone, 0.5)[4]
+    injection = types.SimpleNamespace(inner=None, blocks=(6,))
+    both = FakePatcher(patches={"w": [(1.0, adapter, 1.0, None, None)]},
+                       attachments={**attachments, INJECTION_ATTACHMENT: injection})
+    both.model_options = {"model_function_wrapper": injection,
+                          "transformer_options": {"patches_replace": {"attn1": {("output", 6, 0): "patch"}}}}
+    out, denoise, _, _, mapping = StyleStrength().apply(both, 0.0)
+    assert mapping.startswith("strength 0.000 -> uncalibrated: raw strength 0.000") and denoise == 0.0
+    assert out.patches == {} and out.get_attachment(INJECTION_ATTACHMENT) is None
+
+
 def test_the_rescaled_style_is_what_comfyui_bakes_into_the_weights(host):
     """On ComfyUI's own ModelPatcher: the weight it computes at load is the base plus the style's delta at the
     rescaled strength (0.8 x LoRA scale 0.5), and a second rescale of the same input is baked afresh."""
