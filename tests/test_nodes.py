@@ -73,6 +73,46 @@ def _lora(in_dim: int, out_dim: int, prefix: str) -> dict[str, torch.Tensor]:
             f"{prefix}.alpha": torch.tensor(4.0)}
 
 
+def test_load_style_lora_declares_records_and_refuses(tmp_path, monkeypatch):
+    """Load Style LoRA's declared ranges, the text encoder's style record, the default suggested denoise (0.6,
+    README), and a file that does not fit refused with its name."""
+    from fake_host import FakeCLIP, FakeComfy
+    from stylora.core.lora_file import save_lora
+
+    required, optional = LoadStyleLoRA.INPUT_TYPES()["required"], LoadStyleLoRA.INPUT_TYPES()["optional"]
+    assert {k: required["strength"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05}
+    for name in ("weight_2", "weight_3"):
+        assert {k: optional[name][1][k] for k in ("default", "min", "max", "step")} == {
+            "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05}
+    assert optional["style_2"][1]["default"] == "None" and optional["style_2"][0] == ["None"]
+    unet = {"lora_unet_x.lora_down.weight": torch.zeros(2, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 2)}
+    files = {"s": str(save_lora(tmp_path / "s.safetensors", unet, {})),
+             "bad": str(save_lora(tmp_path / "bad.safetensors", {k.replace("_x", "_y"): v for k, v in unet.items()},
+                                  {}))}
+    comfy = FakeComfy(files).install(monkeypatch)
+    te_adapter = ("te",)
+
+    def with_text_encoder(model, clip, state, strength_model, strength_clip):
+        clip = clip.clone()
+        clip.patcher.add_patches({"clip_l.fc1": te_adapter}, strength_clip)
+        return model.clone(), clip
+
+    monkeypatch.setattr(comfy.sd, "load_lora_for_models", with_text_encoder)
+    _, clip, info, _ = LoadStyleLoRA().load(comfy.model(), FakeCLIP(), "s", 1.0)
+    assert clip.patcher.get_attachment(STYLE_ATTACHMENT) == (te_adapter,)  # Style Strength scales it
+    assert info["suggested_denoise"] == 0.6 and info["styles"][0]["suggested_denoise"] == 0.6
+    with pytest.raises(ValueError, match=r"style 'bad' \(.*bad.safetensors\) does not fit this SD1.5 model.*"
+                                         "no matching model layer: lora_unet_y"):
+        LoadStyleLoRA().load(comfy.model(), FakeCLIP(), "bad", 1.0)
+
+    class SDXL:
+        pass
+
+    with pytest.raises(ValueError, match="the model is SDXL; Stylora styles are for SD1.5"):
+        LoadStyleLoRA().load(comfy.model(SDXL()), FakeCLIP(), "s", 1.0)
+
+
 def test_fit_check_accepts_sd15_shapes_and_names_every_misfit(tiny_key_map):
     key_map, shapes = tiny_key_map
     good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # cross-attention: 32 -> 32
