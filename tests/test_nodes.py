@@ -189,6 +189,44 @@ def test_content_encode_node_retries_nan_in_fp32_and_tiles_large_images():
         encode_images(FakeVAE(bad=True), torch.rand(1, 64, 64, 3), fp32_vae=lambda: FakeVAE(bad=True))
 
 
+def test_content_encode_edges_declared_inputs_and_what_reaches_the_vae():
+    from stylora.nodes.content import ContentEncode, encode_images, plan_size
+
+    for w, h in ((0, 10), (10, 0)):
+        with pytest.raises(ValueError, match=rf"image: empty image \({w}x{h}\)"):
+            plan_size(w, h, 512)
+    assert plan_size(1, 1, 0).final == (8, 8)  # a 1x1 photo is not empty
+    for w, h in ((4, 64), (64, 4)):  # one side under the multiple: cropping leaves nothing
+        with pytest.raises(ValueError, match="smaller than size_multiple=8"):
+            plan_size(w, h, 0, rounding="crop")
+    assert plan_size(1003, 501, 0).final == (1000, 504)  # max_side 0: no limit, rounding may go up
+    assert plan_size(1003, 501, 1003).final == (1000, 504)  # at max_side exactly: kept, rounded down to fit
+    assert plan_size(1000, 500, 1000, resize_mode="fit max side").scaled == (1000, 500)
+    seen = []
+
+    class Recording(FakeVAE):
+        def encode(self, pixels):
+            seen.append(("encode", pixels.shape[-1]))
+            return super().encode(pixels)
+
+        def encode_tiled(self, pixels, tile_x, tile_y, overlap):
+            seen.append(("tiled", pixels.shape[-1], tile_x, tile_y, overlap))
+            return super().encode_tiled(pixels, tile_x, tile_y, overlap)
+
+    rgba = torch.rand(1, 64, 64, 4)
+    encode_images(Recording(), rgba)
+    encode_images(Recording(), rgba, tiling="always", tile_size=320)
+    assert seen == [("encode", 3), ("tiled", 3, 320, 320, 40)] and isinstance(seen[1][4], int)
+    full = ContentEncode().encode(torch.rand(1, 64, 96, 3), FakeVAE(), 512, 8, "stretch", "shrink only",
+                                  mask=torch.ones(1, 64, 96))[3]
+    assert full.shape == (1, 64, 96) and (full == 1).all()  # a mask of the photo's size is used as it is
+    required, optional = ContentEncode.INPUT_TYPES()["required"], ContentEncode.INPUT_TYPES()["optional"]
+    assert {k: required["max_side"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 512, "min": 0, "max": 8192, "step": 8}
+    assert {k: optional["tile_size"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 512, "min": 256, "max": 2048, "step": 64}
+
+
 @pytest.mark.parametrize("bad", ["one", "all"])
 def test_content_encode_re_encodes_in_float32_when_any_latent_value_is_not_finite(bad):
     """One inf among the latent's values (an fp16 VAE overflowing on one bright patch) is as unusable as all NaN."""
