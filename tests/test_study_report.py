@@ -198,3 +198,70 @@ def test_write_report_tables_targets_and_json(study, tmp_path):
     md = (tmp_path / "none" / "report.md").read_text()
     assert "No trained method in this study, or no loss log found: no loss curves." in md and "## Skipped" not in md
     assert not (tmp_path / "none" / "loss_curves.png").exists()
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """What the report draws: each call to the Axes/Figure methods below as (name, axes title, args, kwargs),
+    recorded before matplotlib runs it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    calls = []
+    for cls, name in [(Axes, n) for n in ("plot", "annotate", "set_xlabel", "set_ylabel", "axhline", "legend")] + \
+            [(Figure, "tight_layout")]:
+        original = getattr(cls, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            title = self.get_title() if hasattr(self, "get_title") else None
+            calls.append((_name, title, args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, name, spy)
+    return calls
+
+
+def test_sweep_draws_ssim_against_gram_per_style_and_the_mean(drawn, tmp_path):
+    rows = [{**_mean_row("m", 0.2, ssim=0.9, gram=2.0), "style": "a"},
+            {**_mean_row("m", 0.6, ssim=0.5, gram=1.0), "style": "a"},
+            {**_mean_row("other", 0.2, ssim=0.1, gram=9.0), "style": "a"}]
+    mean = [{**_mean_row("m", 0.2, ssim=0.8, gram=2.5), "style": "all styles (mean)"}]
+    report._sweep(tmp_path / "s.png", "m", rows, mean, {"strength": 0.45})
+    plots = [(c[2][0], c[2][1], c[2][2], c[3]) for c in drawn if c[0] == "plot"]
+    assert plots == [([2.0, 1.0], [0.9, 0.5], ".--", {"label": "a", "linewidth": 1, "color": None}),
+                     ([2.5], [0.8], "o-", {"label": "all styles (mean)", "linewidth": 2.5, "color": "black"})]
+    assert [(c[2], c[3]) for c in drawn if c[0] == "annotate"] == [
+        (("0.2", (2.5, 0.8)), {"textcoords": "offset points", "xytext": (4, 4), "fontsize": 8})]
+    assert [c[2] for c in drawn if c[0] == "set_xlabel"] == [("Gram style loss (lower: closer to the style)",)]
+    assert [c[2] for c in drawn if c[0] == "set_ylabel"] == [("SSIM to the content photo",)]
+    assert [c[3] for c in drawn if c[0] == "axhline"] == [{"color": "red", "linestyle": ":", "label": "SSIM 0.7"}]
+    assert [c[0] for c in drawn].count("tight_layout") == 1 and (tmp_path / "s.png").is_file()
+    drawn.clear()
+    no_gram = [{**_mean_row("m", 0.2, ssim=0.9), "style": "a"}]
+    report._sweep(tmp_path / "t.png", "m", no_gram, [], {"strength": None})
+    assert [c[2][0] for c in drawn if c[0] == "plot"] == [[0.2]]  # the strength on the x axis
+    assert [c[2] for c in drawn if c[0] == "set_xlabel"] == [("strength (Gram unavailable)",)]
+
+
+def test_loss_curves_draw_a_panel_per_style_and_a_line_per_method(drawn, tmp_path):
+    curves = {"a/lora": ([1, 2], [0.5, 0.25]), "b/dreambooth": (list(range(40)), [0.1] * 40)}
+    report._loss_curves(tmp_path / "l.png", ["a", "b", "c"], curves)
+    plots = [(c[1], c[2][2], c[3]) for c in drawn if c[0] == "plot"]
+    assert plots == [("", "o-", {"markersize": 3, "label": "lora"}),
+                     ("", "-", {"markersize": 3, "label": "dreambooth"})]
+    labelled = [c for c in drawn if c[0] == "set_xlabel"]
+    assert [c[1] for c in labelled] == ["a", "b", "c"] and all(c[2] == ("optimizer step",) for c in labelled)
+    assert all(c[2] == ("training loss",) for c in drawn if c[0] == "set_ylabel")
+    assert [c[1] for c in drawn if c[0] == "legend"] == ["a", "b"]  # the empty panel has no legend
+    assert [c[0] for c in drawn].count("tight_layout") == 1 and (tmp_path / "l.png").is_file()
+
+
+def test_report_folder_is_made_with_its_parents_and_json_is_indented(study, tmp_path):
+    cfg, jobs, reports, stylize, costs, skipped = study
+    folder = tmp_path / "new" / "deeper" / "rep"
+    report.write_report(folder, cfg, jobs=jobs, reports=reports, stylize=stylize, costs=costs, skipped=skipped,
+                        stage_seconds={}, styled_root=tmp_path, photos=[])
+    assert (folder / "report.json").read_text().startswith('{\n "config": {\n  "styles"')
