@@ -383,3 +383,14 @@ def test_eval_report_problems_cover_unreadable_outputs_and_size_mismatches(tmp_p
     assert problems[:2] == ["- styled: ssim: mean over 1 of 3 images (see the rows below)",
                             "- styled: gram: mean over 2 of 3 images (see the rows below)"]
     assert problems[2].startswith("- styled/p0: ") and problems[3].startswith("- styled/p1: size mismatch")
+
+
+def test_score_images_refuses_pairs_of_two_sizes_and_shows_no_progress_bar(tmp_path, capsys):
+    from stylora.eval.scoring import score_images
+
+    with pytest.raises(ValueError, match=r"styled.*content"):
+        score_images(flat(0.5, 16, 16), flat(0.5, 16, 20), metrics=("lpips",), nets=fake_nets())
+    style = _folder(tmp_path / "style", [(255, 0, 0), (0, 0, 255)])
+    capsys.readouterr()
+    score_images(flat(0.5), flat(0.5), style_folder=str(style), metrics=("gram", "fid"), nets=fake_nets())
+    assert capsys.readouterr().err == ""  # the node's scores: no progress bar in ComfyUI's console
