@@ -340,6 +340,11 @@ def test_evaluate_report_values_are_the_hand_computed_ones(tmp_path):
             "kid ↓ | artfid ↓ |") in md
     assert f"| styled | 3 | {method['mean']['ssim']:.4g} | {method['mean']['lpips']:.4g} |" in md
     assert "- styled/lonely: no content photo named lonely.*" in md
+    assert "## Unavailable metrics" not in md
+    cfg = EvalConfig(content=str(content), styled=(str(styled),), out=str(tmp_path / "r2"), metrics=("ssim", "gram"))
+    evaluate(cfg, nets=fake_nets(), progress=False)
+    md = (tmp_path / "r2" / "report.md").read_text().splitlines()
+    assert md[md.index("## Unavailable metrics") + 2] == "- **gram**: no --style folder given"
     with Image.open(tmp_path / "r" / "grid.png") as grid:
         assert grid.size == (4 * 192, 20 + 2 * 192)
         assert grid.getpixel((192 + 96, 20 + 96)) == (255, 0, 0)  # the first style image

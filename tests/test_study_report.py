@@ -265,3 +265,5 @@ def test_report_folder_is_made_with_its_parents_and_json_is_indented(study, tmp_
     report.write_report(folder, cfg, jobs=jobs, reports=reports, stylize=stylize, costs=costs, skipped=skipped,
                         stage_seconds={}, styled_root=tmp_path, photos=[])
     assert (folder / "report.json").read_text().startswith('{\n "config": {\n  "styles"')
+    report.write_report(folder, cfg, jobs=jobs, reports=reports, stylize=stylize, costs=costs, skipped=skipped,
+                        stage_seconds={}, styled_root=tmp_path, photos=[])  # a rerun writes into the same folder
