@@ -399,3 +399,29 @@ def test_score_images_refuses_pairs_of_two_sizes_and_shows_no_progress_bar(tmp_p
     capsys.readouterr()
     score_images(flat(0.5), flat(0.5), style_folder=str(style), metrics=("gram", "fid"), nets=fake_nets())
     assert capsys.readouterr().err == ""  # the node's scores: no progress bar in ComfyUI's console
+
+
+def test_style_gram_statistics_are_taken_at_the_bounded_size(tmp_path):
+    """mean_grams scales a style image down to `max_side` on its longer side (never below 1 px), leaves smaller
+    ones alone, skips unreadable ones and averages the rest."""
+    from stylora.eval.scoring import mean_grams
+
+    class Sizes(MeanColourVGG):
+        seen: list = []
+
+        def grams(self, images):
+            self.seen.append(tuple(images.shape[-2:]))
+            return super().grams(images)
+
+    files = []
+    for name, size, colour in (("wide", (64, 16), (255, 0, 0)), ("line", (200, 1), (0, 0, 255)),
+                               ("small", (8, 4), (0, 255, 0))):
+        files.append(tmp_path / f"{name}.png")
+        Image.new("RGB", size, colour).save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"no image")
+    vgg = Sizes()
+    grams = mean_grams(vgg, [*files, tmp_path / "broken.png"], 32, "cpu", progress=False)
+    assert vgg.seen == [(8, 32), (1, 32), (4, 8)]  # (H, W): 64x16 -> 32x8, 200x1 -> 32x1, 8x4 kept
+    assert grams[0].flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="--style: no usable style image"):
+        mean_grams(vgg, [tmp_path / "broken.png"], 32, "cpu", progress=False)
