@@ -425,3 +425,24 @@ def test_style_gram_statistics_are_taken_at_the_bounded_size(tmp_path):
     assert grams[0].flatten().tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3])
     with pytest.raises(ValueError, match="--style: no usable style image"):
         mean_grams(vgg, [tmp_path / "broken.png"], 32, "cpu", progress=False)
+
+
+def test_style_set_features_are_read_back_from_the_cache_and_an_empty_style_set_is_refused(tmp_path):
+    from stylora.eval.scoring import StyleSet, style_set_features
+
+    class Counting(ColourFeatures):
+        calls = 0
+
+        def forward(self, images):
+            Counting.calls += 1
+            return super().forward(images)
+
+    style = _folder(tmp_path / "style", [(255, 0, 0), (0, 0, 255)])
+    files = sorted(style.iterdir())
+    first = style_set_features(Counting(), files, str(tmp_path / "cache"), False, cacheable=True)
+    again = style_set_features(Counting(), files, str(tmp_path / "cache"), False, cacheable=True)
+    assert Counting.calls == 2 and first.tolist() == again.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    style_set_features(Counting(), files, str(tmp_path / "other"), False, cacheable=False)
+    assert Counting.calls == 4 and not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="style: no readable style image for LPIPS to the style"):
+        StyleSet([])
