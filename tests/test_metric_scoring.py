@@ -446,3 +446,31 @@ def test_style_set_features_are_read_back_from_the_cache_and_an_empty_style_set_
     assert Counting.calls == 4 and not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="style: no readable style image for LPIPS to the style"):
         StyleSet([])
+
+
+def test_style_metrics_node_declares_its_inputs_logs_its_text_and_asks_the_host_for_its_device(monkeypatch, caplog):
+    import logging
+    import sys
+    import types
+
+    from stylora.nodes import metrics as node_module
+
+    inputs = node_module.StyleMetrics.INPUT_TYPES()
+    assert list(inputs["required"]) == ["content", "styled"]
+    assert list(inputs["optional"]) == ["style", "style_folder", "csv_path", "label"]
+    assert node_module.StyleMetrics.OUTPUT_NODE is True
+    monkeypatch.setattr(node_module, "load_nets", lambda wanted: (fake_nets(), {}))
+    node = node_module.StyleMetrics()
+    with caplog.at_level(logging.INFO, logger="stylora.nodes.metrics"):
+        as_json = node.measure(flat(0.5), flat(0.25))["result"][1]
+        broken = flat(0.25)
+        broken[0, 0, 0, 0] = float("nan")
+        node.measure(flat(0.5), broken)
+    levels = [r.levelname for r in caplog.records if r.message.startswith("StyleMetrics:\n1 image(s)")]
+    assert levels == ["INFO", "WARNING"]  # NaN pixels are a warning in ComfyUI's console
+    assert as_json.startswith('{\n "images": 1,\n "per_image": {\n  "ssim": [')
+    host = types.ModuleType("comfy")
+    host.model_management = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu", 0))
+    monkeypatch.setitem(sys.modules, "comfy", host)
+    monkeypatch.setitem(sys.modules, "comfy.model_management", host.model_management)
+    assert node_module._device() == torch.device("cpu", 0)  # ComfyUI's choice, not the fallback's
