@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from stylora.eval import registry
 from stylora.eval.registry import ALL_METRICS, METRICS, PAIR_METRICS, SET_METRICS, STUDY_METRICS, PairInputs, SetInputs
+from test_study_report import drawn  # noqa: F401, F811  (the fixture that records what the reports draw)
 
 
 class MeanAbs(torch.nn.Module):
@@ -474,3 +475,23 @@ def test_style_metrics_node_declares_its_inputs_logs_its_text_and_asks_the_host_
     monkeypatch.setitem(sys.modules, "comfy", host)
     monkeypatch.setitem(sys.modules, "comfy.model_management", host.model_management)
     assert node_module._device() == torch.device("cpu", 0)  # ComfyUI's choice, not the fallback's
+
+
+def test_eval_plots_what_it_says(tmp_path, capsys, drawn):  # noqa: F811
+    import matplotlib.pyplot as plt
+    from stylora.eval.report import EvalConfig, evaluate
+
+    content, styled, style = _eval_dirs(tmp_path)
+    cfg = EvalConfig(content=str(content), styled=(str(styled),), out=str(tmp_path / "r"), style=str(style),
+                     metrics=("ssim", "gram"))
+    capsys.readouterr()
+    evaluate(cfg, nets=fake_nets(), progress=False)
+    assert capsys.readouterr().err == ""  # progress=False: no progress bar
+    titles = [c[2][0] for c in drawn if c[0] == "set_title"]
+    assert titles == ["SSIM to the content photo (structure kept) (higher is better)",
+                      "Gram style loss to the style set's mean Gram matrices (VGG-19) (lower is better)",
+                      "Content preservation vs style"]
+    assert [c[2] for c in drawn if c[0] == "set_xlabel"] == [("ssim (content preservation)",)]
+    scatter = [c for c in drawn if c[0] == "scatter"]
+    assert len(scatter) == 1 and len(scatter[0][2][0]) == 3 and scatter[0][3]["label"] == "styled"
+    assert [c[0] for c in drawn].count("tight_layout") == 3 and plt.get_fignums() == []

@@ -211,7 +211,8 @@ def drawn(monkeypatch):
     from matplotlib.figure import Figure
 
     calls = []
-    for cls, name in [(Axes, n) for n in ("plot", "annotate", "set_xlabel", "set_ylabel", "axhline", "legend")] + \
+    for cls, name in [(Axes, n) for n in ("plot", "annotate", "set_xlabel", "set_ylabel", "axhline", "legend",
+                                                        "set_title", "scatter", "bar")] + \
             [(Figure, "tight_layout")]:
         original = getattr(cls, name)
 
