@@ -340,7 +340,9 @@ def test_evaluate_report_values_are_the_hand_computed_ones(tmp_path):
     assert ("| method | images | ssim ↑ | lpips ↓ | lpips_vgg ↓ | content ↓ | lpips_style ↓ | gram ↓ | fid ↓ | "
             "kid ↓ | artfid ↓ |") in md
     assert f"| styled | 3 | {method['mean']['ssim']:.4g} | {method['mean']['lpips']:.4g} |" in md
-    assert "- styled/lonely: no content photo named lonely.*" in md
+    assert "- styled/lonely: no content photo named lonely.*" in md and "images (see the rows below)" not in md
+    kid, kid_std = method["set"]["kid"], method["set"]["kid_std"]
+    assert f"| {fid:.4g} | {kid:.4g} ± {kid_std:.4g} | {method['set']['artfid']:.4g} |" in md
     assert "## Unavailable metrics" not in md
     cfg = EvalConfig(content=str(content), styled=(str(styled),), out=str(tmp_path / "r2"), metrics=("ssim", "gram"))
     evaluate(cfg, nets=fake_nets(), progress=False)
@@ -495,3 +497,10 @@ def test_eval_plots_what_it_says(tmp_path, capsys, drawn):  # noqa: F811
     scatter = [c for c in drawn if c[0] == "scatter"]
     assert len(scatter) == 1 and len(scatter[0][2][0]) == 3 and scatter[0][3]["label"] == "styled"
     assert [c[0] for c in drawn].count("tight_layout") == 3 and plt.get_fignums() == []
+    with Image.open(tmp_path / "r" / "plot_ssim.png") as plot:
+        assert plot.size == (440, 396)  # figsize (4, 3.6) inches at 110 dpi
+    drawn.clear()
+    cfg = EvalConfig(content=str(content), styled=(str(styled),), out=str(tmp_path / "r2"),
+                     metrics=("lpips", "content"))
+    evaluate(cfg, nets=fake_nets(), progress=False)
+    assert [c[2] for c in drawn if c[0] == "set_xlabel"] == [("lpips (content preservation)",)]
