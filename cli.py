@@ -210,12 +210,25 @@ def cmd_train_textual_inversion(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
+    # The keys every trainer writes into <output>.resources.json (trainer.loop.run_record), the table's columns.
+    keys = {"artifact": str, "kind": str, "steps": (int, float), "train_seconds": (int, float),
+            "peak_memory_mb": (int, float), "device": str}
     records = []
     for f in args.records:
         try:
-            records.append(json.loads(Path(f).read_text(encoding="utf-8")))
+            record = json.loads(Path(f).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{f}: not a readable resource record ({e})") from e
+        shape = ("a JSON object with the keys " + ", ".join(f"{k} ({'text' if t is str else 'number'})"
+                                                            for k, t in keys.items()))
+        if not isinstance(record, dict):
+            raise ValueError(f"{f}: not a resource record: got a JSON {type(record).__name__}, expected {shape}, "
+                             "as the trainers write to <output>.resources.json")
+        wrong = [k for k, t in keys.items() if not isinstance(record.get(k), t) or isinstance(record.get(k), bool)]
+        if wrong:
+            raise ValueError(f"{f}: not a resource record: missing or mistyped {', '.join(wrong)}; expected {shape}, "
+                             "as the trainers write to <output>.resources.json")
+        records.append(record)
     from .core.resources import cost_table  # heavy: imports torch (peak-memory helpers)
 
     table = cost_table(records)
@@ -226,14 +239,18 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.report import evaluate  # heavy: torch and the feature networks
+    from .eval.report import PROBLEMS, evaluate  # heavy: torch and the feature networks
 
     cfg = build_config(EvalConfig, args)
     report = evaluate(cfg, progress=not args.no_progress)
-    markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8")
-    print("\n".join(line for line in markdown.splitlines() if line.startswith("|")))
+    markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8").splitlines()
+    print("\n".join(line for line in markdown if line.startswith("|")))
     for metric, reason in report["unavailable"].items():
         print(f"unavailable: {metric}: {reason}")
+    # Why a cell shows n/a or a mean over fewer images than its method counts: the report's problem lines.
+    if PROBLEMS in markdown:
+        problems = markdown[markdown.index(PROBLEMS) + 2:]
+        print("\n".join(line for line in problems[:problems.index("")] if line.startswith("- ")))
     print(f"Report written to {cfg.out} (report.md, report.json, report.csv, plots, grid.png)")
     return 0
 

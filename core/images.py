@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageDraw, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -114,3 +114,37 @@ def resize_cover(img: Image.Image, width: int, height: int) -> Image.Image:
     img = img.resize((nw, nh), Image.Resampling.LANCZOS)
     left, top = (nw - width) // 2, (nh - height) // 2
     return img.crop((left, top, left + width, top + height))
+
+
+def image_grid(rows: list[list[str | Path | None]], cell: int, columns: int, *, column_titles: tuple[str, ...] = (),
+               row_titles: tuple[str, ...] = (), missing: str | None = None,
+               unreadable: str | None = "unreadable") -> Image.Image:
+    """A white RGB sheet of `cell` x `cell` thumbnails (each image scaled to cover its cell, centre-cropped), one
+    list of files per row, `columns` cells wide.
+
+    With `column_titles`, a 20 px band on top holds them; with `row_titles`, each row starts with a 16 px band
+    holding its title. A cell whose file is None or not on disk shows `missing` in red (None: stays white); an
+    unreadable file shows `unreadable` in red (None: stays white).
+    """
+    top = 20 if column_titles else 0
+    band = 16 if row_titles else 0
+    canvas = Image.new("RGB", (columns * cell, top + len(rows) * (cell + band)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(column_titles):
+        draw.text((c * cell + 4, 4), title, fill="black")
+    for r, files in enumerate(rows):
+        y = top + r * (cell + band)
+        if row_titles:
+            draw.text((4, y + 2), row_titles[r], fill="black")
+        for c, f in enumerate(files):
+            x, note = c * cell, None
+            if f is None or not Path(f).is_file():
+                note = missing
+            else:
+                try:
+                    canvas.paste(resize_cover(load_image(f), cell, cell), (x, y + band))
+                except ImageLoadError:
+                    note = unreadable
+            if note:
+                draw.text((x + 4, y + band + 4), note, fill="red")
+    return canvas

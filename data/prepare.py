@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..core.files import atomic_write, atomic_write_text, scan_folder
-from ..core.images import ImageLoadError, load_image, resize_cover
+from ..core.images import ImageLoadError, image_grid, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
 
@@ -343,18 +343,9 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
     ax.set_title("Aspect ratios")
     save(fig, "aspect_hist.png")
 
-    cell = 128
     rows = [(name, files[:grid_per_folder]) for name, files in samples.items()]
-    canvas = Image.new("RGB", (cell * grid_per_folder, (cell + 16) * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r, (name, files) in enumerate(rows):
-        top = r * (cell + 16)
-        draw.text((4, top + 2), name, fill="black")
-        for c, f in enumerate(files):
-            try:
-                canvas.paste(resize_cover(load_image(f), cell, cell), (c * cell, top + 16))
-            except ImageLoadError:
-                continue
+    canvas = image_grid([files for _, files in rows], 128, grid_per_folder,
+                        row_titles=tuple(name for name, _ in rows), unreadable=None)
     atomic_write(out / "sample_grid.png", lambda tmp: canvas.save(tmp, format="PNG"))
 
     def spread(v: np.ndarray) -> dict[str, float]:

@@ -1,28 +1,12 @@
-"""The metric names and `EvalConfig`, the settings of `stylora eval`: kept free of torch so that the command line
-builds its parser without loading the feature networks' libraries."""
+"""`EvalConfig`, the settings of `stylora eval` (the metric names come from eval/registry.py): kept free of torch
+so that the command line builds its parser without loading the feature networks' libraries."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-PAIR_METRICS = ("ssim", "lpips", "lpips_vgg", "content", "lpips_style", "gram")  # one value per styled image
-SET_METRICS = ("fid", "kid", "artfid")  # one value per styled folder
-ALL_METRICS = PAIR_METRICS + SET_METRICS
-# Which way is better, for the tables.
-HIGHER_IS_BETTER = {"ssim": True, "lpips": False, "lpips_vgg": False, "content": False, "lpips_style": False,
-                    "gram": False, "fid": False, "kid": False, "artfid": False}
-DESCRIPTION = {
-    "ssim": "SSIM to the content photo (structure kept)",
-    "lpips": "LPIPS (AlexNet) to the content photo",
-    "lpips_vgg": "LPIPS (VGG-16) to the content photo",
-    "content": "VGG-19 relu4_2 content loss to the content photo",
-    "lpips_style": "LPIPS (AlexNet) to the style images, mean over the style set",
-    "gram": "Gram style loss to the style set's mean Gram matrices (VGG-19)",
-    "fid": "FID of the outputs against the style set",
-    "kid": "KID of the outputs against the style set",
-    "artfid": "ArtFID = (1 + LPIPS) * (1 + FID)",
-}
+from .registry import ALL_METRICS, KID_SUBSET_SIZE, KID_SUBSETS, check_names
 
 
 @dataclass(frozen=True)
@@ -41,17 +25,16 @@ class EvalConfig:
         metadata={"help": "resize a content photo to its output's size when they differ (else: an error row)"})
     style_max_side: int = field(
         default=512, metadata={"help": "style images are scaled down to this longest side for Gram statistics"})
-    kid_subsets: int = field(default=100, metadata={"help": "KID: number of random subsets"})
-    kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped by the set sizes)"})
+    kid_subsets: int = field(default=KID_SUBSETS, metadata={"help": "KID: number of random subsets"})
+    kid_subset_size: int = field(
+        default=KID_SUBSET_SIZE, metadata={"help": "KID: subset size (capped by the set sizes)"})
     grid_rows: int = field(default=6, metadata={"help": "rows of the content | style | output grid"})
     device: str | None = field(default=None, metadata={"help": "\"cuda\", \"cpu\"; None picks CUDA when available"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "style-set Inception feature cache; None: ~/.cache/stylora/features"})
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.metrics) - set(ALL_METRICS))
-        if unknown:
-            raise ValueError(f"metrics: unknown {unknown}; choose from {list(ALL_METRICS)}")
+        check_names(self.metrics, "metrics")
         if not self.styled:
             raise ValueError("styled: give at least one folder of stylised outputs")
         if self.names and len(self.names) != len(self.styled):

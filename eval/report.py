@@ -12,24 +12,36 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..core.files import atomic_write, atomic_write_text, index_by_stem
-from ..core.images import ImageLoadError, load_image, resize_cover
-from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SET_METRICS, EvalConfig
-from .metrics import InceptionFeatures, artfid, fid, kid, lpips_to_style, ssim
+from ..core.images import ImageLoadError, image_grid, load_image
+from .config import EvalConfig
+from .registry import (
+    ALL_METRICS,
+    DESCRIPTION,
+    HIGHER_IS_BETTER,
+    PAIR_METRICS,
+    SET_METRICS,
+    PairInputs,
+    SetInputs,
+    arrow,
+)
 from .scoring import (
-    StyleSet,
+    StyleTargets,
     fmt,
     json_safe,
     load_nets,
     load_tensor,
-    mean_grams,
-    style_images,
-    style_set_features,
+    score_pairs,
+    score_set,
+    style_targets,
     to_tensor,
 )
 
 logger = logging.getLogger(__name__)
+
+PROBLEMS = "## Problems"  # the report's section that says why a cell has no number or a partial mean
 
 @dataclass
 class MethodResult:
@@ -38,6 +50,7 @@ class MethodResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per paired image
     set_metrics: dict[str, float | None] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)  # styled files without a content photo
+    set_problems: dict[str, str] = field(default_factory=dict)  # set metric -> why it has no value
 
     def mean(self, metric: str) -> float | None:
         values = [r[metric] for r in self.rows if r.get(metric) is not None]
@@ -88,24 +101,16 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
     # 3. Style-set statistics: the style images for LPIPS to the style, mean Gram matrices and (cached) Inception
     #    features.
     style_files = list(index_by_stem(Path(cfg.style), "--style").values()) if cfg.style else []
-    style_grams, style_features, paintings = None, None, None
-    if style_files and "lpips" in nets and "lpips_style" in wanted:
-        paintings = StyleSet(style_images(style_files))
-    if style_files and "vgg" in nets and "gram" in wanted and "gram" not in unavailable:
-        style_grams = mean_grams(nets["vgg"], style_files, cfg.style_max_side, device, progress)
-    if style_files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
-        style_features = style_set_features(nets["inception"], style_files, cfg.cache_dir, progress,
-                                         cacheable=getattr(nets["inception"], "published", False))
+    targets = style_targets(nets, wanted, device, files=style_files, style_max_side=cfg.style_max_side,
+                            cache_dir=cfg.cache_dir, progress=progress)
 
     # 4. Per-image metrics for every method; each output is decoded once, its Inception features taken then too.
-    inception = nets["inception"] if style_features is not None else None
     features: dict[str, list[np.ndarray]] = {m.name: [] for m in methods}
     total = sum(len(m.rows) for m in methods)
     bar = tqdm(total=total, desc="Evaluating", unit="img", disable=not progress)
     for m in methods:
         for row in m.rows:
-            feat = _score_pair(row, nets, wanted, unavailable, style_grams, cfg.resize_content, device, inception,
-                               paintings)
+            feat = _score_pair(row, nets, wanted, targets, cfg.resize_content, device)
             if feat is not None:
                 features[m.name].append(feat)
             bar.update(1)
@@ -113,19 +118,19 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
 
     # 5. Set-level metrics: FID and KID against the style set, ArtFID from FID and mean LPIPS.
     for m in methods:
-        if style_features is None or not m.rows:
+        if targets.features is None or not m.rows:
             continue
         feats = np.stack(features[m.name]) if features[m.name] else np.zeros((0, 2048))
-        enough = len(feats) >= 2 and len(style_features) >= 2
+        values, m.set_problems = score_set(SetInputs(feats, targets.features, {k: m.mean(k) for k in PAIR_METRICS},
+                                                     cfg.kid_subsets, cfg.kid_subset_size), wanted)
         if "fid" in wanted or "artfid" in wanted:
-            m.set_metrics["fid"] = fid(feats, style_features) if enough else None
+            m.set_metrics["fid"] = values.get("fid")
         if "kid" in wanted:
-            k = kid(feats, style_features, cfg.kid_subsets, cfg.kid_subset_size) if enough else (None, None)
-            m.set_metrics["kid"], m.set_metrics["kid_std"] = k
-        if "artfid" in wanted and m.mean("lpips") is not None and m.set_metrics.get("fid") is not None:
-            m.set_metrics["artfid"] = artfid(m.mean("lpips"), m.set_metrics["fid"])
-        if not enough:
-            logger.warning("%s: FID/KID need at least 2 outputs and 2 style images", m.name)
+            m.set_metrics["kid"], m.set_metrics["kid_std"] = values.get("kid"), values.get("kid_std")
+        if "artfid" in values:
+            m.set_metrics["artfid"] = values["artfid"]
+        for metric, why in m.set_problems.items():
+            logger.warning("%s: %s: %s", m.name, metric, why)
 
     # 6. Write the report: JSON, CSV, Markdown, plots and the image grid.
     report = {
@@ -163,67 +168,48 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], unavailable: dict[str, str], style_grams,
-                resize_content: bool, device: torch.device, inception: InceptionFeatures | None = None,
-                paintings: StyleSet | None = None) -> np.ndarray | None:
-    """Fill `row` with the per-image metrics; return the output's Inception features [2048] when `inception`
-    is given (FID/KID need no content photo, so they count outputs whose pair fails). `paintings`: the style set
-    for LPIPS to the style, which needs no content photo either."""
+def _score_pair(row: dict[str, Any], nets: dict, wanted: set[str], targets: StyleTargets, resize_content: bool,
+                device: torch.device) -> np.ndarray | None:
+    """Fill `row` with the per-image metrics; return the output's Inception features [2048] when the style set has
+    them (FID/KID need no content photo, so they count outputs whose pair fails). The style metrics need no
+    content photo either: they are scored when the photo is unreadable or of another size."""
     try:
         styled = load_tensor(Path(row["styled_file"])).to(device)
     except ImageLoadError as e:
         row["error"] = str(e)
         return None
-    feat = inception(styled).numpy()[0] if inception is not None else None
-    problems = []
-    if paintings is not None:  # against the style images, so it needs no content photo
-        try:
-            h, w = styled.shape[-2:]
-            row["lpips_style"] = float(lpips_to_style(nets["lpips"], styled, paintings.at_size(w, h).to(device))[0])
-        except (RuntimeError, ValueError) as e:
-            problems.append(f"lpips_style: {' '.join(str(e).split())[:160]}")
-    try:
-        content_img = load_image(Path(row["content_file"]))
-    except ImageLoadError as e:
-        row["error"] = str(e)
-        return feat
+    feat = nets["inception"](styled).numpy()[0] if targets.features is not None else None
     h, w = styled.shape[-2:]
-    if content_img.size != (w, h):
-        if not resize_content:
-            row["error"] = (f"size mismatch: content {content_img.size[0]}x{content_img.size[1]}, output {w}x{h} "
-                            "(pass --resize-content to compare at the output's size)")
-            if "gram" in wanted and "gram" not in unavailable and style_grams is not None:
-                try:
-                    row["gram"] = float(nets["vgg"].gram_loss(styled, style_grams)[0])
-                except (RuntimeError, ValueError) as e:
-                    row["error"] += f"; gram: {' '.join(str(e).split())[:160]}"
-            return feat
-        from PIL import Image
-
-        row["resized_content"] = f"{content_img.size[0]}x{content_img.size[1]} -> {w}x{h}"
-        content_img = content_img.resize((w, h), Image.Resampling.LANCZOS)
-    content = to_tensor(content_img).to(device)
+    content, error = _content_photo(row, w, h, resize_content)
     # Each metric on its own: an image too small for one (SSIM's 11x11 window, VGG's four poolings) is reported
     # in its row and the other metrics, and the other pairs, are still scored.
-    scores = {
-        "ssim": lambda: ssim(styled, content),
-        "lpips": lambda: nets["lpips"](styled, content),
-        "lpips_vgg": lambda: nets["lpips_vgg"](styled, content),
-        "content": lambda: nets["vgg"].content_loss(styled, content),
-        "gram": lambda: nets["vgg"].gram_loss(styled, style_grams),
-    }
-    needs = {"lpips": "lpips", "lpips_vgg": "lpips_vgg", "content": "vgg", "gram": "vgg"}
-    for metric, score in scores.items():
-        if metric not in wanted or (metric in needs and needs[metric] not in nets) or \
-                (metric == "gram" and style_grams is None):
-            continue
-        try:
-            row[metric] = float(score()[0])
-        except (RuntimeError, ValueError) as e:
-            problems.append(f"{metric}: {' '.join(str(e).split())[:160]}")
+    values, problems = score_pairs(PairInputs(styled, nets, content.to(device) if content is not None else None,
+                                              targets.images, targets.grams), wanted)
+    row.update({metric: v[0] for metric, v in values.items()})
+    errors = [error] if error else []
     if problems:
-        row["error"] = f"{row['styled_file']} ({w}x{h}): not scored for " + "; ".join(problems)
+        errors.append(f"{row['styled_file']} ({w}x{h}): not scored for "
+                      + "; ".join(f"{metric}: {why}" for metric, why in problems.items()))
+    if errors:
+        row["error"] = "; ".join(errors)
     return feat
+
+
+def _content_photo(row: dict[str, Any], width: int, height: int, resize_content: bool
+                   ) -> tuple[torch.Tensor | None, str | None]:
+    """The row's content photo [1, 3, height, width] in 0..1, resized to the output's size when `resize_content`
+    (noted in the row); or None and why (unreadable, or of another size)."""
+    try:
+        img = load_image(Path(row["content_file"]))
+    except ImageLoadError as e:
+        return None, str(e)
+    if img.size != (width, height):
+        if not resize_content:
+            return None, (f"size mismatch: content {img.size[0]}x{img.size[1]}, output {width}x{height} "
+                          "(pass --resize-content to compare at the output's size)")
+        row["resized_content"] = f"{img.size[0]}x{img.size[1]} -> {width}x{height}"
+        img = img.resize((width, height), Image.Resampling.LANCZOS)
+    return to_tensor(img), None
 
 
 def _write_csv(path: Path, methods: list[MethodResult], metrics: list[str]) -> None:
@@ -242,11 +228,10 @@ def _write_csv(path: Path, methods: list[MethodResult], metrics: list[str]) -> N
 
 def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]) -> str:
     metrics = report["metrics"]
-    arrow = {k: "↑" if HIGHER_IS_BETTER[k] else "↓" for k in metrics}
     lines = ["# Stylora evaluation", "",
              f"Content: `{report['config']['content']}`  ", f"Style set: `{report['config']['style']}` "
              f"({len(style_files)} images)", ""]
-    head = ["method", "images"] + [f"{k} {arrow[k]}" for k in metrics]
+    head = ["method", "images"] + [f"{k} {arrow(k)}" for k in metrics]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells = [m.name, str(len(m.rows))]
@@ -266,14 +251,32 @@ def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]
     if report["unavailable"]:
         lines += ["", "## Unavailable metrics", ""]
         lines += [f"- **{k}**: {reason}" for k, reason in report["unavailable"].items()]
-    errors = [(m.name, r["image"], r["error"]) for m in methods for r in m.rows if r.get("error")]
-    unmatched = [(m.name, s) for m in methods for s in m.unmatched]
-    if errors or unmatched:
-        lines += ["", "## Problems", ""]
-        lines += [f"- {name}/{image}: {err}" for name, image, err in errors]
-        lines += [f"- {name}/{s}: no content photo named {s}.*" for name, s in unmatched]
+    problems = _problems(report, methods)
+    if problems:
+        lines += ["", PROBLEMS, ""] + problems
     lines += ["", "Plots: `plot_<metric>.png`, `plot_content_vs_style.png`; examples: `grid.png`.", ""]
     return "\n".join(lines)
+
+
+def _problems(report: dict, methods: list[MethodResult]) -> list[str]:
+    """Why a cell of the table has no number ("n/a") or a mean over fewer images than its method counts: the
+    set metrics' reasons, the partial means, then each row's error and each output without a content photo."""
+    lines = []
+    for m in methods:
+        lines += [f"- {m.name}: {k}: n/a ({why})" for k, why in m.set_problems.items()
+                  if k in report["metrics"] and k not in report["unavailable"]]
+        partial: dict[int, list[str]] = {}
+        for k in report["metrics"]:
+            if k in PAIR_METRICS and k not in report["unavailable"]:
+                scored = sum(r.get(k) is not None for r in m.rows)
+                if scored < len(m.rows):
+                    partial.setdefault(scored, []).append(k)
+        for n, names in partial.items():
+            what = f"mean over {n} of {len(m.rows)} images" if n else "n/a (no image scored)"
+            lines.append(f"- {m.name}: {', '.join(names)}: {what} (see the rows below)")
+    lines += [f"- {m.name}/{r['image']}: {r['error']}" for m in methods for r in m.rows if r.get("error")]
+    lines += [f"- {m.name}/{s}: no content photo named {s}.*" for m in methods for s in m.unmatched]
+    return lines
 
 
 def _plot(out: Path, methods: list[MethodResult], report: dict) -> None:
@@ -325,27 +328,12 @@ def _save_fig(fig, path: Path) -> None:
 
 def _grid(path: Path, methods: list[MethodResult], style_files: list[Path], rows: int, cell: int = 192) -> None:
     """content | style sample | output(s): one row per image (the first `rows` paired images)."""
-    from PIL import Image, ImageDraw
-
     stems = [r["image"] for r in methods[0].rows][:rows] if methods else []
     if not stems:
         return
-    cols = 2 + len(methods)
-    canvas = Image.new("RGB", (cols * cell, 20 + len(stems) * cell), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(["content", "style"] + [m.name for m in methods]):
-        draw.text((c * cell + 4, 4), title[:28], fill="black")
     by_method = [{r["image"]: r for r in m.rows} for m in methods]
-    for i, stem in enumerate(stems):
-        cells = [by_method[0][stem]["content_file"], str(style_files[i % len(style_files)]) if style_files else None]
-        cells += [bm[stem]["styled_file"] if stem in bm else None for bm in by_method]
-        for c, f in enumerate(cells):
-            if f is None:
-                continue
-            try:
-                canvas.paste(resize_cover(load_image(f), cell, cell), (c * cell, 20 + i * cell))
-            except ImageLoadError:
-                draw.text((c * cell + 4, 20 + i * cell + 4), "unreadable", fill="red")
+    cells = [[by_method[0][stem]["content_file"], style_files[i % len(style_files)] if style_files else None]
+             + [bm[stem]["styled_file"] if stem in bm else None for bm in by_method] for i, stem in enumerate(stems)]
+    titles = tuple(title[:28] for title in ["content", "style"] + [m.name for m in methods])
+    canvas = image_grid(cells, cell, 2 + len(methods), column_titles=titles)
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
-
-

@@ -1,5 +1,7 @@
-"""Scoring stylised images: the feature networks, per-image and set metrics of a batch, their text and a CSV
-row. The StyleMetrics node's back end; the folder report (eval/report.py) scores with the same functions."""
+"""Scoring stylised images: the one scorer of the metrics in eval/registry.py (`score_pairs`, `score_set`, with the
+style side from `style_targets` and the networks from `load_nets`), the batch scores of the StyleMetrics node
+(`score_images`), their text and a CSV row. `stylora eval` and `stylora study` (eval/report.py) score with the same
+functions."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import hashlib
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,19 @@ from tqdm.auto import tqdm
 
 from ..core.files import atomic_write, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
-from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER
-from .metrics import LPIPS, InceptionFeatures, VGGStyle, artfid, as_bchw, fid, kid, lpips_to_style, same_size, ssim
+from .metrics import InceptionFeatures, VGGStyle, as_bchw, same_size
+from .registry import (
+    ALL_METRICS,
+    DESCRIPTION,
+    HIGHER_IS_BETTER,
+    METRICS,
+    NETWORKS,
+    PAIR,
+    SET,
+    SET_METRICS,
+    PairInputs,
+    SetInputs,
+)
 from .weights import WeightsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -157,19 +171,86 @@ def load_nets(wanted: set[str], nets: dict[str, torch.nn.Module] | None = None
     makes its metrics unavailable (metric -> reason) instead of failing. `nets` supplies prebuilt ones."""
     nets = dict(nets or {})
     unavailable: dict[str, str] = {}
-    needs = {"lpips": {"lpips", "artfid", "lpips_style"}, "lpips_vgg": {"lpips_vgg"}, "vgg": {"content", "gram"},
-             "inception": {"fid", "kid", "artfid"}}
-    builders = {"lpips": lambda: LPIPS("alex"), "lpips_vgg": lambda: LPIPS("vgg"), "vgg": lambda: VGGStyle(),
-                "inception": lambda: InceptionFeatures()}
-    for key, metrics in needs.items():
-        if key in nets or not wanted & metrics:
+    for key, build in NETWORKS.items():
+        needing = sorted(m.name for m in METRICS if m.name in wanted and key in m.networks)
+        if key in nets or not needing:
             continue
         try:
-            nets[key] = builders[key]()
+            nets[key] = build()
         except WeightsUnavailable as e:
-            for metric in sorted(wanted & metrics):
-                unavailable[metric] = str(e)
+            unavailable.update({metric: str(e) for metric in needing})
     return nets, unavailable
+
+
+@dataclass
+class StyleTargets:
+    """What the style metrics compare with, computed once per style set; None where not given or not wanted."""
+
+    images: StyleSet | None = None  # LPIPS to the style
+    grams: list[torch.Tensor] | None = None  # Gram loss: [1, C, C] per VGG-19 style layer
+    features: np.ndarray | None = None  # FID/KID/ArtFID: Inception features [N, 2048]
+
+
+@torch.no_grad()
+def style_targets(nets: dict[str, torch.nn.Module], wanted: set[str], device: torch.device | str, *,
+                  images: torch.Tensor | None = None, files: list[Path] | None = None, style_max_side: int = 512,
+                  cache_dir: str | None = None, progress: bool = False) -> StyleTargets:
+    """The style side of the wanted metrics. `images`: style image(s) [N, H, W, 3] or [N, 3, H, W] in 0..1, any
+    size, for LPIPS to the style and the Gram loss (their mean Gram matrices); `files`: a style folder's images,
+    for those when no `images` are given (Gram statistics at most `style_max_side` px) and for the Inception
+    features of FID/KID (cached under `cache_dir` for the published network)."""
+    files = files or []
+    targets = StyleTargets()
+    if "lpips_style" in wanted and "lpips" in nets and (images is not None or files):
+        targets.images = StyleSet(tensor_images(images) if images is not None else style_images(files))
+    if "gram" in wanted and "vgg" in nets and images is not None:
+        grams = nets["vgg"].grams(as_bchw(images, "style").to(device))
+        targets.grams = [g.mean(0, keepdim=True) for g in grams]  # several style images: their mean statistics
+    elif "gram" in wanted and "vgg" in nets and files:
+        targets.grams = mean_grams(nets["vgg"], files, style_max_side, device, progress)
+    if files and "inception" in nets and wanted & set(SET_METRICS):
+        targets.features = style_set_features(nets["inception"], files, cache_dir, progress,
+                                              cacheable=getattr(nets["inception"], "published", False))
+    return targets
+
+
+@torch.no_grad()
+def score_pairs(inputs: PairInputs, wanted: set[str]) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """The wanted per-image metrics (registry order) whose networks are loaded and whose target is given, each on
+    its own: one that cannot be scored (an image smaller than SSIM's 11x11 window or VGG-19's four poolings) gets
+    its reason and the others are still scored. Returns ({name: B values}, {name: reason})."""
+    values: dict[str, list[float]] = {}
+    problems: dict[str, str] = {}
+    for metric in METRICS:
+        if metric.scope != PAIR or metric.name not in wanted or getattr(inputs, metric.target) is None \
+                or not all(net in inputs.nets for net in metric.networks):
+            continue
+        try:
+            values[metric.name] = metric.score(inputs).tolist()
+        except (RuntimeError, ValueError) as e:
+            problems[metric.name] = " ".join(str(e).split())[:160]
+    return values, problems
+
+
+def score_set(inputs: SetInputs, wanted: set[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """The wanted set metrics of Inception features against the style set's, each on its own. Returns
+    ({name: value}, {name: reason}); the values hold "kid_std" with KID and "fid" whenever FID was computed
+    (ArtFID needs it)."""
+    chosen = [m for m in METRICS if m.scope == SET and m.name in wanted]
+    n, n_style = len(inputs.features), len(inputs.style_features)
+    if n < 2 or n_style < 2:  # a covariance (FID) and an unbiased MMD (KID) need two samples on each side
+        why = f"needs at least 2 styled images and 2 style images (got {n} and {n_style})"
+        return {}, {m.name: why for m in chosen}
+    values: dict[str, float] = {}
+    problems: dict[str, str] = {}
+    for metric in chosen:
+        try:
+            values.update(metric.score(inputs))
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+            problems[metric.name] = " ".join(str(e).split())[:160]
+    if inputs.fid_value is not None:
+        values.setdefault("fid", inputs.fid_value)
+    return values, problems
 
 
 @torch.no_grad()
@@ -183,7 +264,8 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
     broadcast); style: optional style image(s) of any size, for the Gram loss and LPIPS to the style; style_folder:
     optional folder of style images, for the Gram loss (its mean Gram matrices), LPIPS to the style (when no
     `style` image is given) and FID/KID/ArtFID (needs >= 2 styled images).
-    Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why}}.
+    Returns {"images": B, "metrics": {name: mean}, "per_image": {name: [B values]}, "unavailable": {name: why},
+    "nonfinite_pixels": [B counts]}.
     """
     wanted = set(metrics)
     x, y = as_bchw(styled, "styled").to(device), as_bchw(content, "content").to(device)
@@ -195,54 +277,27 @@ def score_images(content: torch.Tensor, styled: torch.Tensor, style: torch.Tenso
         unavailable.update({m: "no style image or style folder given" for m in ("gram", "lpips_style")
                             if m in wanted})
     if style_folder is None:
-        unavailable.update({m: "no style folder given" for m in ("fid", "kid", "artfid") if m in wanted})
-    # 2. Per-image metrics.
-    per: dict[str, list[float]] = {}
-    if "ssim" in wanted:
-        per["ssim"] = ssim(x, y).tolist()
-    for key in ("lpips", "lpips_vgg"):
-        if key in wanted and key in nets:
-            per[key] = nets[key](x, y).tolist()
+        unavailable.update({m: "no style folder given" for m in SET_METRICS if m in wanted})
+    # 2. What the style metrics compare with.
     files = list(index_by_stem(Path(style_folder), "style_folder").values()) if style_folder else []
     if style_folder and not files:
         raise ValueError(f"style_folder {style_folder}: no images in it")
-    if "lpips_style" in wanted and "lpips" in nets and "lpips_style" not in unavailable:
-        paintings = tensor_images(style) if style is not None else style_images(files)
-        if not paintings:
-            raise ValueError(f"style_folder {style_folder}: no readable style image")
-        targets = style_at_size(paintings, x.shape[-1], x.shape[-2]).to(device)
-        per["lpips_style"] = lpips_to_style(nets["lpips"], x, targets).tolist()
-    if "vgg" in nets:
-        if "content" in wanted:
-            per["content"] = nets["vgg"].content_loss(x, y).tolist()
-        if "gram" in wanted and "gram" not in unavailable:
-            target = (nets["vgg"].grams(as_bchw(style, "style").to(device)) if style is not None
-                      else mean_grams(nets["vgg"], files, style_max_side, device, progress=False))
-            if style is not None and len(target[0]) > 1:  # several style images: their mean statistics
-                target = [g.mean(0, keepdim=True) for g in target]
-            per["gram"] = nets["vgg"].gram_loss(x, target).tolist()
+    targets = style_targets(nets, wanted, device, images=style, files=files, style_max_side=style_max_side)
+    # 3. Per-image metrics, each on its own.
+    per, problems = score_pairs(PairInputs(x, nets, y, targets.images, targets.grams), wanted)
+    unavailable.update(problems)
     out: dict[str, Any] = {"images": int(x.shape[0]), "per_image": per, "unavailable": unavailable,
                            "metrics": {k: float(np.mean(v)) for k, v in per.items()}}
     bad_inputs = [name for name, t in (("styled", x), ("content", y)) if not torch.isfinite(t).all()]
     # NaN/inf pixels per styled image: Save Image writes them as black, so they must be said, not only scored.
     out["nonfinite_pixels"] = (~torch.isfinite(x)).any(dim=1).sum(dim=(1, 2)).tolist()
-    # 3. Set metrics against the style folder.
-    if files and "inception" in nets and wanted & {"fid", "kid", "artfid"}:
-        feats = nets["inception"](x).numpy()
-        style_feats = style_set_features(nets["inception"], files, None, False,
-                                      cacheable=getattr(nets["inception"], "published", False))
-        if len(feats) < 2 or len(style_feats) < 2:
-            why = f"needs at least 2 styled images and 2 style images (got {len(feats)} and {len(style_feats)})"
-            unavailable.update({m: why for m in ("fid", "kid", "artfid") if m in wanted})
-        else:
-            f = fid(feats, style_feats)
-            if "fid" in wanted:
-                out["metrics"]["fid"] = f
-            if "kid" in wanted:
-                out["metrics"]["kid"] = kid(feats, style_feats, subsets=100, subset_size=1000)[0]
-            if "artfid" in wanted and "lpips" in out["metrics"]:
-                out["metrics"]["artfid"] = artfid(out["metrics"]["lpips"], f)
-    # 4. A NaN/inf score is reported as n/a with the reason, never as a number: JSON has no NaN, and the
+    # 4. Set metrics against the style folder.
+    if targets.features is not None:
+        values, problems = score_set(SetInputs(nets["inception"](x).numpy(), targets.features, out["metrics"]),
+                                     wanted)
+        out["metrics"].update({k: v for k, v in values.items() if k in wanted})
+        unavailable.update(problems)
+    # 5. A NaN/inf score is reported as n/a with the reason, never as a number: JSON has no NaN, and the
     #    browser cannot parse the NaN that Python's json writes by default.
     cause = (f"NaN/inf pixels in the {' and '.join(bad_inputs)} image" if bad_inputs
              else "the metric is undefined or overflowed for these inputs")

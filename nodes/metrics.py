@@ -1,8 +1,8 @@
 """StyleMetrics: how much structure the styled image kept and how close it came to the style, shown on the node.
 
-A thin layer over `eval.report.score_images` (the same metrics as `stylora eval`). Feature networks are loaded
-once per node and kept; metrics whose published weights are not on the machine are listed as unavailable
-with the file to get, the rest are still reported.
+A thin layer over `eval.scoring.score_images`: every metric of eval/registry.py, scored by the same functions as
+`stylora eval`. Feature networks are loaded once per node and kept; metrics whose published weights are not on the
+machine are listed as unavailable with the file to get, the rest are still reported.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from ..eval.registry import ALL_METRICS
 from ..eval.scoring import append_csv, format_scores, json_safe, load_nets, score_images
 from .host import torch_device
 
 logger = logging.getLogger(__name__)
 
-METRIC_CHOICES = ("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid")
+METRIC_CHOICES = ALL_METRICS
 
 
 class StyleMetrics:

@@ -11,6 +11,7 @@ from typing import Any
 
 import tomllib
 
+from ..eval.registry import STUDY_METRICS
 from ..trainer.config import DEFAULT_BASE_MODEL, DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from ..workflows.client import parse_value
 
@@ -62,7 +63,7 @@ class StudyConfig:
                 "[train.dreambooth-lora], [train.textual-inversion]; flag METHOD.KEY=VALUE, repeatable), passed to "
                 "LoraTrainConfig / DreamBoothConfig / TextualInversionConfig"})
     metrics: tuple[str, ...] = field(
-        default=("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid"),
+        default=STUDY_METRICS,
         metadata={"help": "metrics to compute (eval's names)"})
     eval_device: str | None = field(default=None, metadata={"help": "device of the metrics (default: CUDA if any)"})
     grid_rows: int = field(default=4, metadata={"help": "content photos per style in the report's grids"})

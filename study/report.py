@@ -10,20 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from ..core.files import atomic_write, atomic_write_text
-from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image, resize_cover
+from ..core.images import IMAGE_EXTENSIONS, image_grid
+from ..eval.registry import BY_NAME, SET_METRICS, STUDY_METRICS, arrow
 from ..trainer.loss_curve import read_loss_log
 from .config import StudyConfig
 
 logger = logging.getLogger(__name__)
 
 BASE = "_base"  # plain img2img does not depend on the style: stylised once, scored against every style
-METRICS = ("ssim", "lpips", "content", "lpips_style", "gram", "fid", "kid", "artfid")
-SET_METRICS = ("fid", "kid", "artfid")
+METRICS = STUDY_METRICS
 COLUMNS = METRICS + ("seconds_per_image", "train_seconds", "peak_memory_mb", "file_bytes")
-HEADERS = {"ssim": "SSIM ↑", "lpips": "LPIPS ↓", "content": "content ↓",
-           "lpips_style": "LPIPS to style ↓", "gram": "Gram ↓", "fid": "FID ↓",
-           "kid": "KID ↓", "artfid": "ArtFID ↓", "seconds_per_image": "s / image", "train_seconds": "training time",
-           "peak_memory_mb": "peak memory", "file_bytes": "file size"}
+HEADERS = {**{m: f"{BY_NAME[m].label} {arrow(m)}" for m in METRICS}, "seconds_per_image": "s / image",
+           "train_seconds": "training time", "peak_memory_mb": "peak memory", "file_bytes": "file size"}
 # The study's targets: FID < 60 against the style set, SSIM > 0.7 to the photo, LPIPS < 0.3 to the style images,
 # under 5 s per 512x512 image on a T4.
 TARGETS = {"fid": ("<", 60.0), "ssim": (">", 0.7), "lpips_style": ("<", 0.3), "seconds_per_image": ("<", 5.0)}
@@ -287,31 +285,17 @@ def _loss_curves(path: Path, styles: list[str], curves: dict[str, tuple[list[int
 def _grid(path: Path, cfg: StudyConfig, jobs: list[tuple[str, str, float, int, str]], style: str,
           style_folder: Path, styled_root: Path, photos: list[Path], strength: float, cell: int = 160) -> None:
     """content | painting sample | each method (first seed, the table's strength): a row per content photo."""
-    from PIL import Image, ImageDraw
-
     paintings = sorted(p for p in style_folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     columns: list[tuple[str, Path | None]] = []
     for method in cfg.methods:
         key = next((k for (s, m, st, seed, k) in jobs if m == method and st == strength and seed == cfg.seeds[0]
                     and s == (BASE if method == "base" else style)), None)
         columns.append((method, styled_root / key if key else None))
-    shown = photos[:cfg.grid_rows]
-    canvas = Image.new("RGB", ((2 + len(columns)) * cell, 20 + len(shown) * cell), "white")
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(["content", f"{style} painting"] + [m for m, _ in columns]):
-        draw.text((c * cell + 4, 4), title[:24], fill="black")
-    for i, photo in enumerate(shown):
-        cells = [photo, paintings[i % len(paintings)] if paintings else None]
-        cells += [(f / f"{photo.stem}.png") if f is not None else None for _, f in columns]
-        for c, f in enumerate(cells):
-            x, y = c * cell, 20 + i * cell
-            if f is None or not f.is_file():
-                draw.text((x + 4, y + 4), "not run", fill="red")
-                continue
-            try:
-                canvas.paste(resize_cover(load_image(f), cell, cell), (x, y))
-            except ImageLoadError:
-                draw.text((x + 4, y + 4), "unreadable", fill="red")
+    cells = [[photo, paintings[i % len(paintings)] if paintings else None]
+             + [(f / f"{photo.stem}.png") if f is not None else None for _, f in columns]
+             for i, photo in enumerate(photos[:cfg.grid_rows])]
+    titles = tuple(title[:24] for title in ["content", f"{style} painting"] + [m for m, _ in columns])
+    canvas = image_grid(cells, cell, 2 + len(columns), column_titles=titles, missing="not run")
     atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 

@@ -215,3 +215,26 @@ def test_resize_cover_scales_down_before_cropping():
     out = np.asarray(resize_cover(Image.fromarray(np.stack([cols] * 3, -1)), 40, 40)).astype(int)
     assert out.shape == (40, 40, 3)
     assert abs(out[20, 0, 0] - 50 * 255 // 199) <= 3 and abs(out[20, -1, 0] - 149 * 255 // 199) <= 3
+
+
+def test_image_grid_places_cells_titles_and_notes(tmp_path):
+    """Two rows of 10 px cells with row titles (a 16 px band each) and no column titles; then one row with column
+    titles (a 20 px band on top): each cell's pixels, worked out from the layout."""
+    from stylora.core.images import image_grid
+
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(red)
+    Image.new("RGB", (5, 5), (0, 0, 255)).save(blue)
+    (tmp_path / "broken.png").write_bytes(b"no image")
+    grid = image_grid([[red, blue], [None, tmp_path / "broken.png"]], 10, 3, row_titles=("one", "two"),
+                      missing="x", unreadable=None)
+    assert grid.size == (30, 2 * (10 + 16)) and grid.mode == "RGB"
+    assert grid.getpixel((5, 16 + 5)) == (255, 0, 0) and grid.getpixel((15, 16 + 5)) == (0, 0, 255)
+    assert grid.getpixel((25, 16 + 5)) == (255, 255, 255)  # a third column with no file
+    assert grid.getpixel((15, 26 + 16 + 5)) == (255, 255, 255)  # unreadable, no note asked for
+    grid = image_grid([[red, None, tmp_path / "broken.png"]], 40, 3, column_titles=("a", "b", "c"), missing="not run")
+    assert grid.size == (120, 20 + 40) and grid.getpixel((20, 20 + 30)) == (255, 0, 0)
+    assert grid.getpixel((20, 19)) == (255, 255, 255) and grid.getpixel((20, 20)) == (255, 0, 0)
+    notes = [[grid.getpixel((c * 40 + x, 20 + y)) for x in range(4, 36) for y in range(4, 14)] for c in (1, 2)]
+    assert all(any(p != (255, 255, 255) for p in cell) for cell in notes)  # "not run" and "unreadable"
+    assert all(p[0] >= p[1] and p[0] >= p[2] for cell in notes for p in cell)  # in red
