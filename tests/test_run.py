@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import skimage_photos, workflow_builder
+from conftest import CORE_NODES, skimage_photos
 from PIL import Image, ImageOps
 from stylora.cli import main as cli_main
 from stylora.workflows.client import RunConfig, ServerError, run_workflow
+from stylora.workflows.graph import our_schema
 
 # The templates' placeholder style is on this server too: runs that give no --style use it.
 STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors", "my_style (stylora train lora).safetensors"]
@@ -23,8 +24,7 @@ STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors", "my_style (stylora
 
 def _object_info(without: tuple[str, ...] = ()) -> dict:
     """/object_info as the stand-in serves it: the core nodes' schema plus ours, with files on 'disk'."""
-    build = workflow_builder()
-    info = {**json.loads(build.CORE_SUBSET.read_text()), **build.our_schema()}
+    info = {**json.loads(CORE_NODES.read_text()), **our_schema()}
     info["LoadStyleLoRA"]["input"]["required"]["style"] = [STYLES[1:], {}]
     for k in ("style_2", "style_3"):
         info["LoadStyleLoRA"]["input"]["optional"][k] = [STYLES, {}]
