@@ -5,20 +5,23 @@ from __future__ import annotations
 import email.parser
 import io
 import json
+import struct
 import threading
 import urllib.parse
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORE_NODES, skimage_photos
+from conftest import CORE_NODES, REPO, skimage_photos
 from PIL import Image, ImageOps
 from stylora.cli import main as cli_main
-from stylora.workflows.client import RunConfig, ServerError, run_workflow
+from stylora.workflows.client import RunConfig, ServerError, ServerUnreachable, run_workflow
 from stylora.workflows.graph import our_schema
 
 # The templates' placeholder style is on this server too: runs that give no --style use it.
+SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info-0.3.64.json"
 STYLES = ["None", "monet.safetensors", "ukiyo-e.safetensors", "my_style (stylora train lora).safetensors"]
 
 
@@ -296,3 +299,160 @@ def test_a_flat_output_is_a_failure_not_a_silent_black_image(comfy, photos, tmp_
     assert "is one flat colour (0, 0, 0) (not written)" in result.failed[0][1] and "NaN" in result.failed[0][1]
     assert not (tmp_path / "out" / "white.png").exists() and (tmp_path / "out" / "almost.png").is_file()
     assert len(result.done) == 4 and any("white.png: FAILED" in s for s in lines)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit grey) and whose data is a few bytes: a decompression bomb's
+    shape, cheap to make."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_failed_photo_makes_the_exit_status_non_zero_and_overwrite_redoes_outputs(comfy, photos, tmp_path, capsys):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    args = ["run", "--server", comfy.url, "--content", str(photos), "--out", str(out)]
+    assert cli_main(args) == 1  # three written, one failed
+    first = capsys.readouterr()
+    assert "3 done, 0 skipped (output existed), 1 failed" in first.out and "broken.jpg" in first.err
+    (out / "chelsea.png").write_bytes(b"an old output")
+    assert cli_main(args) == 1  # the broken photo is tried again and fails again
+    again = capsys.readouterr().out
+    assert f"{out / 'chelsea.png'} exists, skipped (--overwrite redoes it)" in again
+    assert "0 done, 3 skipped (output existed), 1 failed" in again and len(comfy.prompts) == 3
+    assert (out / "chelsea.png").read_bytes() == b"an old output"
+    (photos / "broken.jpg").unlink()
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert "3 done, 0 skipped (output existed), 0 failed" in capsys.readouterr().out and len(comfy.prompts) == 6
+    expected = ImageOps.invert(Image.open(photos / "chelsea.png").convert("RGB"))  # what the fake server makes
+    assert np.array_equal(np.asarray(Image.open(out / "chelsea.png")), np.asarray(expected))
+
+
+def test_a_bomb_sized_or_corrupt_mask_is_the_masks_error_before_anything_is_queued(comfy, photos, tmp_path, capsys):
+    photo = str(sorted(photos.iterdir())[0])
+    bomb, corrupt, truncated = tmp_path / "bomb.png", tmp_path / "corrupt.png", tmp_path / "truncated.png"
+    bomb.write_bytes(_png_header_only(14_000, 14_000))  # 196 M pixels: over the 100 M limit and Pillow's own
+    corrupt.write_bytes(b"not a picture at all" * 20)
+    Image.new("L", (64, 48), 255).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    base = dict(content=photo, out=str(tmp_path / "o.png"), server=comfy.url, workflow="masked_style")
+    for mask, why in ((bomb, "refused"), (corrupt, "not an image"), (truncated, "truncated or corrupt")):
+        with pytest.raises(ValueError, match=f"^mask: {mask}: {why}"):
+            run_workflow(RunConfig(**base, mask=str(mask)), poll=0.01)
+    assert comfy.prompts == [] and comfy.uploads == {}  # nothing uploaded, nothing queued
+    assert cli_main(["run", "--server", comfy.url, "--content", photo, "--out", base["out"], "--workflow",
+                     "masked_style", "--mask", str(bomb)]) == 2
+    assert "stylora: error: mask: " in capsys.readouterr().err and comfy.prompts == []
+
+
+def test_a_mask_in_the_mask_editors_format_uses_its_alpha_and_16_bit_greys_keep_their_level(comfy, photos, tmp_path):
+    """ComfyUI 0.3.64's Load Image gives MASK = 1 - alpha/255 (nodes.py LoadImage.load_image), and its mask editor
+    saves the painted region as alpha 0: so a mask with transparency is read from its alpha, transparent = styled.
+    The upload carries the mask the same way (alpha = 255 - mask)."""
+    photo = sorted(photos.iterdir())[0]
+
+    def uploaded_alpha(mask_path: Path) -> np.ndarray:
+        run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "o.png"), server=comfy.url,
+                               workflow="masked_style", mask=str(mask_path), overwrite=True), poll=0.01)
+        return np.asarray(Image.open(io.BytesIO(comfy.uploads[f"stylora/{photo.stem}.png"])))[..., 3]
+
+    editor = np.full((48, 64, 4), 255, np.uint8)  # white, opaque: brightness would say "style everything"
+    editor[:, :20, 3] = 0  # painted: the left 20 columns
+    editor[:, 20:40, 3] = 200  # a soft stroke
+    Image.fromarray(editor, "RGBA").save(tmp_path / "editor.png")
+    expected = np.full((48, 64), 255, np.uint8)
+    expected[:, :20], expected[:, 20:40] = 0, 200  # the editor's alpha itself
+    assert np.array_equal(uploaded_alpha(tmp_path / "editor.png"), expected)
+    grey16 = Image.fromarray(np.full((48, 64), 32768, np.uint16))  # 50% of 65535
+    assert grey16.mode.startswith("I")
+    grey16.save(tmp_path / "grey16.png")
+    # 32768 / 65535 * 255 = 127.5 -> 128 (50%); the alpha is 255 - 128. Clipped to 8 bits it would be white (alpha 0).
+    assert np.array_equal(uploaded_alpha(tmp_path / "grey16.png"), np.full((48, 64), 127, np.uint8))
+    opaque = np.zeros((48, 64, 4), np.uint8)
+    opaque[..., 3] = 255
+    opaque[:, 32:, :3] = 255  # a black/white mask saved with an opaque alpha channel: its brightness counts
+    Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+    expected = np.full((48, 64), 255, np.uint8)
+    expected[:, 32:] = 0
+    assert np.array_equal(uploaded_alpha(tmp_path / "opaque.png"), expected)
+
+
+BAD_VALUES = [  # (flags, what the message must say)
+    ({"set": ("Sampler.stepz=30",)}, r"node 'Sampler' \(KSampler\) has no input 'stepz' \(ComfyUI would ignore it\); "
+                                     r"its inputs: .*steps"),
+    ({"set": ("Sampler.steps=abc",)}, r"node 'Sampler' \(KSampler\) input 'steps': 'abc' is not accepted; it takes "
+                                      r"INT, a whole number in 1\.\.10000"),
+    ({"set": ("Sampler.steps=12.5",)}, r"input 'steps': 12\.5 is not accepted; it takes INT"),
+    ({"set": ("Sampler.steps=true",)}, r"input 'steps': True is not accepted"),
+    ({"set": ("Strength.strength=7",)}, r"node 'Strength' \(StyleStrength\) input 'strength': 7 is not accepted; it "
+                                        r"takes FLOAT, a finite number in 0\.0\.\.1\.0"),
+    ({"set": ("Sampler.seed=-1",)}, r"input 'seed': -1 is not accepted; it takes INT, a whole number in 0\.\."),
+    ({"set": ("Sampler.sampler_name=eulr",)}, r"input 'sampler_name': 'eulr' is not accepted; it takes one of euler, "),
+    ({"set": ("Content encode.max_side=\"big\"",)}, r"node 'Content encode' \(ContentEncode\) input 'max_side'"),
+    ({"set": ("Decode.samples=3",)}, r"node 'Decode' \(VAEDecode\) input 'samples': 3 is not accepted; it takes a "
+                                     r"link from a LATENT output"),
+    ({"style": ("monet.safetensors", "ukiyo-e.safetensors:nan")},
+     r"node 'Style' \(LoadStyleLoRA\) input 'weight_2': nan is not accepted; it takes FLOAT, a finite number in "
+     r"0\.0\.\.10\.0"),
+    ({"style": ("monet.safetensors", "ukiyo-e.safetensors:-1")}, r"input 'weight_2': -1\.0 is not accepted"),
+    ({"style": ("monet.safetensors:inf",)}, r"input 'strength': inf is not accepted"),
+    ({"style": ("monet.safetensors", "ukiyo-e.safetensors:abc")},
+     r"style: the weight in 'ukiyo-e.safetensors:abc' is not a number; give NAME or NAME:WEIGHT"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_VALUES, ids=[str(f) for f, _ in BAD_VALUES])
+def test_every_value_sent_is_checked_against_object_info_before_queueing(comfy, photos, flags, message, tmp_path):
+    photo = str(sorted(photos.iterdir())[0])
+    with pytest.raises(ValueError, match=message):
+        run_workflow(RunConfig(content=photo, out=str(tmp_path / "o.png"), server=comfy.url, **flags), poll=0.01)
+    assert comfy.prompts == [] and comfy.uploads == {}
+
+
+def test_good_values_pass_the_check_and_are_sent(comfy, photos, tmp_path):
+    photo = str(sorted(photos.iterdir())[0])
+    run_workflow(RunConfig(content=photo, out=str(tmp_path / "o.png"), server=comfy.url, workflow="style_blend",
+                           style=("monet.safetensors:-0.5", "ukiyo-e.safetensors:10"),
+                           set=("Sampler.steps=1", "Sampler.cfg=100", "Sampler.seed=0", "Strength.strength=1",
+                                "Sampler.sampler_name=dpmpp_2m", "Keep colours.amount=1", "Sampler.denoise=0.5")),
+                 poll=0.01)
+    sent = comfy.prompts[0]
+    assert sent["8"]["inputs"]["steps"] == 1 and sent["8"]["inputs"]["cfg"] == 100
+    assert sent["8"]["inputs"]["sampler_name"] == "dpmpp_2m" and sent["3"]["inputs"]["strength"] == 1
+    assert sent["2"]["inputs"]["strength"] == -0.5 and sent["2"]["inputs"]["weight_2"] == 10.0
+    assert sent["8"]["inputs"]["denoise"] == 0.5  # a linked input may be set to a value
+
+
+def test_the_check_holds_against_comfyui_0364s_full_object_info():
+    """The bundled workflows as shipped pass the check against the saved /object_info of ComfyUI 0.3.64 (all
+    choices listed, where the offline fixture leaves file and image lists empty); a bad --set does not."""
+    from stylora.workflows.client import check_values, load_workflow, substitute
+
+    if not SHARED_OBJECT_INFO.is_file():
+        pytest.skip(f"no {SHARED_OBJECT_INFO}")
+    info = {**json.loads(SHARED_OBJECT_INFO.read_text()), **our_schema()}
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        check_values(load_workflow(str(path)), info)
+    graph = load_workflow("layout_guard")
+    cfg = RunConfig(content="x.png", out="o.png", workflow="layout_guard",
+                    set=("Edges.high_threshold=1.5", "Sampler.scheduler=karras"))
+    with pytest.raises(ValueError, match=r"node 'Edges' \(Canny\) input 'high_threshold': 1\.5 is not accepted; it "
+                                         r"takes FLOAT, a finite number in 0\.01\.\.0\.99"):
+        check_values(substitute(graph, cfg, "x.png", None), info)
+
+
+def test_an_error_message_that_mentions_reaching_is_a_failure_not_a_lost_server(photos, tmp_path):
+    """A server is dropped for a ServerUnreachable (no answer), never for an error whose text looks like one."""
+    photo = str(sorted(photos.iterdir())[0])
+    closed = FakeComfy()
+    closed.close()
+    with pytest.raises(ServerUnreachable):
+        run_workflow(RunConfig(content=photo, out=str(tmp_path / "c.png"), server=closed.url))
+    failing = FakeComfy(fail_with="cannot reach it (the model)")
+    result = run_workflow(RunConfig(content=photo, out=str(tmp_path / "o.png"), server=failing.url), poll=0.01)
+    assert result.failed == [(photo, "node 8 (KSampler) failed: RuntimeError: cannot reach it (the model)")]
+    assert len(failing.prompts) == 1
+    failing.close()
