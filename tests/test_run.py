@@ -456,3 +456,19 @@ def test_an_error_message_that_mentions_reaching_is_a_failure_not_a_lost_server(
     assert result.failed == [(photo, "node 8 (KSampler) failed: RuntimeError: cannot reach it (the model)")]
     assert len(failing.prompts) == 1
     failing.close()
+
+
+def test_value_check_rules():
+    """The rules one by one, on specs as /object_info gives them."""
+    from stylora.workflows.client import _value_fits
+
+    assert _value_fits("FLOAT", {}, 3) and _value_fits("FLOAT", {"min": 0.0, "max": 1.0}, 1.0)
+    assert not _value_fits("FLOAT", {}, float("inf")) and not _value_fits("FLOAT", {}, float("nan"))
+    assert not _value_fits("FLOAT", {"min": 0.0, "max": 1.0}, 1.0001) and not _value_fits("FLOAT", {"min": 0.0}, -1e-9)
+    assert _value_fits("INT", {"min": 1, "max": 3}, 3) and not _value_fits("INT", {"min": 1, "max": 3}, 4)
+    assert not _value_fits("INT", {}, 2.0) and not _value_fits("INT", {}, True) and not _value_fits("INT", {}, "2")
+    assert _value_fits("BOOLEAN", {}, False) and not _value_fits("BOOLEAN", {}, 0)
+    assert _value_fits("STRING", {}, "") and not _value_fits("STRING", {}, 1)
+    assert _value_fits(["a", "b"], {}, "b") and not _value_fits(["a", "b"], {}, "c") and _value_fits([], {}, "c")
+    assert _value_fits("COMBO", {"options": ["x"]}, "x") and not _value_fits("COMBO", {"options": ["x"]}, "y")
+    assert not _value_fits("LATENT", {}, 3)
