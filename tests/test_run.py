@@ -17,7 +17,14 @@ import pytest
 from conftest import CORE_NODES, REPO, skimage_photos
 from PIL import Image, ImageOps
 from stylora.cli import main as cli_main
-from stylora.workflows.client import RunConfig, ServerError, ServerUnreachable, run_workflow
+from stylora.workflows.client import (
+    RunConfig,
+    ServerError,
+    ServerUnreachable,
+    _error_text,
+    load_workflow,
+    run_workflow,
+)
 from stylora.workflows.graph import our_schema
 
 # The templates' placeholder style is on this server too: runs that give no --style use it.
@@ -202,9 +209,12 @@ def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
                            style=("monet.safetensors", "ukiyo-e.safetensors:0.5")), poll=0.01)
     style = comfy.prompts[-1]["2"]["inputs"]
     assert (style["style"], style["style_2"], style["weight_2"]) == ("monet.safetensors", "ukiyo-e.safetensors", 0.5)
+    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "b1.png"), server=comfy.url, workflow="style_blend",
+                           style=("monet.safetensors", "ukiyo-e.safetensors")), poll=0.01)
+    assert comfy.prompts[-1]["2"]["inputs"]["weight_2"] == 1.0 and comfy.prompts[-1]["2"]["inputs"]["strength"] == 1
     run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "s.png"), server=comfy.url,
                            workflow="style_metrics", style_image=str(photo)), poll=0.01)
-    assert json.loads((tmp_path / "s.metrics.json").read_text())["metrics"]["ssim"] == 0.5
+    assert (tmp_path / "s.metrics.json").read_text() == '{\n "metrics": {\n  "ssim": 0.5\n }\n}'
     run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "d.png"), server=comfy.url, workflow="dreambooth",
                            style=("db.safetensors",), strength=0.4), poll=0.01)
     assert comfy.prompts[-1]["1"]["inputs"]["ckpt_name"] == "db.safetensors"
@@ -429,7 +439,7 @@ def test_good_values_pass_the_check_and_are_sent(comfy, photos, tmp_path):
 def test_the_check_holds_against_comfyui_0364s_full_object_info():
     """The bundled workflows as shipped pass the check against the saved /object_info of ComfyUI 0.3.64 (all
     choices listed, where the offline fixture leaves file and image lists empty); a bad --set does not."""
-    from stylora.workflows.client import check_values, load_workflow, substitute
+    from stylora.workflows.client import check_values, substitute
 
     if not SHARED_OBJECT_INFO.is_file():
         pytest.skip(f"no {SHARED_OBJECT_INFO}")
@@ -472,3 +482,38 @@ def test_value_check_rules():
     assert _value_fits(["a", "b"], {}, "b") and not _value_fits(["a", "b"], {}, "c") and _value_fits([], {}, "c")
     assert _value_fits("COMBO", {"options": ["x"]}, "x") and not _value_fits("COMBO", {"options": ["x"]}, "y")
     assert not _value_fits("LATENT", {}, 3)
+
+
+def test_run_config_refuses_bad_flags_when_made(tmp_path):
+    """Checked when the config is made, before any server or file is touched; each message names the flag."""
+    base = dict(content="photo.png", out="out.png")
+    cases = [(dict(server=()), "server: give at least one ComfyUI server URL"),
+             (dict(server=("",)), "server: give at least one ComfyUI server URL, got"),
+             (dict(server="http://127.0.0.1:notaport"), "--server 'http://127.0.0.1:notaport': not a valid URL"),
+             (dict(server=("http://127.0.0.1:8188", "ftp://host")), "--server 'ftp://host': not an http"),
+             (dict(strength=1.01), "strength must be in 0..1, got 1.01"),
+             (dict(strength=float("nan")), "strength must be in 0..1"),
+             (dict(keep_colours=1.5), "keep_colours must be in 0..1, got 1.5"),
+             (dict(keep_colours=-0.1), "keep_colours must be in 0..1"),
+             (dict(timeout=0.0), "timeout must be a finite number of seconds > 0"),
+             (dict(seed=-1), "seed must be >= 0, got -1")]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            RunConfig(**base, **flags)
+    edge = RunConfig(**base, strength=1.0, keep_colours=1.0, seed=0, timeout=0.5, server="127.0.0.1:8188")
+    assert (edge.strength, edge.keep_colours, edge.seed, edge.server) == (1.0, 1.0, 0, ("127.0.0.1:8188",))
+    assert RunConfig(**base).timeout == 3600.0  # an hour per image: a CPU server at 512 px takes minutes
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not a readable JSON file"):
+        load_workflow(str(tmp_path / "broken.json"))
+
+
+def test_comfyuis_error_json_becomes_one_readable_line():
+    body = json.dumps({"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed",
+                                 "details": "see node errors"},
+                       "node_errors": {"8": {"class_type": "KSampler", "errors": [
+                           {"message": "Value bigger than max", "details": "steps: 20000 > 10000"}]}}})
+    assert _error_text(body) == ("Prompt outputs failed: see node errors; node 8 (KSampler): Value bigger than max: "
+                                 "steps: 20000 > 10000")
+    assert _error_text(json.dumps({"error": {"message": "Bad"}})) == "Bad"
+    assert _error_text("<html>502 Bad Gateway</html>") == "<html>502 Bad Gateway</html>"
