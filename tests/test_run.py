@@ -212,8 +212,9 @@ def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
     run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "b1.png"), server=comfy.url, workflow="style_blend",
                            style=("monet.safetensors", "ukiyo-e.safetensors")), poll=0.01)
     assert comfy.prompts[-1]["2"]["inputs"]["weight_2"] == 1.0 and comfy.prompts[-1]["2"]["inputs"]["strength"] == 1
-    run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "s.png"), server=comfy.url,
-                           workflow="style_metrics", style_image=str(photo)), poll=0.01)
+    result = run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "s.png"), server=comfy.url,
+                                    workflow="style_metrics", style_image=str(photo)), poll=0.01)
+    assert result.done[0][1] == [str(tmp_path / "s.png"), str(tmp_path / "s.metrics.json")]
     assert (tmp_path / "s.metrics.json").read_text() == '{\n "metrics": {\n  "ssim": 0.5\n }\n}'
     run_workflow(RunConfig(content=str(photo), out=str(tmp_path / "d.png"), server=comfy.url, workflow="dreambooth",
                            style=("db.safetensors",), strength=0.4), poll=0.01)
@@ -281,6 +282,8 @@ def test_photos_are_spread_over_servers_and_a_server_that_drops_out_hands_its_wo
     result = run_workflow(RunConfig(**base, out=str(tmp_path / "dropped"), server=(dropping.url, steady.url)),
                           poll=0.05)
     assert len(result.done) == 6 and not result.failed and len(steady.prompts) >= 5
+    # the photo in flight went back to the queue's end, yet the results are in the photos' order
+    assert [d[0] for d in result.done] == [str(p) for p in sorted(photos.iterdir())]
     assert outputs(tmp_path / "dropped") == outputs(tmp_path / "one")
     alone = FakeComfy(drop_after=2)
     with pytest.raises(ServerError, match="cannot reach"):
@@ -409,6 +412,10 @@ BAD_VALUES = [  # (flags, what the message must say)
      r"0\.0\.\.10\.0"),
     ({"style": ("monet.safetensors", "ukiyo-e.safetensors:-1")}, r"input 'weight_2': -1\.0 is not accepted"),
     ({"style": ("monet.safetensors:inf",)}, r"input 'strength': inf is not accepted"),
+    ({"set": ("Sampler.steps",)}, r"set: 'Sampler\.steps' must be 'Node title\.input=value' with a title in the "
+                                  r"workflow \(\[.*'Sampler'"),
+    ({"set": ("Sampler=3",)}, r"set: 'Sampler=3' must be 'Node title\.input=value'"),
+    ({"set": ("Nope.steps=3",)}, r"set: 'Nope\.steps=3' must be 'Node title\.input=value'"),
     ({"style": ("monet.safetensors", "ukiyo-e.safetensors:abc")},
      r"style: the weight in 'ukiyo-e.safetensors:abc' is not a number; give NAME or NAME:WEIGHT"),
 ]

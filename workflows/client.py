@@ -468,7 +468,8 @@ class _Batch:
     servers: dict[str, tuple[Server, str | None]]
     say: Callable[[str], None]
     poll: float
-    result: RunResult = field(default_factory=RunResult)
+    done: dict[Path, tuple[list[str], float]] = field(default_factory=dict)  # photo -> (outputs written, seconds)
+    failed: dict[Path, str] = field(default_factory=dict)  # photo -> why
     todo: queue.Queue = field(default_factory=queue.Queue)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -487,7 +488,7 @@ class _Batch:
                 return e
             except (ImageLoadError, ServerError, OSError) as e:
                 with self.lock:
-                    self.result.failed.append((str(photo), str(e)))
+                    self.failed[photo] = str(e)
                 self.say(f"[{i}/{len(self.targets)}] {photo.name}: FAILED: {e}")
 
     def run_photo(self, url: str, i: int, photo: Path) -> None:
@@ -503,7 +504,7 @@ class _Batch:
         written = _download(server, prompt, entry, self.targets[photo])
         seconds = time.monotonic() - start
         with self.lock:
-            self.result.done.append((str(photo), [str(w) for w in written], seconds))
+            self.done[photo] = ([str(w) for w in written], seconds)
         self.say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s){where}")
 
 
@@ -516,10 +517,10 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
     # 2. The servers: reachable, with every node, every named file and every input value the run sends.
     servers = _usable_servers(cfg, graph, say)
     # 3. The work: photos whose output exists are skipped (a rerun resumes), unless --overwrite.
-    batch = _Batch(cfg, graph, mask, targets, servers, say, poll)
+    batch, skipped = _Batch(cfg, graph, mask, targets, servers, say, poll), []
     for i, (photo, target) in enumerate(targets.items(), 1):
         if target.exists() and not cfg.overwrite:
-            batch.result.skipped.append(str(photo))
+            skipped.append(str(photo))
             say(f"[{i}/{len(targets)}] {photo.name}: {target} exists, skipped (--overwrite redoes it)")
         else:
             batch.todo.put((i, photo))
@@ -536,10 +537,8 @@ def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll:
     if not batch.todo.empty():
         raise gone  # every server went away: stop, the finished outputs are kept
     # 5. Results in the order of the photos, whichever server finished first.
-    order = {str(p): k for k, p in enumerate(targets)}
-    batch.result.done.sort(key=lambda d: order[d[0]])
-    batch.result.failed.sort(key=lambda f: order[f[0]])
-    return batch.result
+    return RunResult(done=[(str(p), *batch.done[p]) for p in targets if p in batch.done], skipped=skipped,
+                     failed=[(str(p), batch.failed[p]) for p in targets if p in batch.failed])
 
 
 def _wait(server: Server, prompt_id: str, timeout: float, poll: float, say: Callable[[str], None]) -> dict:
