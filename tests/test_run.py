@@ -190,6 +190,7 @@ def test_single_photo_is_uploaded_substituted_run_and_downloaded(comfy, photos, 
     expected = ImageOps.invert(Image.open(photo).convert("RGB"))
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     assert any("running" in s for s in lines) and any("wrote" in s for s in lines)
+    assert not any(comfy.url in s for s in lines)  # one server: the lines do not name it
 
 
 def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
@@ -274,7 +275,11 @@ def test_photos_are_spread_over_servers_and_a_server_that_drops_out_hands_its_wo
     one = FakeComfy()
     run_workflow(RunConfig(**base, out=str(tmp_path / "one"), server=one.url), poll=0.01)
     a, b = FakeComfy(), FakeComfy()
-    result = run_workflow(RunConfig(**base, out=str(tmp_path / "two"), server=(a.url, b.url)), poll=0.05)
+    lines = []
+    result = run_workflow(RunConfig(**base, out=str(tmp_path / "two"), server=(a.url, b.url)), say=lines.append,
+                          poll=0.05)
+    wrote = [s for s in lines if ": wrote " in s]
+    assert len(wrote) == 6 and all(s.endswith((f" on {a.url}", f" on {b.url}")) for s in wrote)
     assert len(result.done) == 6 and a.prompts and b.prompts and len(a.prompts) + len(b.prompts) == 6
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     assert {p["8"]["inputs"]["seed"] for p in a.prompts + b.prompts} == {7}  # the split does not change a seed
