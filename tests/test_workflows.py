@@ -306,3 +306,23 @@ def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are
             for v in names:
                 assert v in public or "(stylora train" in v or v == "None", (path.name, node["title"], v)
     assert "(stylora train lora)" in definitions.STYLE_PLACEHOLDER
+
+
+def test_schema_defaults_and_bare_specs():
+    """/object_info may give a spec without options (["INT"]): a widget then takes the type's zero, a combo its first
+    choice, and the frontend's extra widget values (seed control, upload button) only come with their option."""
+    schema = {"T": {"input": {"required": {"n": ["INT"], "x": ["FLOAT"], "s": ["STRING"], "b": ["BOOLEAN"],
+                                           "c": [["first", "second"]], "e": [[]], "m": ["MODEL"]},
+                              "optional": {"seed": ["INT", {"control_after_generate": True}],
+                                           "img": [["a.png"], {"image_upload": True}]}},
+                    "output": ["MODEL"], "output_name": ["model"]}}
+    nodes = [graph.Node(1, "T", "t", {"s": "set"})]
+    assert graph.to_api(nodes, schema)["1"]["inputs"] == {"n": 0, "x": 0.0, "s": "set", "b": False, "c": "first",
+                                                          "e": "", "seed": 0, "img": "a.png"}
+    ui = graph.to_ui(nodes, schema)["nodes"][0]
+    assert ui["widgets_values"] == [0, 0.0, "set", False, "first", "", 0, "fixed", "a.png", "image"]
+    assert [i["name"] for i in ui["inputs"]] == ["m"] and ui["properties"] == {"Node name for S&R": "T"}
+    ours = graph.our_schema()
+    assert {name for name, entry in ours.items() if entry["output_node"] is True} == {"StyleMetrics", "TrainStyle"}
+    assert all(entry["output_node"] is False for name, entry in ours.items() if name not in ("StyleMetrics",
+                                                                                             "TrainStyle"))
