@@ -464,6 +464,10 @@ def test_the_check_holds_against_comfyui_0364s_full_object_info():
     with pytest.raises(ValueError, match=r"node 'Edges' \(Canny\) input 'high_threshold': 1\.5 is not accepted; it "
                                          r"takes FLOAT, a finite number in 0\.01\.\.0\.99"):
         check_values(substitute(graph, cfg, "x.png", None), info)
+    untitled = substitute(graph, cfg, "x.png", None)
+    del untitled["30"]["_meta"]  # an exported workflow without titles: the node is named by its id
+    with pytest.raises(ValueError, match=r"node '30' \(Canny\) input 'high_threshold'"):
+        check_values(untitled, info)
 
 
 def test_an_error_message_that_mentions_reaching_is_a_failure_not_a_lost_server(photos, tmp_path):

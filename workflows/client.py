@@ -145,7 +145,7 @@ class Server:
         except (urllib.error.URLError, OSError, ValueError) as e:  # http.client.InvalidURL is a ValueError
             reason = getattr(e, "reason", e)
             raise ServerUnreachable(f"server {self.url}: cannot reach it ({reason}); is ComfyUI running there? "
-                              "(python main.py --listen; or pass --server URL)") from e
+                                    "(python main.py --listen; or pass --server URL)") from e
 
     def get_json(self, path: str) -> Any:
         return json.loads(self.request(path))
@@ -348,7 +348,7 @@ def check_values(graph: dict, object_info: dict) -> None:
     for node_id, node in graph.items():
         spec = object_info[node["class_type"]]["input"]
         specs = {**spec.get("required", {}), **spec.get("optional", {})}
-        where = f"node {node['_meta'].get('title', node_id)!r} ({node['class_type']})"
+        where = f"node {node.get('_meta', {}).get('title', node_id)!r} ({node['class_type']})"
         for name, value in node["inputs"].items():
             if name not in specs:
                 raise ValueError(f"{where} has no input {name!r} (ComfyUI would ignore it); its inputs: "
