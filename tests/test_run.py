@@ -226,6 +226,9 @@ def test_masked_blend_and_metrics_workflows(comfy, photos, tmp_path):
 def test_batch_reports_bad_files_and_resumes(comfy, photos, tmp_path):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.open(photos / "coffee.png").save(photos / "coffee.jpg")  # same stem: both get an output
+    Image.open(photos / "coffee.png").save(photos / ".hidden.png")  # not listed: hidden, a folder, not an image
+    (photos / "album.png").mkdir()
+    (photos / "notes.txt").write_text("not a photo")
     out = tmp_path / "styled"
     cfg = RunConfig(content=str(photos), out=str(out), server=comfy.url)
     first = run_workflow(cfg, poll=0.01)
