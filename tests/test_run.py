@@ -342,7 +342,7 @@ def test_a_failed_photo_makes_the_exit_status_non_zero_and_overwrite_redoes_outp
     (out / "chelsea.png").write_bytes(b"an old output")
     assert cli_main(args) == 1  # the broken photo is tried again and fails again
     again = capsys.readouterr().out
-    assert f"{out / 'chelsea.png'} exists, skipped (--overwrite redoes it)" in again
+    assert f"[3/4] chelsea.png: {out / 'chelsea.png'} exists, skipped (--overwrite redoes it)" in again
     assert "0 done, 3 skipped (output existed), 1 failed" in again and len(comfy.prompts) == 3
     assert (out / "chelsea.png").read_bytes() == b"an old output"
     (photos / "broken.jpg").unlink()
@@ -424,6 +424,7 @@ BAD_VALUES = [  # (flags, what the message must say)
                                   r"workflow \(\[.*'Sampler'"),
     ({"set": ("Sampler=3",)}, r"set: 'Sampler=3' must be 'Node title\.input=value'"),
     ({"set": ("Nope.steps=3",)}, r"set: 'Nope\.steps=3' must be 'Node title\.input=value'"),
+    ({"style": ("monet.safetensors",) * 4}, r"style: at most 3 styles per run, got 4"),
     ({"style": ("monet.safetensors", "ukiyo-e.safetensors:abc")},
      r"style: the weight in 'ukiyo-e.safetensors:abc' is not a number; give NAME or NAME:WEIGHT"),
 ]
@@ -536,3 +537,38 @@ def test_comfyuis_error_json_becomes_one_readable_line():
                                  "steps: 20000 > 10000")
     assert _error_text(json.dumps({"error": {"message": "Bad"}})) == "Bad"
     assert _error_text("<html>502 Bad Gateway</html>") == "<html>502 Bad Gateway</html>"
+
+
+def test_bare_specs_and_long_choice_lists_in_the_value_check():
+    from stylora.workflows.client import _accepted, check_values
+
+    info = {"T": {"input": {"required": {"n": ["INT"], "c": [[f"c{i}" for i in range(21)]]}}}}
+    check_values({"1": {"class_type": "T", "inputs": {"n": -5, "c": "c20"}}}, info)  # no options: any whole number
+    with pytest.raises(ValueError, match=r"node '1' \(T\) input 'n': 'x' is not accepted; it takes INT, a whole "
+                                         r"number in -inf\.\.inf"):
+        check_values({"1": {"class_type": "T", "inputs": {"n": "x"}}}, info)
+    twenty = [f"c{i}" for i in range(20)]
+    assert _accepted(twenty, {}) == "one of " + ", ".join(twenty)
+    assert _accepted([*twenty, "c20"], {}) == "one of " + ", ".join(twenty) + ", ..."
+
+
+class _QueueStub:
+    """A server whose prompt waits behind two others, then runs, then is done."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_json(self, path: str) -> dict:
+        if path.startswith("/history/"):
+            self.calls += 1
+            return {"mine": {"status": {"completed": True}, "outputs": {}}} if self.calls > 2 else {}
+        pending = [[1, "a"], [2, "b"], [3, "mine"]] if self.calls == 1 else []
+        return {"queue_running": [[0, "mine"]] if self.calls == 2 else [], "queue_pending": pending}
+
+
+def test_waiting_says_how_many_prompts_are_ahead_then_running():
+    from stylora.workflows.client import _wait
+
+    states = []
+    assert _wait(_QueueStub(), "mine", 10, 0.0, states.append) == {"status": {"completed": True}, "outputs": {}}
+    assert states == ["queued (2 ahead)", "running"]
