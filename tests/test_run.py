@@ -425,6 +425,8 @@ BAD_VALUES = [  # (flags, what the message must say)
     ({"set": ("Sampler=3",)}, r"set: 'Sampler=3' must be 'Node title\.input=value'"),
     ({"set": ("Nope.steps=3",)}, r"set: 'Nope\.steps=3' must be 'Node title\.input=value'"),
     ({"style": ("monet.safetensors",) * 4}, r"style: at most 3 styles per run, got 4"),
+    ({"workflow": "dreambooth", "style": ("db.safetensors", "sd15.safetensors")},
+     r"style: workflow dreambooth takes one checkpoint, got \['db\.safetensors', 'sd15\.safetensors'\]"),
     ({"style": ("monet.safetensors", "ukiyo-e.safetensors:abc")},
      r"style: the weight in 'ukiyo-e.safetensors:abc' is not a number; give NAME or NAME:WEIGHT"),
 ]
