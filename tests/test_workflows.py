@@ -326,3 +326,12 @@ def test_schema_defaults_and_bare_specs():
     assert {name for name, entry in ours.items() if entry["output_node"] is True} == {"StyleMetrics", "TrainStyle"}
     assert all(entry["output_node"] is False for name, entry in ours.items() if name not in ("StyleMetrics",
                                                                                              "TrainStyle"))
+
+
+def test_layout_stacks_columns_and_keeps_the_growth_room_free():
+    """Column by column, left to right: a node's pos is below its title bar (30 px); the next node starts 40 px below
+    it, and below Style Metrics' 320 px growth room; the next column starts 40 px right of the widest node."""
+    metrics, below = graph.Node(1, "StyleMetrics", "m", size=(420, 170)), graph.Node(2, "Note", "n", size=(100, 50))
+    right = graph.Node(3, "Note", "r", size=(200, 60))
+    assert graph.layout([metrics, below], [right]) == [metrics, below, right]
+    assert (metrics.pos, below.pos, right.pos) == ((0, 30), (0, 30 + 170 + 320 + 40 + 30), (420 + 40, 30))
