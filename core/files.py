@@ -61,15 +61,19 @@ def scan_folder(root: Path) -> tuple[list[Path], list[Skipped]]:
     return candidates, skipped
 
 
+def list_images(folder: Path) -> list[Path]:
+    """Image files (by extension) directly in `folder`, sorted; hidden files and subfolders are left out."""
+    return [f for f in sorted(folder.iterdir())
+            if not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+
+
 def index_by_stem(folder: Path, flag: str) -> dict[str, Path]:
     """Image files directly in `folder`, by stem (subfolders, e.g. other methods' outputs, are not entered).
     `flag` names the option the folder came from, for the error."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder}: not a folder")
     index: dict[str, Path] = {}
-    for f in sorted(folder.iterdir()):
-        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS or not f.is_file():
-            continue
+    for f in list_images(folder):
         if f.stem in index:
             logger.warning("%s: %s and %s share a stem; using the first", folder, index[f.stem].name, f.name)
             continue

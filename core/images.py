@@ -67,13 +67,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | Path | bytes, max_pixels: int = 100_000_000, name: str | None = None) -> Image.Image:
-    """Open `path` (a file, or the encoded bytes of one, e.g. from a parquet column) as an upright 8-bit RGB image.
-
-    Raises ImageLoadError with a reason for: files that are not images, truncated or corrupt data,
-    images over `max_pixels` (width*height; refused before decoding, so a decompression bomb costs
-    nothing) and pixel formats that cannot be converted.
-    """
+def _open_checked(path: str | Path | bytes, max_pixels: int, name: str | None) -> tuple[Image.Image, str | Path]:
+    """The image's first frame, decoded, in its own mode, and the name errors give it. The caller closes the image.
+    Raises ImageLoadError for non-images, corrupt data and images over `max_pixels` (refused before decoding)."""
     source = io.BytesIO(path) if isinstance(path, bytes) else Path(path)
     path = name or ("<bytes>" if isinstance(path, bytes) else source)
     try:
@@ -86,24 +82,64 @@ def load_image(path: str | Path | bytes, max_pixels: int = 100_000_000, name: st
         raise ImageLoadError(path, f"refused: decompression bomb ({e})") from None
     except OSError as e:
         raise ImageLoadError(path, f"cannot be read ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise ImageLoadError(path, f"refused: {w}x{h} is over the {max_pixels:,}-pixel limit (decompression bomb?)")
+    try:
+        img.seek(0)  # animated GIF/WebP: the first frame
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        img.close()
+        reason = "truncated or corrupt" if "truncat" in str(e).lower() or isinstance(e, OSError) else "corrupt"
+        raise ImageLoadError(path, f"{reason} ({e})") from None
+    return img, path
+
+
+def _upright(img: Image.Image, path: str | Path) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except (OSError, ValueError, KeyError) as e:  # broken EXIF: keep the pixels as stored
+        logger.debug("%s: ignoring unreadable EXIF orientation: %s", path, e)
+        return img
+
+
+def load_image(path: str | Path | bytes, max_pixels: int = 100_000_000, name: str | None = None) -> Image.Image:
+    """Open `path` (a file, or the encoded bytes of one, e.g. from a parquet column) as an upright 8-bit RGB image.
+
+    Raises ImageLoadError with a reason for: files that are not images, truncated or corrupt data,
+    images over `max_pixels` (width*height; refused before decoding, so a decompression bomb costs
+    nothing) and pixel formats that cannot be converted.
+    """
+    img, path = _open_checked(path, max_pixels, name)
     with img:
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ImageLoadError(path, f"refused: {w}x{h} is over the {max_pixels:,}-pixel limit (decompression bomb?)")
+        upright = _upright(img, path)
         try:
-            img.seek(0)  # animated GIF/WebP: the first frame
-            img.load()
-        except (OSError, SyntaxError, ValueError) as e:
-            reason = "truncated or corrupt" if "truncat" in str(e).lower() or isinstance(e, OSError) else "corrupt"
-            raise ImageLoadError(path, f"{reason} ({e})") from None
-        try:
-            img = ImageOps.exif_transpose(img) or img
-        except (OSError, ValueError, KeyError) as e:  # broken EXIF: keep the pixels as stored
-            logger.debug("%s: ignoring unreadable EXIF orientation: %s", path, e)
-        try:
-            return to_rgb(img)
+            return to_rgb(upright)
         except (OSError, ValueError) as e:
-            raise ImageLoadError(path, f"unsupported pixel format {img.mode!r} ({e})") from None
+            raise ImageLoadError(path, f"unsupported pixel format {upright.mode!r} ({e})") from None
+
+
+def load_mask(path: str | Path, max_pixels: int = 100_000_000) -> Image.Image:
+    """Open a mask file as an upright 8-bit "L" image, 255 = masked, with load_image's checks.
+
+    An image with transparency (some alpha below 255: ComfyUI's mask editor saves a painted mask as alpha 0) gives
+    255 - alpha, the convention of ComfyUI's Load Image (MASK = 1 - alpha). Any other image gives its brightness,
+    white = masked; 16-bit and float greys are scaled by their type's range (16-bit 32768 -> 128), not clipped.
+    """
+    img, name = _open_checked(path, max_pixels, None)
+    with img:
+        upright = _upright(img, name)
+        try:
+            if upright.mode == "P" and "transparency" in upright.info:
+                upright = upright.convert("RGBA")
+            if "A" in upright.getbands() and upright.getchannel("A").getextrema()[0] < 255:
+                return ImageOps.invert(upright.getchannel("A").convert("L"))
+            if upright.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                return Image.fromarray(_to_8bit(np.asarray(upright)), mode="L")
+            return upright.convert("L")
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(name, f"unsupported pixel format {upright.mode!r} for a mask ({e})") from None
 
 
 def resize_cover(img: Image.Image, width: int, height: int) -> Image.Image:

@@ -35,6 +35,10 @@ DEFAULT_MAX_DENOISE = 0.75
 # calibrated styles, stored with each calibration.
 TARGET_SSIM_AT_FULL = 0.35
 CALIBRATION_KEY = "stylora.calibration"  # the style file's metadata key
+# The img2img denoise suggested where no strength knob sets it: written into each trained style's metadata
+# (stylora.suggested_denoise) and used by the baseline workflows' samplers (DreamBooth, Textual Inversion). It is
+# today's ramp at strength 0.8 (0.8 * DEFAULT_MAX_DENOISE): a strong style that still keeps the photo's layout.
+SUGGESTED_DENOISE = 0.6
 
 
 def style_schedule(strength: float, max_denoise: float = DEFAULT_MAX_DENOISE) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from ..core.lora_file import check_lora_fits, normalize_blend, read_lora
-from ..core.strength_rule import read_calibration
+from ..core.strength_rule import SUGGESTED_DENOISE, read_calibration
 from .host import (
     CALIBRATION_ATTACHMENT,
     STYLE_ATTACHMENT,
@@ -125,7 +125,7 @@ class LoadStyleLoRA:
             calibrations.append((calibration.to_json() if calibration else None, strength * w))
             info["styles"].append({"name": name, "weight": w, "trigger": meta.get("stylora.trigger")
                                    or meta.get("modelspec.trigger_phrase", ""),
-                                   "suggested_denoise": float(meta.get("stylora.suggested_denoise", 0.6)),
+                                   "suggested_denoise": float(meta.get("stylora.suggested_denoise", SUGGESTED_DENOISE)),
                                    "base_model": meta.get("stylora.base_model", meta.get("ss_sd_model_name", "")),
                                    "calibrated": calibration is not None,
                                    "calibration": calibration.to_json() if calibration else None})

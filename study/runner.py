@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from ..baseline.adain import AdaIN, stylize_file
-from ..core.files import atomic_write_text
-from ..core.images import IMAGE_EXTENSIONS
+from ..core.files import atomic_write_text, list_images
 from ..core.lora_file import read_metadata
 from ..eval.config import EvalConfig
 from ..eval.report import evaluate
@@ -344,8 +343,7 @@ def _missing_on_servers(servers: tuple[str, ...], node: str) -> list[str]:
 def _images(folder: Path, name: str) -> list[Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{name}: not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
+    files = list_images(folder)
     if not files:
         raise ValueError(f"{name}: no images in {folder}")
     return files
@@ -354,7 +352,7 @@ def _images(folder: Path, name: str) -> list[Path]:
 def _count_images(folder: Path) -> int:
     if not folder.is_dir():
         return 0
-    return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return len(list_images(folder))
 
 
 def _folders_fingerprint(folders: list[Path], metrics: tuple[str, ...]) -> str:

@@ -24,11 +24,8 @@ TINY_CONFIG = REPO / "tests" / "fixtures" / "tiny_sd15"
 SHARED_TOKENIZER = REPO.parent / "shared" / "fixtures" / "sd15_tokenizer"
 
 
-def workflow_builder():
-    """The workflow builder (stylora.workflows.build): the schema helpers and the workflow descriptions."""
-    from stylora.workflows import build
-
-    return build
+# The core nodes' schema facts of ComfyUI 0.3.64 that the bundled workflows use (tools/build_workflows.py writes it).
+CORE_NODES = REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json"
 
 
 @pytest.fixture(scope="session")

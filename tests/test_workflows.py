@@ -4,23 +4,23 @@ consistent, and the UI and API files describe the same graph."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
-from conftest import REPO, workflow_builder
+from conftest import CORE_NODES, REPO
+from stylora.workflows import definitions, graph
 
 SHARED_OBJECT_INFO = REPO.parent / "shared" / "comfyui" / "object_info-0.3.64.json"
 FILE_LISTS = {"ckpt_name", "image", "style", "style_2", "style_3"}  # options depend on the server's files
 
 
-build = workflow_builder()
-
 
 @pytest.fixture(scope="module")
 def schema() -> dict:
     """/object_info of ComfyUI 0.3.64 (../shared when present, else the trimmed copy of its facts) + our nodes."""
-    path = SHARED_OBJECT_INFO if SHARED_OBJECT_INFO.is_file() else build.CORE_SUBSET
-    return {**json.loads(path.read_text()), **build.our_schema()}
+    path = SHARED_OBJECT_INFO if SHARED_OBJECT_INFO.is_file() else CORE_NODES
+    return {**json.loads(path.read_text()), **graph.our_schema()}
 
 
 def check_value(node: str, name: str, spec: list, value) -> list[str]:
@@ -65,7 +65,7 @@ def check_api(api: dict, schema: dict) -> list[str]:
                         problems.append(f"node {node_id} input {name}: node {value[0]} has no output {value[1]}")
                     elif out_types[value[1]] != want and "*" not in (want, out_types[value[1]]):
                         problems.append(f"node {node_id} input {name}: wants {want}, gets {out_types[value[1]]}")
-                elif build.is_widget(spec):
+                elif graph.is_widget(spec):
                     problems += check_value(node_id, name, spec, value)
                 else:
                     problems.append(f"node {node_id} input {name}: {spec[0]} must be a link, got {value!r}")
@@ -95,15 +95,15 @@ def check_ui(ui: dict, schema: dict) -> list[str]:
         if out["type"] != kind or (inp["type"] != kind and inp["type"] != "*"):
             problems.append(f"link {link_id}: type {kind} vs output {out['type']} / input {inp['type']}")
     for n in ui["nodes"]:
-        if n["type"] in build.UI_ONLY_TYPES:
+        if n["type"] in graph.UI_ONLY_TYPES:
             continue
         entry = schema.get(n["type"])
         if entry is None:
             problems.append(f"node {n['id']}: unknown type {n['type']}")
             continue
         expected = 0
-        for name in build.widget_names(entry):
-            spec = build.input_spec(entry, name)
+        for name in graph.widget_names(entry):
+            spec = graph.input_spec(entry, name)
             expected += 1 + bool(len(spec) > 1 and (spec[1].get("control_after_generate")
                                                     or spec[1].get("image_upload")))
         if len(n["widgets_values"]) != expected:
@@ -111,7 +111,7 @@ def check_ui(ui: dict, schema: dict) -> list[str]:
                             f"schema has {expected}")
         linked = {i["name"] for i in n["inputs"] if i["link"] is not None}
         for name, spec in entry["input"].get("required", {}).items():
-            if not build.is_widget(spec) and name not in linked:
+            if not graph.is_widget(spec) and name not in linked:
                 problems.append(f"node {n['id']} ({n['type']}): required input {name} not linked")
         for slot, out in enumerate(n["outputs"]):
             if out["type"] != entry["output"][slot]:
@@ -123,13 +123,13 @@ def ui_to_api(ui: dict, schema: dict) -> dict:
     """What the frontend would queue for a UI-format workflow (widget values by name, links as [id, slot])."""
     api = {}
     for n in ui["nodes"]:
-        if n["type"] in build.UI_ONLY_TYPES:
+        if n["type"] in graph.UI_ONLY_TYPES:
             continue
         entry = schema[n["type"]]
         values = iter(n["widgets_values"])
         inputs = {}
-        for name in build.widget_names(entry):
-            spec = build.input_spec(entry, name)
+        for name in graph.widget_names(entry):
+            spec = graph.input_spec(entry, name)
             inputs[name] = next(values)
             if len(spec) > 1 and (spec[1].get("control_after_generate") or spec[1].get("image_upload")):
                 next(values)
@@ -141,7 +141,7 @@ def ui_to_api(ui: dict, schema: dict) -> dict:
     return api
 
 
-NAMES = sorted(build.WORKFLOWS)
+NAMES = sorted(definitions.WORKFLOWS)
 
 
 def test_every_workflow_exists_in_both_formats_and_nothing_else_is_listed():
@@ -166,11 +166,56 @@ def test_workflow_is_valid_against_the_schema(name, schema):
 
 
 def test_committed_files_are_what_the_builder_writes(schema):
-    for name, make in build.WORKFLOWS.items():
+    """Byte for byte, as tools/build_workflows.py writes them (json, indent 1, one newline)."""
+    for name, make in definitions.WORKFLOWS.items():
         nodes = make()
-        assert json.loads((REPO / "examples" / f"{name}.json").read_text()) == build.ui_workflow(name, schema)
-        assert build.ui_workflow(name, schema)["nodes"] == build.to_ui(nodes, schema)["nodes"]
-        assert json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text()) == build.to_api(nodes, schema)
+        ui = definitions.ui_workflow(name, schema)
+        assert (REPO / "examples" / f"{name}.json").read_text() == json.dumps(ui, indent=1) + "\n"
+        assert ui["nodes"] == graph.to_ui(nodes, schema, definitions.MODEL_FILES)["nodes"]
+        api = (REPO / "workflows" / "api" / f"{name}.json").read_text()
+        assert api == json.dumps(graph.to_api(nodes, schema), indent=1) + "\n"
+
+
+def test_a_workflow_is_the_same_whatever_was_built_before_it(schema):
+    """No definition changes another's nodes (a shared dict once gave train_style the baselines' CFG 5)."""
+    alone = {name: graph.to_api(make(), schema) for name, make in definitions.WORKFLOWS.items()}
+    for name in reversed(list(definitions.WORKFLOWS)):
+        assert graph.to_api(definitions.WORKFLOWS[name](), schema) == alone[name], name
+    samplers = {name: next(n for n in api.values() if n["class_type"] == "KSampler")["inputs"]
+                for name, api in alone.items()}
+    # CFG 1 for the promptless styles; the baselines sample with their prompt (Ruiz et al. 2023; Gal et al. 2023).
+    assert {name: s["cfg"] for name, s in samplers.items()} == {
+        **{name: 1.0 for name in samplers}, "dreambooth": 7.0, "textual_inversion": 5.0}
+    assert samplers["dreambooth"]["denoise"] == samplers["textual_inversion"]["denoise"] == 0.6
+
+
+def test_links_are_wired_by_output_name(schema):
+    """A link names the source's output; its slot comes from the schema (ContentEncode: latent 0, image 1, mask 3)."""
+    nodes = [graph.Node(6, "LoadImage", "Content", {"image": "a.png"}),
+             graph.Node(7, "ContentEncode", "Encode", {}, {"image": (6, "IMAGE"), "mask": (6, "MASK")}),
+             graph.Node(20, "KeepPhotoColours", "Keep", {}, {"content": (7, "image"), "styled": (7, "image")})]
+    api = graph.to_api(nodes, schema)
+    assert api["7"]["inputs"]["image"] == ["6", 0] and api["7"]["inputs"]["mask"] == ["6", 1]
+    assert api["20"]["inputs"]["content"] == ["7", 1]
+    ui = graph.to_ui(nodes, schema)
+    assert [lk[1:3] + [lk[5]] for lk in ui["links"]] == [[6, 0, "IMAGE"], [6, 1, "MASK"], [7, 1, "IMAGE"],
+                                                        [7, 1, "IMAGE"]]
+    nodes[2].links["styled"] = (7, "styled")
+    with pytest.raises(KeyError, match="ContentEncode has no output 'styled'; its outputs: .*'latent', 'image'"):
+        graph.to_api(nodes, schema)
+
+
+def test_the_core_node_fixture_is_the_trim_of_the_saved_object_info():
+    """tests/fixtures/core_nodes-0.3.64.json: what the builder trims from ComfyUI 0.3.64's /object_info for the core
+    nodes the workflows use (skipped without ../shared, the full file being the source)."""
+    if not SHARED_OBJECT_INFO.is_file():
+        pytest.skip(f"no {SHARED_OBJECT_INFO}")
+    spec = importlib.util.spec_from_file_location("build_workflows", REPO / "tools" / "build_workflows.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    object_info = json.loads(SHARED_OBJECT_INFO.read_text())
+    used = {n.type for make in definitions.WORKFLOWS.values() for n in make() if n.type in object_info}
+    assert CORE_NODES.read_text() == json.dumps(tool.trimmed(object_info, used), indent=1) + "\n"
 
 
 TITLE_H = 30  # the frontend draws the title bar above a node's pos
@@ -205,7 +250,7 @@ def test_templates_have_a_thumbnail_a_description_and_no_overlapping_nodes(name)
 
     with Image.open(REPO / "examples" / f"{name}.jpg") as thumb:  # served as /api/workflow_templates/stylora/<name>.jpg
         assert thumb.format == "JPEG" and thumb.width == 256 and thumb.height < 256
-    assert ui["extra"]["stylora"]["order"] == list(build.WORKFLOWS).index(name) + 1
+    assert ui["extra"]["stylora"]["order"] == list(definitions.WORKFLOWS).index(name) + 1
 
 
 def test_overlap_check_sees_title_bars_and_growth():
@@ -250,10 +295,9 @@ def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are
     """Each loader that names a public file carries it as ComfyUI's own templates do (properties.models: name, url,
     directory), so frontend 1.5x's missing-models dialog offers the download; the files a person trains are
     named as such."""
-    build = workflow_builder()
     for path in sorted((REPO / "examples").glob("*.json")):
-        graph = json.loads(path.read_text())
-        for node in (n for n in graph["nodes"] if n["type"] not in build.UI_ONLY_TYPES):
+        ui = json.loads(path.read_text())
+        for node in (n for n in ui["nodes"] if n["type"] not in graph.UI_ONLY_TYPES):
             names = [v for v in node["widgets_values"] if isinstance(v, str) and v.endswith(".safetensors")]
             public = [v for v in names if v in PUBLIC_FILES]
             assert node["properties"].get("models", []) == [
@@ -261,4 +305,33 @@ def test_templates_name_the_public_model_files_and_say_what_the_placeholders_are
                 for v in public], (path.name, node["title"])
             for v in names:
                 assert v in public or "(stylora train" in v or v == "None", (path.name, node["title"], v)
-    assert "(stylora train lora)" in build.STYLE_PLACEHOLDER
+    assert "(stylora train lora)" in definitions.STYLE_PLACEHOLDER
+
+
+def test_schema_defaults_and_bare_specs():
+    """/object_info may give a spec without options (["INT"]): a widget then takes the type's zero, a combo its first
+    choice, and the frontend's extra widget values (seed control, upload button) only come with their option."""
+    schema = {"T": {"input": {"required": {"n": ["INT"], "x": ["FLOAT"], "s": ["STRING"], "b": ["BOOLEAN"],
+                                           "c": [["first", "second"]], "e": [[]], "m": ["MODEL"]},
+                              "optional": {"seed": ["INT", {"control_after_generate": True}],
+                                           "img": [["a.png"], {"image_upload": True}]}},
+                    "output": ["MODEL"], "output_name": ["model"]}}
+    nodes = [graph.Node(1, "T", "t", {"s": "set"})]
+    assert graph.to_api(nodes, schema)["1"]["inputs"] == {"n": 0, "x": 0.0, "s": "set", "b": False, "c": "first",
+                                                          "e": "", "seed": 0, "img": "a.png"}
+    ui = graph.to_ui(nodes, schema)["nodes"][0]
+    assert ui["widgets_values"] == [0, 0.0, "set", False, "first", "", 0, "fixed", "a.png", "image"]
+    assert [i["name"] for i in ui["inputs"]] == ["m"] and ui["properties"] == {"Node name for S&R": "T"}
+    ours = graph.our_schema()
+    assert {name for name, entry in ours.items() if entry["output_node"] is True} == {"StyleMetrics", "TrainStyle"}
+    assert all(entry["output_node"] is False for name, entry in ours.items() if name not in ("StyleMetrics",
+                                                                                             "TrainStyle"))
+
+
+def test_layout_stacks_columns_and_keeps_the_growth_room_free():
+    """Column by column, left to right: a node's pos is below its title bar (30 px); the next node starts 40 px below
+    it, and below Style Metrics' 320 px growth room; the next column starts 40 px right of the widest node."""
+    metrics, below = graph.Node(1, "StyleMetrics", "m", size=(420, 170)), graph.Node(2, "Note", "n", size=(100, 50))
+    right = graph.Node(3, "Note", "r", size=(200, 60))
+    assert graph.layout([metrics, below], [right]) == [metrics, below, right]
+    assert (metrics.pos, below.pos, right.pos) == ((0, 30), (0, 30 + 170 + 320 + 40 + 30), (420 + 40, 30))

@@ -25,6 +25,7 @@ from PIL import Image
 from ..core.files import atomic_write, scan_folder
 from ..core.images import ImageLoadError, load_image, resize_cover
 from ..core.lora_file import DTYPES, peft_to_kohya, read_metadata, save_lora
+from ..core.strength_rule import SUGGESTED_DENOISE
 from ..core.version import __version__
 from .base_model import load_base_model, resolve_source
 from .checkpoint import RunCheckpoints, checkpoint_root, complete_checkpoints, start_or_resume
@@ -242,7 +243,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
         "stylora.dataset_size": str(len(dataset)),
         "stylora.dataset_fingerprint": dataset.fingerprint,
         "stylora.suggested_strength": "1.0",
-        "stylora.suggested_denoise": "0.6",
+        "stylora.suggested_denoise": str(SUGGESTED_DENOISE),
         "stylora.train_seconds": f"{seconds:.1f}",
         "stylora.config": cfg.to_dict(),
         # kohya sd-scripts keys, read by A1111's and ComfyUI-Manager's LoRA browsers.
@@ -288,7 +289,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
         "modelspec.resolution": res,
         "modelspec.prediction_type": "epsilon",
         "modelspec.trigger_phrase": cfg.trigger,
-        "modelspec.usage_hint": "Style LoRA: apply at strength ~1.0 with img2img denoise ~0.6; "
+        "modelspec.usage_hint": f"Style LoRA: apply at strength ~1.0 with img2img denoise ~{SUGGESTED_DENOISE}; "
                                 + (f"add '{cfg.trigger}' to the prompt" if cfg.trigger else "no prompt needed"),
     }
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}

@@ -1,1 +1,1 @@
-"""Bundled workflows: the role/title contract, the builder of the JSON files, and the headless client."""
+"""Bundled workflows: the role/title contract, the graph model and the definitions, and the headless client."""

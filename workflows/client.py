@@ -7,6 +7,7 @@ GET /queue says whether the prompt waits or runs), GET /view for the outputs. In
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -20,12 +21,13 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.files import atomic_write, atomic_write_text
-from ..core.images import IMAGE_EXTENSIONS, ImageLoadError, load_image
+from ..core.files import atomic_write, atomic_write_text, list_images
+from ..core.images import ImageLoadError, load_image, load_mask
 from ..core.strength_rule import style_schedule
 from .roles import (
     CHECKPOINT,
@@ -64,7 +66,10 @@ class RunConfig:
         default=(),
         metadata={"help": "style file(s) on the server, NAME or NAME:WEIGHT (up to 3); dreambooth: checkpoint"})
     strength: float | None = field(default=None, metadata={"help": "style strength 0..1 (default: the workflow's)"})
-    mask: str | None = field(default=None, metadata={"help": "black/white mask image, white = styled (masked_style)"})
+    mask: str | None = field(
+        default=None,
+        metadata={"help": "mask image, white = styled (masked_style); a mask with transparency, as ComfyUI's mask "
+                          "editor saves it, is read from its alpha: transparent = styled"})
     style_image: str | None = field(default=None, metadata={"help": "style image for the Gram loss (style_metrics)"})
     checkpoint: str | None = field(
         default=None, metadata={"help": "SD1.5 checkpoint on the server (default: the workflow's)"})
@@ -104,6 +109,10 @@ class ServerError(RuntimeError):
     """The ComfyUI server is unreachable, lacks a node or a file, or failed to run the prompt."""
 
 
+class ServerUnreachable(ServerError):
+    """No answer from the server (refused, dropped, timed out): with several servers, it is left out."""
+
+
 # --- Talking to the server ------------------------------------------------------------------------------------
 
 def server_url(url: str) -> str:
@@ -135,8 +144,8 @@ class Server:
             raise ServerError(f"{self.url}{path}: HTTP {e.code}: {_error_text(body)}") from e
         except (urllib.error.URLError, OSError, ValueError) as e:  # http.client.InvalidURL is a ValueError
             reason = getattr(e, "reason", e)
-            raise ServerError(f"server {self.url}: cannot reach it ({reason}); is ComfyUI running there? "
-                              "(python main.py --listen; or pass --server URL)") from e
+            raise ServerUnreachable(f"server {self.url}: cannot reach it ({reason}); is ComfyUI running there? "
+                                    "(python main.py --listen; or pass --server URL)") from e
 
     def get_json(self, path: str) -> Any:
         return json.loads(self.request(path))
@@ -221,9 +230,9 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
                 suffix = "" if i == 0 else f"_{i + 1}"
                 style["inputs"]["style" + suffix] = name
                 if i:
-                    style["inputs"]["weight" + suffix] = float(weight) if weight else 1.0
+                    style["inputs"]["weight" + suffix] = _weight(spec, weight) if weight else 1.0
                 elif weight:
-                    style["inputs"]["strength"] = float(weight)
+                    style["inputs"]["strength"] = _weight(spec, weight)
         elif find(g, STYLE_CHECKPOINT) is not None:
             if len(cfg.style) != 1:
                 raise ValueError(f"style: workflow {cfg.workflow} takes one checkpoint, got {list(cfg.style)}")
@@ -261,6 +270,14 @@ def substitute(graph: dict, cfg: RunConfig, content_name: str, style_image_name:
     return g
 
 
+def _weight(spec: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"style: the weight in {spec!r} is not a number; give NAME or NAME:WEIGHT, e.g. "
+                         "ukiyo-e.safetensors:0.5") from None
+
+
 def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
     """Every node installed, every file name (checkpoints, styles) present on the server."""
     missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
@@ -287,22 +304,78 @@ def check_against_server(graph: dict, object_info: dict, workflow: str) -> None:
                                   f"and refresh; available: {shown}")
 
 
+# Inputs whose options are files: checked by check_against_server with the folder to put them in (LoadImage's
+# image is this run's upload, not yet on the server).
+FILE_INPUTS = {"ckpt_name", "style", "style_2", "style_3", "control_net_name", "image"}
+PY_TYPES = {"INT": (int,), "FLOAT": (int, float), "STRING": (str,), "BOOLEAN": (bool,)}
+
+
+def _is_link(value: Any, graph: dict) -> bool:
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and value[0] in graph
+            and isinstance(value[1], int))
+
+
+def _accepted(kind: Any, opts: dict) -> str:
+    """What an input takes, in words: its choices, or its type and range."""
+    if isinstance(kind, (list, tuple)) or kind == "COMBO":
+        choices = list(kind) if kind != "COMBO" else list(opts.get("options", []))
+        return "one of " + ", ".join(map(str, choices[:20])) + (", ..." if len(choices) > 20 else "")
+    if kind in ("INT", "FLOAT"):
+        whole = "a whole number" if kind == "INT" else "a finite number"
+        return f"{kind}, {whole} in {opts.get('min', '-inf')}..{opts.get('max', 'inf')}"
+    return kind if kind in PY_TYPES else f"a link from a {kind} output"
+
+
+def _value_fits(kind: Any, opts: dict, value: Any) -> bool:
+    """Whether `value` is one ComfyUI accepts for an input of this type and options."""
+    if isinstance(kind, (list, tuple)) or kind == "COMBO":
+        choices = list(kind) if kind != "COMBO" else list(opts.get("options", []))
+        return not choices or value in choices  # an empty list: the choices were not saved (the offline fixture)
+    if kind not in PY_TYPES or isinstance(value, bool) != (kind == "BOOLEAN"):
+        return False
+    if not isinstance(value, PY_TYPES[kind]):
+        return False
+    if kind in ("INT", "FLOAT"):
+        return math.isfinite(value) and opts.get("min", value) <= value <= opts.get("max", value)
+    return True
+
+
+def check_values(graph: dict, object_info: dict) -> None:
+    """Every value the run sends (the workflow's, the flags', each --set) is one the node takes: the input exists,
+    has the type, lies in the range, is one of the choices. ComfyUI drops an unknown input without a word, so
+    `--set "Sampler.stepz=30"` would otherwise run with the default. ValueError naming node, input, value and
+    what is accepted. File names are check_against_server's."""
+    for node_id, node in graph.items():
+        spec = object_info[node["class_type"]]["input"]
+        specs = {**spec.get("required", {}), **spec.get("optional", {})}
+        where = f"node {node.get('_meta', {}).get('title', node_id)!r} ({node['class_type']})"
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                raise ValueError(f"{where} has no input {name!r} (ComfyUI would ignore it); its inputs: "
+                                 f"{', '.join(specs)}")
+            if name in FILE_INPUTS or _is_link(value, graph):
+                continue
+            kind, opts = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
+            if not _value_fits(kind, opts, value):
+                raise ValueError(f"{where} input {name!r}: {value!r} is not accepted; it takes {_accepted(kind, opts)}")
+
+
 def _png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-def content_upload(path: Path, mask_path: str | None) -> tuple[str, bytes]:
-    """The photo as a clean PNG (EXIF-rotated, RGB), with the mask as alpha 0 where the style goes: the way
-    ComfyUI's mask editor saves a painted mask, so LoadImage's MASK output carries it."""
+def content_upload(path: Path, mask=None) -> tuple[str, bytes]:
+    """The photo as a clean PNG (EXIF-rotated, RGB), with `mask` (an "L" image, 255 = styled; core.images.load_mask)
+    as alpha 0 where the style goes: the way ComfyUI's mask editor saves a painted mask, so LoadImage's MASK output
+    (1 - alpha) carries it."""
     from PIL import Image, ImageOps
 
     img = load_image(path)
-    if mask_path is not None:
-        mask = ImageOps.exif_transpose(Image.open(mask_path)).convert("L")
+    if mask is not None:
         if mask.size != img.size:
-            logger.warning("mask %s is %dx%d, the photo %dx%d: mask resized", mask_path, *mask.size, *img.size)
+            logger.warning("the mask is %dx%d, the photo %s %dx%d: mask resized", *mask.size, path.name, *img.size)
             mask = mask.resize(img.size, Image.Resampling.BILINEAR)
         img = img.convert("RGBA")
         img.putalpha(ImageOps.invert(mask))
@@ -313,125 +386,159 @@ def content_upload(path: Path, mask_path: str | None) -> tuple[str, bytes]:
 
 @dataclass
 class RunResult:
-    done: list[tuple[str, list[str], float]] = field(metadata={"help": "(photo, outputs written, seconds)"})
-    skipped: list[str] = field(metadata={"help": "photos whose output existed (resumed batch)"})
-    failed: list[tuple[str, str]] = field(metadata={"help": "(photo, why)"})
+    done: list[tuple[str, list[str], float]] = field(
+        default_factory=list, metadata={"help": "(photo, outputs written, seconds)"})
+    skipped: list[str] = field(default_factory=list, metadata={"help": "photos whose output existed (resumed batch)"})
+    failed: list[tuple[str, str]] = field(default_factory=list, metadata={"help": "(photo, why)"})
 
 
-def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll: float = 0.5) -> RunResult:
-    """Run a bundled (or given) API workflow on a ComfyUI server for one photo or a folder of photos."""
-    # 1. The workflow and the inputs it needs.
-    graph = load_workflow(cfg.workflow)
+def _check_run_inputs(cfg: RunConfig, graph: dict):
+    """The inputs the workflow needs are given and readable; returns the mask ("L", 255 = styled) or None."""
     masked = any(n["class_type"] == "MaskedStyleApply" for n in graph.values())
     if masked and cfg.mask is None:
         raise ValueError(f"mask: workflow {cfg.workflow} styles only a masked region; pass --mask IMAGE "
                          "(white = styled)")
     if cfg.mask is not None and not masked:
         raise ValueError(f"mask: workflow {cfg.workflow} has no MaskedStyleApply node; use --workflow masked_style")
-    if cfg.mask is not None and not Path(cfg.mask).is_file():
-        raise FileNotFoundError(f"mask: no such file {cfg.mask}")
     if find(graph, STYLE_IMAGE) is not None and cfg.style_image is None:
         raise ValueError(f"style_image: workflow {cfg.workflow} compares with a style image; pass --style-image")
+    if cfg.mask is None:
+        return None
+    if not Path(cfg.mask).is_file():
+        raise FileNotFoundError(f"mask: no such file {cfg.mask}")
+    try:
+        return load_mask(cfg.mask)
+    except ImageLoadError as e:
+        raise ValueError(f"mask: {e}") from e
+
+
+def _photos_and_targets(cfg: RunConfig) -> dict[Path, Path]:
+    """Each photo of --content (a file, or a folder's images) and the output it is written to."""
     content = Path(cfg.content)
     if content.is_dir():
-        photos = sorted(p for p in content.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                        and not p.name.startswith("."))
+        photos = list_images(content)
         if not photos:
             raise ValueError(f"content: no images in folder {content}")
-        out_dir = Path(cfg.out)
         stems = [p.stem for p in photos]  # cat.jpg and cat.png must not share cat.png
-        targets = {p: out_dir / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:]}.png")
-                   for p in photos}
-    elif content.is_file():
-        photos = [content]
+        return {p: Path(cfg.out) / (f"{p.stem}.png" if stems.count(p.stem) == 1 else f"{p.stem}_{p.suffix[1:]}.png")
+                for p in photos}
+    if content.is_file():
         out = Path(cfg.out)
-        targets = {content: out / f"{content.stem}.png" if out.is_dir() or not out.suffix else out}
-    else:
-        raise FileNotFoundError(f"content: no such file or folder {content}")
-    # 2. The servers: reachable, with every node and every named file. With several, one that cannot be
-    #    reached is left out (its photos go to the others); one server that cannot be reached is an error.
+        return {content: out / f"{content.stem}.png" if out.is_dir() or not out.suffix else out}
+    raise FileNotFoundError(f"content: no such file or folder {content}")
+
+
+def _usable_servers(cfg: RunConfig, graph: dict, say: Callable[[str], None]) -> dict[str, tuple[Server, str | None]]:
+    """Server URL -> (server, the style image's name there), for every server that answers and has every node,
+    file and input the run names. With several, one that cannot be reached is left out (its photos go to the
+    others); one server that cannot be reached is an error."""
     placeholder = "placeholder.png" if cfg.style_image else None
     checked = substitute(graph, cfg, placeholder, placeholder)
-    servers: list[Server] = []
-    style_image_names: dict[str, str | None] = {}
+    usable = {}
     for url in cfg.server:
         server = Server(url)
         try:
-            check_against_server(checked, server.get_json("/object_info"), cfg.workflow)
-            style_image_names[server.url] = (server.upload(*content_upload(Path(cfg.style_image), None))
-                                             if cfg.style_image is not None else None)
-        except ServerError as e:
-            if len(cfg.server) == 1 or not _unreachable(e):
+            object_info = server.get_json("/object_info")
+            check_against_server(checked, object_info, cfg.workflow)
+            check_values(checked, object_info)
+            style_image = (server.upload(*content_upload(Path(cfg.style_image)))
+                           if cfg.style_image is not None else None)
+        except ServerUnreachable as e:
+            if len(cfg.server) == 1:
                 raise
             say(f"{server.url}: left out ({e})")
             continue
-        servers.append(server)
-    if not servers:
-        raise ServerError(f"none of the servers {list(cfg.server)} can be reached")
+        usable[server.url] = (server, style_image)
+    if not usable:
+        raise ServerUnreachable(f"none of the servers {list(cfg.server)} can be reached")
+    return usable
 
-    # 3. Each photo: upload, queue, wait, download, on whichever server is free (a work queue, one worker
-    #    thread per server). A failing photo is reported and the others still run; a server that drops out
-    #    puts its photo back for the others. Seeds come from the config, so the split does not change a result.
-    result = RunResult([], [], [])
-    todo: queue.Queue[tuple[int, Path]] = queue.Queue()
-    for i, photo in enumerate(photos, 1):
-        target = targets[photo]
-        if target.exists() and not cfg.overwrite:
-            result.skipped.append(str(photo))
-            say(f"[{i}/{len(photos)}] {photo.name}: {target} exists, skipped (--overwrite redoes it)")
-        else:
-            todo.put((i, photo))
-    lock = threading.Lock()
-    lost: list[tuple[Server, ServerError]] = []
 
-    def work(server: Server) -> None:
-        where = f" on {server.url}" if len(cfg.server) > 1 else ""
+def _say_state(say: Callable[[str], None], tag: str, where: str, state: str) -> None:
+    say(f"{tag}: {state}{where}")
+
+
+@dataclass
+class _Batch:
+    """The photos still to do and what became of the others, shared by one worker per server."""
+    cfg: RunConfig
+    graph: dict
+    mask: Any  # PIL "L" image or None
+    targets: dict[Path, Path]
+    servers: dict[str, tuple[Server, str | None]]
+    say: Callable[[str], None]
+    poll: float
+    done: dict[Path, tuple[list[str], float]] = field(default_factory=dict)  # photo -> (outputs written, seconds)
+    failed: dict[Path, str] = field(default_factory=dict)  # photo -> why
+    todo: queue.Queue = field(default_factory=queue.Queue)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def drain(self, url: str) -> ServerUnreachable | None:
+        """Take photos until none is left; the error that took the server away (its photo put back), or None."""
         while True:
             try:
-                i, photo = todo.get_nowait()
+                i, photo = self.todo.get_nowait()
             except queue.Empty:
-                return
-            tag = f"[{i}/{len(photos)}] {photo.name}"
+                return None
             try:
-                name = server.upload(*content_upload(photo, cfg.mask))
-                prompt = substitute(graph, cfg, name, style_image_names[server.url])
-                start = time.monotonic()
-                reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-                entry = _wait(server, reply["prompt_id"], cfg.timeout, poll, lambda s, t=tag: say(f"{t}: {s}{where}"))
-                written = _download(server, prompt, entry, targets[photo])
-                seconds = time.monotonic() - start
-                with lock:
-                    result.done.append((str(photo), [str(w) for w in written], seconds))
-                say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s){where}")
+                self.run_photo(url, i, photo)
+            except ServerUnreachable as e:
+                self.todo.put((i, photo))  # the server went away: another one takes the photo
+                self.say(f"[{i}/{len(self.targets)}] {photo.name}: {url} dropped out ({e})")
+                return e
             except (ImageLoadError, ServerError, OSError) as e:
-                if isinstance(e, ServerError) and _unreachable(e):
-                    todo.put((i, photo))  # the server went away: another one takes the photo
-                    with lock:
-                        lost.append((server, e))
-                    say(f"{tag}: {server.url} dropped out ({e})")
-                    return
-                with lock:
-                    result.failed.append((str(photo), str(e)))
-                say(f"{tag}: FAILED: {e}")
+                with self.lock:
+                    self.failed[photo] = str(e)
+                self.say(f"[{i}/{len(self.targets)}] {photo.name}: FAILED: {e}")
 
-    alive = servers
-    while not todo.empty() and alive:
-        threads = [threading.Thread(target=work, args=(s,), daemon=True) for s in alive]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        alive = [s for s in alive if s not in {gone for gone, _ in lost}]
-    if not todo.empty():
-        raise lost[-1][1]  # every server went away: stop, the finished outputs are kept
-    order = {str(p): k for k, p in enumerate(photos)}
-    result.done.sort(key=lambda d: order[d[0]])
-    result.failed.sort(key=lambda f: order[f[0]])
-    return result
+    def run_photo(self, url: str, i: int, photo: Path) -> None:
+        """Upload, queue, wait, download one photo on one server."""
+        server, style_image = self.servers[url]
+        tag, where = f"[{i}/{len(self.targets)}] {photo.name}", f" on {url}" if len(self.cfg.server) > 1 else ""
+        name = server.upload(*content_upload(photo, self.mask))
+        prompt = substitute(self.graph, self.cfg, name, style_image)
+        start = time.monotonic()
+        reply = server.post_json("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+        entry = _wait(server, reply["prompt_id"], self.cfg.timeout, self.poll,
+                      functools.partial(_say_state, self.say, tag, where))
+        written = _download(server, prompt, entry, self.targets[photo])
+        seconds = time.monotonic() - start
+        with self.lock:
+            self.done[photo] = ([str(w) for w in written], seconds)
+        self.say(f"{tag}: wrote {', '.join(str(w) for w in written)} ({seconds:.1f} s){where}")
 
 
-def _unreachable(e: ServerError) -> bool:
-    return "cannot reach" in str(e)
+def run_workflow(cfg: RunConfig, say: Callable[[str], None] = logger.info, poll: float = 0.5) -> RunResult:
+    """Run a bundled (or given) API workflow on a ComfyUI server for one photo or a folder of photos."""
+    # 1. The workflow and the inputs it needs, the mask read and checked once, before anything is queued.
+    graph = load_workflow(cfg.workflow)
+    mask = _check_run_inputs(cfg, graph)
+    targets = _photos_and_targets(cfg)
+    # 2. The servers: reachable, with every node, every named file and every input value the run sends.
+    servers = _usable_servers(cfg, graph, say)
+    # 3. The work: photos whose output exists are skipped (a rerun resumes), unless --overwrite.
+    batch, skipped = _Batch(cfg, graph, mask, targets, servers, say, poll), []
+    for i, (photo, target) in enumerate(targets.items(), 1):
+        if target.exists() and not cfg.overwrite:
+            skipped.append(str(photo))
+            say(f"[{i}/{len(targets)}] {photo.name}: {target} exists, skipped (--overwrite redoes it)")
+        else:
+            batch.todo.put((i, photo))
+    # 4. One worker per server takes photos from the queue until it is empty. A failing photo is reported and the
+    #    others still run; a server that drops out puts its photo back and the others share it (another round).
+    #    Seeds come from the config, so the split does not change a result.
+    alive, gone = list(servers), None
+    with ThreadPoolExecutor(max_workers=len(servers), thread_name_prefix="stylora-run") as pool:
+        while not batch.todo.empty() and alive:
+            futures = {pool.submit(batch.drain, url): url for url in alive}
+            lost = {futures[f]: f.result() for f in as_completed(futures) if f.result() is not None}
+            alive = [url for url in alive if url not in lost]
+            gone = next(iter(lost.values()), gone)
+    if not batch.todo.empty():
+        raise gone  # every server went away: stop, the finished outputs are kept
+    # 5. Results in the order of the photos, whichever server finished first.
+    return RunResult(done=[(str(p), *batch.done[p]) for p in targets if p in batch.done], skipped=skipped,
+                     failed=[(str(p), batch.failed[p]) for p in targets if p in batch.failed])
 
 
 def _wait(server: Server, prompt_id: str, timeout: float, poll: float, say: Callable[[str], None]) -> dict:
