@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.files import atomic_write, atomic_write_text, index_by_stem
+from ..core.files import atomic_write, atomic_write_text, image_files, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
 from .config import ALL_METRICS, DESCRIPTION, HIGHER_IS_BETTER, PAIR_METRICS, SET_METRICS, EvalConfig
 from .metrics import InceptionFeatures, artfid, fid, kid, lpips_to_style, ssim
@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
 
     # 3. Style-set statistics: the style images for LPIPS to the style, mean Gram matrices and (cached) Inception
     #    features.
-    style_files = list(index_by_stem(Path(cfg.style), "--style").values()) if cfg.style else []
+    style_files = image_files(Path(cfg.style), "--style") if cfg.style else []  # recursive, as training reads it
     style_grams, style_features, paintings = None, None, None
     if style_files and "lpips" in nets and "lpips_style" in wanted:
         paintings = StyleSet(style_images(style_files))

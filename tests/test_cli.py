@@ -52,7 +52,7 @@ def test_config_file_and_flags_merge(tmp_path, capsys):
     conf.write_text(json.dumps({"rank": 8, "resolution": 500}))
     assert main(["train", "lora", "--config", str(conf), "--data", "d", "--output", "o.safetensors",
                  "--resolution", "448"]) == 2
-    assert "--data d is not a folder" in capsys.readouterr().err.replace(": d", " d")
+    assert "--data d: not a folder (expected a folder of paintings" in capsys.readouterr().err
 
 
 def test_lora_info_prints_metadata(tmp_path, capsys):

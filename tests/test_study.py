@@ -16,6 +16,7 @@ from stylora.eval.metrics import LPIPS, VGGStyle
 from stylora.study import runner
 from stylora.study.config import StudyConfig, load_study_config
 from stylora.trainer.config import LoraTrainConfig
+from stylora.workflows.client import ServerError
 from test_run import FakeComfy
 
 TRAIN_TOML = """
@@ -135,7 +136,7 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     # 1. Killed mid-way through stylising (the only server goes away after 4 prompts): an error, work kept.
     # A server without the painting node (Style From Image): the image method is skipped and the report says why.
     dying = FakeComfy(models=study_inputs["models"], drop_after=4, without=("StyleFromImage",))
-    with pytest.raises(runner.ServerError, match="cannot reach"):
+    with pytest.raises(ServerError, match="cannot reach"):
         runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (dying.url,)}), progress=False, nets=nets)
     assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 0}
     # 2. Rerun: training reused, the 3 finished images kept, the rest stylised, scored, reported.
