@@ -181,7 +181,7 @@ def check_inputs(command: tuple[str, str | None], settings: object) -> None:
     and what is accepted: before torch and diffusers load, so a typo costs no wait."""
     for name, kind, accepted in INPUT_PATHS.get(command, ()):
         value = getattr(settings, name, None)
-        flag = name.upper() if name in ("file", "folders") else "--" + name.replace("_", "-")
+        flag = {"file": "FILE", "folders": "DIR"}.get(name, "--" + name.replace("_", "-"))  # positionals: metavar
         for item in value if isinstance(value, list | tuple) else [] if value is None else [value]:
             path = Path(item)
             ok = {"file": path.is_file, "folder": path.is_dir, "path": path.exists}[kind]()
