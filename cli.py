@@ -215,9 +215,11 @@ def say_device(cfg: LoraTrainConfig | DreamBoothConfig | TextualInversionConfig)
 
     if torch.cuda.is_available() or torch.backends.mps.is_available():
         return
-    hours = cfg.steps * CPU_SECONDS_PER_STEP * (cfg.resolution / 512) ** 2 / 3600
-    print(f"stylora: no GPU: {cfg.steps} steps at {cfg.resolution} px run on the CPU, about {hours:.3g} hours on "
-          f"2 cores; for a first try pass --steps 20 --resolution 256 (see README, Set-up)", file=sys.stderr)
+    minutes = cfg.steps * CPU_SECONDS_PER_STEP * (cfg.resolution / 512) ** 2 / 60
+    took = f"{minutes / 60:.0f} hours" if minutes >= 120 else f"{max(1.0, minutes):.0f} minutes"
+    hint = "; for a first try pass --steps 20 --resolution 256 (see README, Set-up)" if minutes > 60 else ""
+    print(f"stylora: no GPU found: {cfg.steps} steps at {cfg.resolution} px run on the CPU, about {took} on 2 cores"
+          f"{hint}", file=sys.stderr)
 
 
 def prepare_training(args: argparse.Namespace, config: type) -> typing.Any:
