@@ -339,6 +339,10 @@ def test_a_lora_with_nan_tensors_is_refused_with_the_count():
     (["calibrate", "{tmp}/s.safetensors", "--content", "{tmp}"], "--style {tmp}/s.safetensors: no such file"),
     (["study", "--style", "m={tmp}/m", "--content", "{tmp}", "--out", "{tmp}/o"],
      "styles.m: not a folder: {tmp}/m (a folder of paintings, searched recursively"),
+    (["study", "--style", "m={tmp}/art", "--content", "{tmp}/art", "--out", "{tmp}/o", "--server", "http://h:99999"],
+     "--server 'http://h:99999': not a valid URL"),
+    (["study", "--style", "m={tmp}/art", "--content", "{tmp}/art", "--out", "{tmp}/o", "--metrics", "ssim", "fidd"],
+     "metrics: unknown ['fidd']; choose from ['ssim'"),
 ])
 def test_a_mistyped_path_is_refused_at_once_without_loading_torch(tmp_path, argv, expected):
     """Every command checks the files it names before torch and diffusers load (seconds of imports)."""
@@ -346,6 +350,8 @@ def test_a_mistyped_path_is_refused_at_once_without_loading_torch(tmp_path, argv
     import sys
     import time
 
+    (tmp_path / "art").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "art" / "a.png")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     code = (f"import sys; from stylora.cli import main; rc = main({argv!r}); "
             "print(rc, 'torch' in sys.modules, 'diffusers' in sys.modules)")
