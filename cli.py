@@ -36,9 +36,10 @@ from .study.inputs import check_inputs as check_study_inputs
 from .trainer.config import DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from .workflows.client import RunConfig, bundled_workflows
 
-# Seconds per training step of the full-size SD1.5 UNet at 512 px, batch 1, on 2 CPU cores (measured; a GPU is
-# hundreds of times faster): the basis of the estimate printed when no GPU is found.
-CPU_SECONDS_PER_STEP = 60.0
+# Seconds per training step of full-size SD1.5 at 512 px, the default batch of 2, on 2 CPU cores: 67 s measured at
+# 256 px (benchmarks/train_node_memory.py, see README), times 4 for four times the pixels. The basis of the estimate
+# printed when no GPU is found; a GPU is hundreds of times faster.
+CPU_SECONDS_PER_STEP = 270.0
 EXIT_RUNTIME = 1  # the command ran and failed (I/O, a damaged file, a diverged run, out of memory)
 EXIT_USAGE = 2  # the command line or the inputs it names are wrong
 # Errors the library raises about the inputs the user named (paths, settings, files): a usage error.
