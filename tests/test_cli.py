@@ -67,6 +67,10 @@ def test_lora_info_prints_metadata(tmp_path, capsys):
     assert "1 modules, rank 4" in out and "stylora.base_model" in out and "rank: 4" in out
     assert main(["lora", "info", str(tmp_path / "s.ckpt")]) == 2
     assert "pickled" in capsys.readouterr().err
+    assert main(["lora", "info", str(tmp_path / "s.safetensors"), str(tmp_path / "gone.safetensors")]) == 2
+    gone = tmp_path / "gone.safetensors"  # checked before the first file is described: nothing printed
+    assert capsys.readouterr() == ("", f"stylora: error: FILE {gone}: no such file (expected a .safetensors LoRA "
+                                       "file; pickled .ckpt/.pt are refused, they can run code)\n")
 
 
 def test_without_a_gpu_training_says_how_long_and_what_to_pass(monkeypatch, capsys):
