@@ -32,14 +32,36 @@ from .core.version import __version__
 from .data.prepare import PrepareConfig
 from .eval.config import EvalConfig
 from .study.config import CalibrateConfig, add_study_arguments, load_study_config
+from .study.inputs import check_inputs as check_study_inputs
 from .trainer.config import DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from .workflows.client import RunConfig, bundled_workflows
 
+# Seconds per training step of full-size SD1.5 at 512 px, the default batch of 2, on 2 CPU cores: 67 s measured at
+# 256 px (benchmarks/train_node_memory.py, see README), times 4 for four times the pixels. The basis of the estimate
+# printed when no GPU is found; a GPU is hundreds of times faster.
+CPU_SECONDS_PER_STEP = 270.0
 EXIT_RUNTIME = 1  # the command ran and failed (I/O, a damaged file, a diverged run, out of memory)
 EXIT_USAGE = 2  # the command line or the inputs it names are wrong
 # Errors the library raises about the inputs the user named (paths, settings, files): a usage error.
 USAGE_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
                 IsADirectoryError)
+# The files and folders each command reads, checked before the heavy libraries load (torch and diffusers take
+# seconds to import): (setting, "file" | "folder" | "path", what is accepted). Lists are checked item by item.
+PAINTINGS = "a folder of paintings, searched recursively; e.g. examples/paintings or one from `stylora prepare wikiart`"
+INPUT_PATHS: dict[tuple[str, str | None], tuple[tuple[str, str, str], ...]] = {
+    **{("train", what): (("data", "folder", PAINTINGS),) for what in ("lora", "dreambooth", "textual-inversion")},
+    ("eval", None): (("content", "folder", "a folder of content photos"),
+                     ("styled", "folder", "folders of stylised outputs"), ("style", "folder", "a folder of paintings")),
+    ("prepare", "wikiart"): (("source", "path", "a WikiArt folder or parquet file"),),
+    ("prepare", "coco"): (("source", "folder", "a COCO image folder, e.g. coco/val2017"),),
+    ("prepare", "stats"): (("folders", "folder", "image folders"),),
+    ("lora", "info"): (("file", "file", "a .safetensors LoRA file; pickled .ckpt/.pt are refused, they can run code"),),
+    ("adain", None): (("content", "file", "a photo"), ("style", "file", "a painting")),
+    ("calibrate", None): (("style", "file", "the style's .safetensors file"),
+                          ("content", "path", "a photo or a folder of photos")),
+    ("run", None): (("content", "path", "a photo or a folder of photos"), ("mask", "file", "a mask image"),
+                    ("style_image", "file", "a painting")),
+}
 MEMORY_HINTS = {
     "train": "lower --batch-size (raise --grad-accum to keep the effective batch) or --resolution, or add "
              "--gradient-checkpointing, --mixed-precision fp16, --use-8bit-adam; keep latent caching on "
@@ -72,17 +94,14 @@ def make_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a style")
     train_sub = train.add_subparsers(dest="what", required=True)
-    lora = train_sub.add_parser("lora", help="train a style LoRA from a folder of paintings",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    lora = train_sub.add_parser("lora", help="train a style LoRA from a folder of paintings")
     add_trainer_arguments(lora, LoraTrainConfig,
                           resume_help="continue from the newest complete checkpoint next to --output")
     db = train_sub.add_parser("dreambooth", help="DreamBooth with prior preservation (the comparison baseline)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Writes a single-file SD1.x checkpoint (or, with --lora, a DreamBooth-LoRA) "
                                           "and <output>.resources.json with its training cost.")
     add_trainer_arguments(db, DreamBoothConfig, resume_help="continue from the newest complete checkpoint")
     ti = train_sub.add_parser("textual-inversion", help="Textual Inversion: a style token embedding (Gal et al. 2023)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               description="Writes an embedding (.safetensors, key emb_params) that ComfyUI loads as "
                                           "embedding:<name> from models/embeddings, A1111 as <name>, diffusers with "
                                           "load_textual_inversion; and <output>.resources.json.")
@@ -158,11 +177,66 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def check_inputs(command: tuple[str, str | None], settings: object) -> None:
+    """Refuse a missing file or folder named on the command line (INPUT_PATHS) at once, naming the flag, the path
+    and what is accepted: before torch and diffusers load, so a typo costs no wait."""
+    for name, kind, accepted in INPUT_PATHS.get(command, ()):
+        value = getattr(settings, name, None)
+        flag = {"file": "FILE", "folders": "DIR"}.get(name, "--" + name.replace("_", "-"))  # positionals: metavar
+        for item in value if isinstance(value, list | tuple) else [] if value is None else [value]:
+            path = Path(item)
+            ok = {"file": path.is_file, "folder": path.is_dir, "path": path.exists}[kind]()
+            if not ok:
+                what = {"file": "no such file", "folder": "not a folder", "path": "no such file or folder"}[kind]
+                raise FileNotFoundError(f"{flag} {item}: {what} (expected {accepted})")
+
+
+def check_base_model(source: str) -> None:
+    """A local --base-model must exist; a hub id not in the Hugging Face cache is about to be downloaded: say so,
+    and what to pass offline, before the download starts."""
+    local = Path(source).expanduser()
+    if local.exists():
+        return
+    hub_id = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not hub_id or local.suffix.lower() in (".safetensors", ".ckpt"):
+        raise FileNotFoundError(f"--base-model {source}: no such file or folder (expected a single-file SD1.5 "
+                                ".safetensors, a diffusers folder, or a hub id such as "
+                                "stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    from huggingface_hub import try_to_load_from_cache  # light: no torch
+
+    if not isinstance(try_to_load_from_cache(source, "model_index.json"), str):
+        print(f"stylora: --base-model {source} is not in the Hugging Face cache: downloading it (about 4 GB). "
+              "Offline, pass --base-model with a local SD1.5 checkpoint instead, e.g. "
+              "--base-model ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors", file=sys.stderr)
+
+
+def say_device(cfg: LoraTrainConfig | DreamBoothConfig | TextualInversionConfig) -> None:
+    """Without a GPU, say what a run of these settings costs and what a first try on a CPU should pass."""
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    minutes = cfg.steps * CPU_SECONDS_PER_STEP * (cfg.resolution / 512) ** 2 / 60
+    took = f"{minutes / 60:.0f} hours" if minutes >= 120 else f"{max(1.0, minutes):.0f} minutes"
+    hint = "; for a first try pass --steps 20 --resolution 256 (see README, Set-up)" if minutes > 60 else ""
+    print(f"stylora: no GPU found: {cfg.steps} steps at {cfg.resolution} px run on the CPU, about {took} on 2 cores"
+          f"{hint}", file=sys.stderr)
+
+
+def prepare_training(args: argparse.Namespace, config: type) -> typing.Any:
+    """The settings of a `stylora train` recipe, its data folder and base model checked before the heavy imports."""
+    cfg = build_config(config, args)
+    check_inputs(("train", args.what), cfg)
+    check_base_model(cfg.base_model)
+    say_device(cfg)
+    return cfg
+
+
 def cmd_train_lora(args: argparse.Namespace) -> int:
+    cfg = prepare_training(args, LoraTrainConfig)
     # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
     from .trainer.lora import train_lora
 
-    cfg = build_config(LoraTrainConfig, args)
     result = train_lora(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_result(result)
     return 0
@@ -188,20 +262,20 @@ def _print_result(result) -> None:
 
 
 def cmd_train_dreambooth(args: argparse.Namespace) -> int:
+    cfg = prepare_training(args, DreamBoothConfig)
     # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
     from .trainer.dreambooth import train_dreambooth
 
-    cfg = build_config(DreamBoothConfig, args)
     result = train_dreambooth(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     _print_result(result)
     return 0
 
 
 def cmd_train_textual_inversion(args: argparse.Namespace) -> int:
+    cfg = prepare_training(args, TextualInversionConfig)
     # heavy: diffusers, peft and accelerate take seconds to import; `stylora --help` should not wait for them
     from .trainer.textual_inversion import train_textual_inversion
 
-    cfg = build_config(TextualInversionConfig, args)
     result = train_textual_inversion(cfg, resume=args.resume, overwrite=args.overwrite,
                                      progress=not args.no_progress)
     _print_result(result)
@@ -239,9 +313,10 @@ def cmd_costs(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = build_config(EvalConfig, args)
+    check_inputs(("eval", None), cfg)
     from .eval.report import PROBLEMS, evaluate  # heavy: torch and the feature networks
 
-    cfg = build_config(EvalConfig, args)
     report = evaluate(cfg, progress=not args.no_progress)
     markdown = (Path(cfg.out) / "report.md").read_text(encoding="utf-8").splitlines()
     print("\n".join(line for line in markdown if line.startswith("|")))
@@ -256,14 +331,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .data.prepare import dataset_stats, prepare  # heavy: matplotlib for the statistics plots
-
     if args.what == "stats":
+        check_inputs(("prepare", "stats"), args)
+        from .data.prepare import dataset_stats  # heavy: matplotlib for the statistics plots
+
         summary = dataset_stats(args.folders, args.out)
         print(f"{summary['images']} images; per style: {summary['per_style']}")
+        if summary["skipped"]:
+            print(f"Skipped {len(summary['skipped'])} file(s) (not counted):")
+            for s in summary["skipped"]:
+                print(f"  {s['file']}: {s['reason']}")
         print(f"Wrote {args.out}/summary.md, style_counts.png, size_hist.png, aspect_hist.png, sample_grid.png")
         return 0
     cfg = build_config(PrepareConfig, args)
+    check_inputs(("prepare", args.what), cfg)
+    from .data.prepare import prepare  # heavy: matplotlib for the statistics plots
+
     manifest = prepare(cfg, args.what, progress=not args.no_progress)
     print(f"Kept {manifest['count']} of {manifest['candidates']} candidate images in {cfg.out} "
           f"({len(manifest['skipped'])} skipped; see manifest.json)")
@@ -271,6 +354,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_lora_info(args: argparse.Namespace) -> int:
+    check_inputs(("lora", "info"), args)
     from .core.lora_file import describe  # heavy: imports torch
 
     for f in args.file:
@@ -282,9 +366,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.list:
         print("\n".join(bundled_workflows()))
         return 0
+    cfg = build_config(RunConfig, args)
+    check_inputs(("run", None), cfg)
     from .workflows.client import run_workflow  # heavy: the nodes package imports torch
 
-    cfg = build_config(RunConfig, args)
     result = run_workflow(cfg, say=print)
     print(f"{len(result.done)} done, {len(result.skipped)} skipped (output existed), {len(result.failed)} failed")
     for photo, why in result.failed:
@@ -293,18 +378,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    cfg = build_config(CalibrateConfig, args)
+    check_inputs(("calibrate", None), cfg)
     from .study.calibrate import calibrate  # heavy: imports torch and the metrics
 
-    cfg = build_config(CalibrateConfig, args)
     cal = calibrate(cfg, say=print)
     print("SSIM by strength: " + ", ".join(f"{s:g}: {v:.4f}" for s, v in zip(cal.strengths, cal.ssim)))
     return 0
 
 
 def cmd_adain(args: argparse.Namespace) -> int:
+    cfg = build_config(AdaINConfig, args)
+    check_inputs(("adain", None), cfg)
     from .baseline.adain import run_adain  # heavy: torch
 
-    cfg = build_config(AdaINConfig, args)
     print(f"Wrote {run_adain(cfg)}")
     return 0
 
@@ -329,11 +416,12 @@ def error_line(e: BaseException, command: str) -> tuple[str, int]:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "what", "verbose", "config", "no_progress")}
+    cfg = load_study_config(args.config, flags)
+    check_study_inputs(cfg)
     # heavy: the study runner imports the trainers, torch and diffusers
     from .study.runner import run_study
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "what", "verbose", "config", "no_progress")}
-    cfg = load_study_config(args.config, flags)
     report = run_study(cfg, progress=not args.no_progress)
     markdown = (Path(cfg.out) / "report" / "report.md").read_text(encoding="utf-8")
     print("\n".join(line for line in markdown.splitlines() if line.startswith("|")))

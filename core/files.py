@@ -67,6 +67,14 @@ def list_images(folder: Path) -> list[Path]:
             if not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
 
 
+def image_files(folder: Path, flag: str) -> list[Path]:
+    """Image files anywhere under `folder` (recursive, sorted, hidden ones left out), as the trainers read a style
+    folder. `flag` names the option the folder came from, for the error."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {folder}: not a folder")
+    return scan_folder(folder)[0]
+
+
 def index_by_stem(folder: Path, flag: str) -> dict[str, Path]:
     """Image files directly in `folder`, by stem (subfolders, e.g. other methods' outputs, are not entered).
     `flag` names the option the folder came from, for the error."""

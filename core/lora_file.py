@@ -112,6 +112,7 @@ def describe(path: str | Path) -> str:
     size_mb = Path(path).stat().st_size / 1e6
     lines = [f"{Path(path).name}: {len(modules)} modules, rank {'/'.join(map(str, ranks)) or '?'}, "
              f"{n_params:,} parameters ({', '.join(dtypes)}), {size_mb:.2f} MB"]
+    lines += [f"  WARNING: {w}" for w in lora_warnings(state, meta)]
     order = ["stylora.version", "stylora.base_model", "stylora.base_model_sha256", "ss_base_model_version",
              "stylora.trigger", "stylora.rank", "stylora.alpha", "stylora.resolution", "stylora.steps",
              "stylora.loss_weights", "stylora.dataset_size", "stylora.dataset_fingerprint",
@@ -132,6 +133,37 @@ def describe(path: str | Path) -> str:
     if not meta:
         lines.append("  (no metadata)")
     return "\n".join(lines)
+
+
+def base_family(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str | None:
+    """The model family a LoRA was made for, from its cross-attention input width (the text embedding: SD1.x 768,
+    SD2.x 1024, SDXL 2048), SDXL's second text encoder (`lora_te2_` keys) or, without such keys, its metadata's
+    `ss_base_model_version` / `modelspec.architecture`; None when nothing tells."""
+    widths = {int(v.shape[-1]) for k, v in state.items() if v.ndim >= 2 and
+              any(p in k for p in ("attn2_to_k.lora_down", "attn2_to_v.lora_down", "attn2.to_k.lora_A",
+                                   "attn2.to_v.lora_A", "attn2_to_k.lora_A", "attn2_to_v.lora_A"))}
+    if any(k.startswith("lora_te2_") for k in state) or 2048 in widths:
+        return "SDXL"
+    if 1024 in widths:
+        return "SD2.x"
+    if 768 in widths:
+        return "SD1.x"
+    tag = (meta.get("ss_base_model_version", "") + " " + meta.get("modelspec.architecture", "")).lower()
+    return "SDXL" if "xl" in tag else "SD2.x" if "v2" in tag or "sd2" in tag else "SD1.x" if tag.strip() else None
+
+
+def lora_warnings(state: dict[str, torch.Tensor], meta: dict[str, str]) -> list[str]:
+    """What makes a LoRA file unusable with Stylora's nodes and an SD1.5 model, one line each (empty: nothing)."""
+    warnings = []
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if non_finite:
+        more = f" (+{len(non_finite) - 3} more)" if len(non_finite) > 3 else ""
+        warnings.append(f"{len(non_finite)} tensor(s) with NaN/inf values ({', '.join(non_finite[:3])}{more}): "
+                        "the nodes refuse this file (a diverged training run or a damaged file)")
+    family = base_family(state, meta)
+    if family not in ("SD1.x", None):
+        warnings.append(f"an {family} LoRA: it does not fit SD1.5 models; Stylora's nodes refuse it")
+    return warnings
 
 
 def describe_calibration(text: str) -> str:

@@ -36,7 +36,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
     the field's `metadata["help"]` (or `help_overrides[name]`, where one subcommand reads a field differently).
     Fields without a default go into a "required" group: required on the command line or in --config."""
     hints = typing.get_type_hints(cls)
-    required = parser.add_argument_group("required (on the command line or in --config)")
+    where = "on the command line or in --config" if any(a.dest == "config" for a in parser._actions) \
+        else "on the command line"
+    required = parser.add_argument_group(f"required ({where})")
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue

@@ -279,7 +279,8 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
     """Counts per style, size and aspect histograms and a sample grid of image folders, as PNGs and summary.md.
 
     A folder written by `prepare` is described by its manifest (original sizes, labels); any other folder by
-    its files, with the folder name as the style.
+    its files, with the folder name as the style; a file that is not a usable image is not counted and is listed
+    in the summary's `skipped` ({"file", "reason"}).
     """
     import matplotlib
 
@@ -290,6 +291,7 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     samples: dict[str, list[Path]] = {}
+    skipped: list[dict[str, str]] = []
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: not a folder")
@@ -301,17 +303,24 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
                                 "artist": r.get("artist", ""), "width": r["width"], "height": r["height"]})
             samples[folder.name] = [folder / r["file"] for r in images]
         else:
-            files, _ = scan_folder(folder)
+            # Each file decoded through the image guard, as training reads it: a truncated file, a non-image or a
+            # decompression bomb is named with its reason, not counted (and never a crash).
+            files, not_images = scan_folder(folder)
+            skipped += [{"file": str(folder / s.path), "reason": s.reason} for s in not_images]
+            usable = []
             for f in files:
                 try:
-                    with Image.open(f) as im:
-                        w, h = im.size
-                except OSError:
+                    w, h = load_image(f).size
+                except ImageLoadError as e:
+                    skipped.append({"file": str(f), "reason": e.reason})
                     continue
+                usable.append(f)
                 records.append({"folder": folder.name, "style": folder.name, "artist": "", "width": w, "height": h})
-            samples[folder.name] = files
+            samples[folder.name] = usable
+    for s in skipped:
+        logger.warning("%s: skipped: %s", s["file"], s["reason"])
     if not records:
-        raise ValueError(f"no images in {[str(f) for f in folders]}")
+        raise ValueError(f"no usable images in {[str(f) for f in folders]} ({len(skipped)} file(s) skipped)")
 
     per_style: dict[str, int] = {}
     for r in records:
@@ -352,13 +361,15 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
         return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
 
     summary = {"images": len(records), "per_style": per_style, "width": spread(widths), "height": spread(heights),
-               "aspect": spread(aspects)}
+               "aspect": spread(aspects), "skipped": skipped}
     lines = ["# Dataset statistics", "", f"{len(records)} images in {len(samples)} folder(s).", "",
              "| style | images |", "|---|---|", *[f"| {s} | {n} |" for s, n in per_style.items()], "",
              "| | min | median | max |", "|---|---|---|---|",
              *[f"| {k} | {v['min']:.4g} | {v['median']:.4g} | {v['max']:.4g} |"
                for k, v in summary.items() if isinstance(v, dict) and "min" in v],
-             "", "Plots: `style_counts.png`, `size_hist.png`, `aspect_hist.png`; samples: `sample_grid.png`.", ""]
+             "", "Plots: `style_counts.png`, `size_hist.png`, `aspect_hist.png`; samples: `sample_grid.png`.", "",
+             *([f"Skipped (not counted): {len(skipped)} file(s).", "", "| file | reason |", "|---|---|",
+                *[f"| {s['file']} | {s['reason']} |" for s in skipped], ""] if skipped else [])]
     atomic_write_text(out / "summary.md", "\n".join(lines))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.files import atomic_write, atomic_write_text, index_by_stem
+from ..core.files import atomic_write, atomic_write_text, image_files, index_by_stem
 from ..core.images import ImageLoadError, image_grid, load_image
 from .config import EvalConfig
 from .registry import (
@@ -100,7 +100,7 @@ def evaluate(cfg: EvalConfig, nets: dict[str, torch.nn.Module] | None = None, pr
 
     # 3. Style-set statistics: the style images for LPIPS to the style, mean Gram matrices and (cached) Inception
     #    features.
-    style_files = list(index_by_stem(Path(cfg.style), "--style").values()) if cfg.style else []
+    style_files = image_files(Path(cfg.style), "--style") if cfg.style else []  # recursive, as training reads it
     targets = style_targets(nets, wanted, device, files=style_files, style_max_side=cfg.style_max_side,
                             cache_dir=cfg.cache_dir, progress=progress)
 

@@ -208,7 +208,8 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(StudyConfig):
         flag = "--style" if f.name == "styles" else "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, ()) else "")
+        shown = list(default) if isinstance(default, tuple) else default  # as a list, the way eval's help shows one
+        help_text = f.metadata["help"] + (f" (default: {shown})" if default not in (None, ()) else "")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if f.name in ("styles", "train", "set", "server", "server_models", "methods"):
             kwargs.update(action="extend", nargs="+", type=str)

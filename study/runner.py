@@ -11,7 +11,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from ..trainer.dreambooth import train_dreambooth
 from ..trainer.lora import train_lora
 from ..trainer.loss_curve import loss_log_path
 from ..trainer.textual_inversion import train_textual_inversion
-from ..workflows.client import API_DIR, RunConfig, Server, ServerError, run_workflow
+from ..workflows.client import API_DIR, RunConfig, run_workflow
 from .config import IN_PROCESS, TRAINED, StudyConfig
+from .inputs import check_inputs, folder_fingerprint, missing_node, paintings, usable_servers
 from .report import BASE, write_report
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,11 @@ IMAGE_NODE = "StyleFromImage"  # the training-free painting-style node the `imag
 IMAGE_WORKFLOW = "style_from_image"
 MODEL_FOLDERS = {"dreambooth": "checkpoints", "textual-inversion": "embeddings"}  # else styles
 TI_PROMPT = "a painting in the style of embedding:{}"  # the first of the trainer's style templates
+# Prompted methods sample with classifier-free guidance as their bundled workflows do: DreamBooth (and its LoRA)
+# at 7, the usual SD1.5 guidance that the dreambooth workflow and the README use, since DreamBooth is trained and
+# sampled with its identifier prompt; Textual Inversion at 5, its workflow's (a learned word over-saturates at 7).
+DREAMBOOTH_CFG = 7.0
+TEXTUAL_INVERSION_CFG = 5.0
 
 
 @dataclass(frozen=True)
@@ -62,14 +68,18 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
     """
     from tqdm.auto import tqdm
 
-    # 1. The study folder and its manifest: what is finished, from earlier runs of the same study.
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # 1. Everything that can be checked before the first step: folders, metric names, server URLs, the servers
+    #    themselves (one that cannot be reached or lacks the pack's nodes is left out with a warning), the
+    #    paintings (an unreadable one is skipped, as training skips it). Then the study folder and its manifest.
+    check_inputs(cfg)
+    if any(m not in IN_PROCESS for m in cfg.methods):
+        cfg = replace(cfg, server=usable_servers(cfg))
     content = Path(cfg.content)
     photos = _images(content, "content")
     styles = dict(cfg.styles)
-    for name, folder in styles.items():
-        _images(Path(folder), f"styles.{name}")
+    examples = {name: paintings(Path(folder), name)[0] for name, folder in styles.items()}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out / "study.json", cfg)
     models = [Path(d) for d in cfg.server_models] or [out / "models"]
 
@@ -103,7 +113,7 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
 
     # 5. Stylise on the servers (a job at a time; run_workflow spreads its photos over the servers and skips
     #    outputs that exist, so a killed run loses at most the images in flight); AdaIN here, in-process.
-    missing_nodes = _missing_on_servers(cfg.server, IMAGE_NODE) if "image" in cfg.methods else []
+    missing_nodes = missing_node(cfg.server, IMAGE_NODE) if "image" in cfg.methods else []
     adain, adain_missing = None, None
     with manifest.stage("stylize"):
         for job in jobs:
@@ -133,10 +143,10 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
                     manifest.record("skipped", job.key, adain_missing)
                     bar.update(len(photos))
                     continue
-                result = stylize_adain(adain, photos, _images(Path(styles[job.style]), "styles")[0], folder,
-                                       job.strength, cfg.max_side or 512)
+                result = stylize_adain(adain, photos, examples[job.style], folder, job.strength,
+                                       cfg.max_side or 512)
             else:
-                run_cfg = job_run_config(cfg, job, styles, names, folder)
+                run_cfg = job_run_config(cfg, job, styles, names, folder, examples)
                 result = run_workflow(run_cfg, say=logger.info)
             earlier = manifest.get("stylize", job.key) or {}
             seconds = {**earlier.get("seconds", {}), **{Path(p).stem: s for p, _, s in result.done}}
@@ -185,11 +195,23 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
 
 # --- Training -------------------------------------------------------------------------------------------------
 
+def data_record(artifact: Path) -> Path:
+    """`<artifact>.data.json`: the fingerprint of the paintings the artifact was trained on (folder_fingerprint)."""
+    return artifact.parent / f"{artifact.stem}.data.json"
+
+
 def same_settings(artifact: Path, train_cfg: Any) -> bool:
-    """Whether a finished artifact was trained with exactly these settings (its metadata's stylora.config) and
-    its resource record was written (the trainer's last step)."""
+    """Whether a finished artifact was trained with exactly these settings (its metadata's stylora.config) on
+    exactly the paintings now in its data folder (their names and bytes, not the folder's path) and its resource
+    record was written (the trainer's last step)."""
     record = artifact.parent / f"{artifact.stem}.resources.json"
     if not artifact.is_file() or not record.is_file():
+        return False
+    try:
+        trained_on = json.loads(data_record(artifact).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if trained_on != folder_fingerprint(Path(train_cfg.data)):
         return False
     try:
         saved = json.loads(read_metadata(artifact).get("stylora.config", "null"))
@@ -215,13 +237,20 @@ def train_artifact(method: str, train_cfg: Any, progress: bool) -> Path:
         try:
             logger.info("%s: resuming the interrupted run", output)
             train(train_cfg, resume=True, progress=progress)
+            _write_data_record(output, train_cfg)
             return output
         except ValueError as e:  # the checkpoints belong to other settings or images
             logger.warning("%s: cannot resume (%s); training afresh", output, e)
     elif output.exists():
         logger.warning("%s: trained with other settings; training afresh", output)
     train(train_cfg, overwrite=True, progress=progress)
+    _write_data_record(output, train_cfg)
     return output
+
+
+def _write_data_record(output: Path, train_cfg: Any) -> None:
+    atomic_write_text(data_record(output), json.dumps({"data": Path(train_cfg.data).name,
+                                                       "sha256": folder_fingerprint(Path(train_cfg.data))}))
 
 
 def _settings_digest(artifact: Path) -> str:
@@ -259,10 +288,11 @@ def _resources(artifact: Path) -> dict[str, Any] | None:
 # --- Stylising ------------------------------------------------------------------------------------------------
 
 def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: dict[tuple[str, str], str],
-                   folder: Path) -> RunConfig:
+                   folder: Path, examples: dict[str, Path]) -> RunConfig:
     """The `stylora run` settings of one job. Every method samples with the same seed and strength-to-denoise
     mapping (Style Strength's); base, lora and image with the same conditioning (the style's trigger, empty for
-    promptless styles, at CFG 1), the DreamBooth methods with their instance prompt, as they were trained."""
+    promptless styles, at CFG 1), the DreamBooth methods with their instance prompt, as they were trained.
+    `examples`: each style's first readable painting, the `image` method's style example."""
     sets = list(cfg.set)
     if cfg.max_side is not None:
         sets.append(f"Content encode.max_side={cfg.max_side}")
@@ -280,18 +310,19 @@ def job_run_config(cfg: StudyConfig, job: Job, styles: dict[str, str], names: di
     if job.method == "textual-inversion":  # the embedding is a prompt word, sampled with CFG like DreamBooth
         word = Path(names[job.style, "textual-inversion"]).stem
         return RunConfig(workflow="textual_inversion", checkpoint=cfg.checkpoint, **common,
-                         set=(*sets, f"Positive prompt.text={TI_PROMPT.format(word)}", "Sampler.cfg=5.0"))
+                         set=(*sets, f"Positive prompt.text={TI_PROMPT.format(word)}",
+                              f"Sampler.cfg={TEXTUAL_INVERSION_CFG}"))
     trigger = cfg.train_config(job.method, styles[job.style], "x.safetensors").instance_prompt \
         if job.method in ("dreambooth", "dreambooth-lora") else ""
     if job.method == "dreambooth":
         return RunConfig(workflow="dreambooth", style=(names[job.style, "dreambooth"],), **common,
-                         set=(*sets, f"Positive prompt.text={trigger}", "Sampler.cfg=5.0"))
+                         set=(*sets, f"Positive prompt.text={trigger}", f"Sampler.cfg={DREAMBOOTH_CFG}"))
     if job.method == "dreambooth-lora":
         return RunConfig(workflow="style_transfer", style=(names[job.style, "dreambooth-lora"],),
-                         checkpoint=cfg.checkpoint, set=(*sets, f"Positive prompt.text={trigger}", "Sampler.cfg=5.0"),
+                         checkpoint=cfg.checkpoint,
+                         set=(*sets, f"Positive prompt.text={trigger}", f"Sampler.cfg={DREAMBOOTH_CFG}"),
                          **common)
-    painting = _images(Path(styles[job.style]), "styles")[0]  # image: the first painting is the style example
-    return RunConfig(workflow=IMAGE_WORKFLOW, style_image=str(painting), checkpoint=cfg.checkpoint,
+    return RunConfig(workflow=IMAGE_WORKFLOW, style_image=str(examples[job.style]), checkpoint=cfg.checkpoint,
                      set=tuple(sets), **common)
 
 
@@ -324,18 +355,6 @@ def stylize_adain(model: AdaIN, photos: list[Path], painting: Path, folder: Path
 
 def _device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _missing_on_servers(servers: tuple[str, ...], node: str) -> list[str]:
-    """The servers that lack `node` (or cannot be reached)."""
-    missing = []
-    for url in servers:
-        try:
-            if node not in Server(url).get_json("/object_info"):
-                missing.append(url)
-        except ServerError:
-            missing.append(url)
-    return missing
 
 
 # --- Files and state ------------------------------------------------------------------------------------------

@@ -319,3 +319,70 @@ def test_a_lora_with_nan_tensors_is_refused_with_the_count():
              f"{good}.alpha": torch.tensor(math.inf)}
     problems = check_lora_fits(state, {good: "diffusion_model.x.weight"}, {"diffusion_model.x.weight": (8, 8)})
     assert problems == [f"2 tensors with NaN/inf values: {good}.lora_up.weight, {good}.alpha"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "lora", "--data", "{tmp}/paintingz", "--output", "{tmp}/o.safetensors"],
+     "--data {tmp}/paintingz: not a folder (expected a folder of paintings, searched recursively"),
+    (["train", "dreambooth", "--data", "{tmp}", "--output", "{tmp}/o.safetensors", "--base-model", "{tmp}/sd.ckpt"],
+     "--base-model {tmp}/sd.ckpt: no such file or folder (expected a single-file SD1.5 .safetensors"),
+    (["train", "textual-inversion", "--data", "{tmp}/x", "--output", "{tmp}/o.safetensors"], "--data {tmp}/x: "),
+    (["eval", "--content", "{tmp}", "--styled", "{tmp}", "{tmp}/gone", "--out", "{tmp}/r"],
+     "--styled {tmp}/gone: not a folder (expected folders of stylised outputs)"),
+    (["prepare", "stats", "{tmp}/nope"], "DIR {tmp}/nope: not a folder (expected image folders)"),
+    (["prepare", "coco", "--source", "{tmp}/coco", "--out", "{tmp}/o"], "--source {tmp}/coco: not a folder"),
+    (["lora", "info", "{tmp}/s.safetensors"], "FILE {tmp}/s.safetensors: no such file (expected a .safetensors"),
+    (["adain", "--content", "{tmp}/p.png", "--style", "{tmp}/s.png", "--out", "{tmp}/o.png"],
+     "--content {tmp}/p.png: no such file (expected a photo)"),
+    (["run", "--workflow", "style_transfer", "--content", "{tmp}/p.png", "--style", "s", "--out", "{tmp}/o"],
+     "--content {tmp}/p.png: no such file or folder (expected a photo or a folder of photos)"),
+    (["calibrate", "{tmp}/s.safetensors", "--content", "{tmp}"], "--style {tmp}/s.safetensors: no such file"),
+    (["study", "--style", "m={tmp}/m", "--content", "{tmp}", "--out", "{tmp}/o"],
+     "styles.m: not a folder: {tmp}/m (a folder of paintings, searched recursively"),
+    (["study", "--style", "m={tmp}/art", "--content", "{tmp}/art", "--out", "{tmp}/o", "--server", "http://h:99999"],
+     "--server 'http://h:99999': not a valid URL"),
+    (["study", "--style", "m={tmp}/art", "--content", "{tmp}/art", "--out", "{tmp}/o", "--metrics", "ssim", "fidd"],
+     "metrics: unknown ['fidd']; choose from ['ssim'"),
+])
+def test_a_mistyped_path_is_refused_at_once_without_loading_torch(tmp_path, argv, expected):
+    """Every command checks the files it names before torch and diffusers load (seconds of imports)."""
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "art").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "art" / "a.png")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code = (f"import sys; from stylora.cli import main; rc = main({argv!r}); "
+            "print(rc, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    assert proc.stderr.startswith("stylora: error: " + expected.replace("{tmp}", str(tmp_path))), proc.stderr
+    assert time.monotonic() - start < 15  # about a second idle; the torch import alone took 15 s on a loaded machine
+
+
+def test_help_pages_show_lists_and_only_offer_config_where_there_is_one(capsys):
+    for argv, has_config in ((["run", "--help"], False), (["eval", "--help"], False), (["study", "--help"], True),
+                             (["train", "lora", "--help"], True)):
+        with pytest.raises(SystemExit):
+            main(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        assert ("--config" in text) == has_config  # "required (... or in --config)" only where --config is
+        assert "('" not in text and "(default: None)" not in text
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: ['http://127.0.0.1:8188'])" in text and "(default: [0])" in text
+
+
+def test_a_hub_base_model_missing_from_the_cache_says_what_to_pass_offline(tmp_path, monkeypatch, capsys):
+    from stylora import cli
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    cli.check_base_model("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    err = capsys.readouterr().err
+    assert "not in the Hugging Face cache: downloading it" in err and "Offline, pass --base-model" in err
+    cli.check_base_model(str(tmp_path))  # a local folder: nothing to say
+    assert capsys.readouterr().err == ""

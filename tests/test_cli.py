@@ -52,7 +52,7 @@ def test_config_file_and_flags_merge(tmp_path, capsys):
     conf.write_text(json.dumps({"rank": 8, "resolution": 500}))
     assert main(["train", "lora", "--config", str(conf), "--data", "d", "--output", "o.safetensors",
                  "--resolution", "448"]) == 2
-    assert "--data d is not a folder" in capsys.readouterr().err.replace(": d", " d")
+    assert "--data d: not a folder (expected a folder of paintings" in capsys.readouterr().err
 
 
 def test_lora_info_prints_metadata(tmp_path, capsys):
@@ -67,3 +67,33 @@ def test_lora_info_prints_metadata(tmp_path, capsys):
     assert "1 modules, rank 4" in out and "stylora.base_model" in out and "rank: 4" in out
     assert main(["lora", "info", str(tmp_path / "s.ckpt")]) == 2
     assert "pickled" in capsys.readouterr().err
+    assert main(["lora", "info", str(tmp_path / "s.safetensors"), str(tmp_path / "gone.safetensors")]) == 2
+    gone = tmp_path / "gone.safetensors"  # checked before the first file is described: nothing printed
+    assert capsys.readouterr() == ("", f"stylora: error: FILE {gone}: no such file (expected a .safetensors LoRA "
+                                       "file; pickled .ckpt/.pt are refused, they can run code)\n")
+
+
+def test_without_a_gpu_training_says_how_long_and_what_to_pass(monkeypatch, capsys):
+    import torch
+    from stylora import cli
+
+    monkeypatch.setattr(cli, "CPU_SECONDS_PER_STEP", 60.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors"))  # 6000 steps x 60 s at 512 px = 100 hours
+    assert capsys.readouterr().err == ("stylora: no GPU found: 6000 steps at 512 px run on the CPU, about 100 hours "
+                                       "on 2 cores; for a first try pass --steps 20 --resolution 256 (see README, "
+                                       "Set-up)\n")
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors", steps=20, resolution=256))  # 20 x 60 / 4 s
+    assert capsys.readouterr().err == "stylora: no GPU found: 20 steps at 256 px run on the CPU, about 5 minutes on " \
+                                      "2 cores\n"
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors", steps=240, resolution=512))  # 240 min: hours
+    assert "about 4 hours" in capsys.readouterr().err
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors", steps=61, resolution=512))  # 61 min: a hint
+    assert capsys.readouterr().err.endswith("about 61 minutes on 2 cores; for a first try pass --steps 20 "
+                                            "--resolution 256 (see README, Set-up)\n")
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors", steps=60, resolution=512))  # 60 min: none
+    assert capsys.readouterr().err.endswith("about 60 minutes on 2 cores\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cli.say_device(LoraTrainConfig(data="d", output="o.safetensors"))
+    assert capsys.readouterr().err == ""

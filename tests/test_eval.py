@@ -371,3 +371,23 @@ def test_lpips_to_style_is_the_mean_lpips_to_each_style_image_at_the_outputs_siz
     assert from_images["metrics"]["lpips_style"] == pytest.approx(rows["coffee"]["lpips_style"], rel=1e-4)
     no_style = score_images(content, output, metrics=("lpips_style",), nets=random_nets)
     assert "lpips_style" not in no_style["metrics"] and "no style" in no_style["unavailable"]["lpips_style"]
+
+
+def test_the_style_folder_is_read_recursively_as_training_reads_it(tmp_path, random_nets):
+    """The same four paintings, flat or spread over subfolders, give the same LPIPS to the style; with only the
+    top level read, the nested folder would give the mean over two of them."""
+    from stylora.eval.report import EvalConfig, evaluate
+
+    dirs = _eval_folders(tmp_path)
+    nested = tmp_path / "nested"
+    (nested / "a" / "b").mkdir(parents=True)
+    for i, f in enumerate(sorted(dirs["style"].iterdir())):
+        (nested / "a" / "b" if i % 2 else nested).joinpath(f.name).write_bytes(f.read_bytes())
+
+    def lpips_style(style) -> list[float]:
+        cfg = EvalConfig(content=str(dirs["content"]), styled=(str(dirs["soft"]),), out=str(tmp_path / style.name),
+                         style=str(style), metrics=("lpips_style",))
+        return [r["lpips_style"] for r in evaluate(cfg, nets=random_nets, progress=False)["methods"]["soft"]["rows"]]
+
+    flat = lpips_style(dirs["style"])
+    assert all(isinstance(v, float) for v in flat) and lpips_style(nested) == pytest.approx(flat, rel=1e-6)

@@ -3,6 +3,8 @@ blend weights, and `stylora lora info`'s summary."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from stylora.core.lora_file import (
@@ -104,3 +106,26 @@ def test_describe_summarises_modules_rank_parameters_and_metadata_in_order(tmp_p
         "  calibration: none (Style Strength uses its default ramps; stylora calibrate measures one)",
         "  (no metadata)"]
     assert describe(bare).startswith("bare.safetensors: 0 modules, rank ?, 1 parameters (float32)")
+
+
+def test_describe_flags_nan_weights_and_loras_of_other_model_families(tmp_path):
+    def lora(name: str, width: int, extra: dict | None = None, meta: dict | None = None, fill: float = 0.0):
+        module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+        state = {f"{module}.lora_down.weight": torch.full((4, width), fill),
+                 f"{module}.lora_up.weight": torch.zeros(320, 4), **(extra or {})}
+        return describe(save_lora(tmp_path / f"{name}.safetensors", state, meta or {}))
+
+    assert "WARNING" not in lora("sd15", 768)  # SD1.x cross-attention reads the 768-wide CLIP embedding
+    sdxl = lora("sdxl", 2048).splitlines()
+    assert sdxl[1] == "  WARNING: an SDXL LoRA: it does not fit SD1.5 models; Stylora's nodes refuse it"
+    assert "an SD2.x LoRA" in lora("sd2", 1024)
+    te2 = {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280)}
+    assert "an SDXL LoRA" in lora("te2", 768, extra=te2)  # SDXL's second text encoder
+    self_attention_only = {"lora_unet_a_attn1_to_q.lora_down.weight": torch.zeros(4, 320)}
+    assert "an SDXL LoRA" in describe(save_lora(tmp_path / "meta.safetensors", self_attention_only,
+                                                {"ss_base_model_version": "sdxl_base_v1-0"}))
+    assert "WARNING" not in describe(save_lora(tmp_path / "plain.safetensors", self_attention_only, {}))
+    nan = lora("nan", 768, fill=math.nan).splitlines()
+    assert nan[1].startswith("  WARNING: 1 tensor(s) with NaN/inf values "
+                             "(lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight)")
+    assert "the nodes refuse this file" in nan[1]

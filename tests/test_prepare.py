@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,35 @@ def test_coco_content_set_and_stats(tmp_path, kaggle_root):
         with Image.open(tmp_path / "stats" / name) as im:
             im.verify()
     assert "| Ukiyo_e | 2 |" in (tmp_path / "stats" / "summary.md").read_text()
+
+
+def test_stats_count_only_usable_images_and_name_every_skipped_file(tmp_path, capsys):
+    import struct
+    import zlib
+
+    from stylora.cli import main
+
+    folder = tmp_path / "paintings"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 20), "red").save(folder / "good.png")
+    Image.new("RGB", (10, 30), "blue").save(folder / "sub" / "good2.jpg")
+    whole = _jpeg(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8), size=(64, 64))
+    (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # the header reads, the pixels stop
+    (folder / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "caption.txt").write_text("a caption: a sidecar, neither counted nor skipped")
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)  # a header claiming 900 megapixels
+    bomb = b"\x89PNG\r\n\x1a\n"
+    for kind, body in ((b"IHDR", ihdr), (b"IDAT", zlib.compress(b"")), (b"IEND", b"")):
+        bomb += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    (folder / "bomb.png").write_bytes(bomb)
+    summary = dataset_stats([folder], tmp_path / "stats")
+    assert summary["images"] == 2 and summary["width"] == {"min": 10.0, "median": 25.0, "max": 40.0}
+    reasons = {Path(s["file"]).name: s["reason"] for s in summary["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "notes.pdf", "bomb.png"}
+    assert reasons["notes.pdf"] == "not an image (extension)" and reasons["truncated.jpg"].startswith("truncated")
+    assert reasons["bomb.png"].startswith("refused: decompression bomb")
+    md = (tmp_path / "stats" / "summary.md").read_text()
+    assert "Skipped (not counted): 3 file(s)." in md and f"| {folder / 'bomb.png'} | refused" in md
+    assert main(["prepare", "stats", str(folder), "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 images;") and "Skipped 3 file(s) (not counted):" in out and "truncated.jpg: trunc" in out

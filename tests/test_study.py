@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -13,9 +14,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from stylora.cli import main as cli_main
 from stylora.eval.metrics import LPIPS, VGGStyle
-from stylora.study import runner
+from stylora.study import inputs, runner
 from stylora.study.config import StudyConfig, load_study_config
 from stylora.trainer.config import LoraTrainConfig
+from stylora.workflows.client import ServerError
 from test_run import FakeComfy
 
 TRAIN_TOML = """
@@ -135,7 +137,7 @@ def test_study_runs_resumes_and_reports_unavailable_metrics(tiny_model, study_in
     # 1. Killed mid-way through stylising (the only server goes away after 4 prompts): an error, work kept.
     # A server without the painting node (Style From Image): the image method is skipped and the report says why.
     dying = FakeComfy(models=study_inputs["models"], drop_after=4, without=("StyleFromImage",))
-    with pytest.raises(runner.ServerError, match="cannot reach"):
+    with pytest.raises(ServerError, match="cannot reach"):
         runner.run_study(StudyConfig(**{**cfg.__dict__, "server": (dying.url,)}), progress=False, nets=nets)
     assert counts == {"train_lora": 1, "train_dreambooth": 1, "evaluate": 0}
     # 2. Rerun: training reused, the 3 finished images kept, the rest stylised, scored, reported.
@@ -261,3 +263,124 @@ def test_study_trains_textual_inversion_and_prompts_with_the_embedding(tiny_mode
     assert row["values"]["train_seconds"] > 0 and report["loss_curves"]["monet/textual-inversion"]["steps"] == [1, 2]
     assert (tmp_path / "study" / "report" / "loss_curves.png").is_file()
     comfy.close()
+
+
+def _flags(study_inputs, tmp_path, **more) -> dict:
+    return {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+            "out": str(tmp_path / "study"), "methods": ["base", "lora"], "strengths": [0.5], **more}
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    ({"metrics": ["ssim", "fidd"]}, ValueError, r"metrics: unknown \['fidd'\]; choose from \['ssim'"),
+    ({"server": ["http://127.0.0.1:99999"]}, ValueError, r"--server 'http://127.0.0.1:99999': not a valid URL"),
+    ({"server": ["http://127.0.0.1:9"]}, ServerError, r"server: none of \['http://127.0.0.1:9'\] can stylise.*"
+                                                       r"cannot reach it"),
+    ({"eval_device": "gpu"}, ValueError, r"device must be 'cpu', 'cuda'"),
+])
+def test_what_would_fail_late_is_refused_before_the_first_step(study_inputs, tmp_path, monkeypatch, flags, error,
+                                                               match):
+    calls = count_calls(monkeypatch, runner, ("train_lora", "run_workflow", "evaluate"))
+    with pytest.raises(error, match=match):
+        runner.run_study(load_study_config(None, _flags(study_inputs, tmp_path, **flags)), progress=False)
+    assert calls == {"train_lora": 0, "run_workflow": 0, "evaluate": 0} and not (tmp_path / "study").exists()
+
+
+def test_a_server_without_the_pack_or_unreachable_is_left_out_with_a_warning(study_inputs, tmp_path, caplog):
+    good, bare = FakeComfy(), FakeComfy(without=("LoadStyleLoRA", "StyleStrength"))
+    try:
+        cfg = load_study_config(None, _flags(study_inputs, tmp_path,
+                                             server=[bare.url, "http://127.0.0.1:9", good.url]))
+        assert inputs.usable_servers(cfg) == (good.url,)
+        assert f"server {bare.url}: left out" in caplog.text and "LoadStyleLoRA, StyleStrength not installed" \
+            in caplog.text and "server http://127.0.0.1:9: left out" in caplog.text
+        # Only the optional `image` method needs Style From Image: a server without it stays.
+        plain = FakeComfy(without=("StyleFromImage",))
+        cfg = load_study_config(None, _flags(study_inputs, tmp_path, server=[plain.url], methods=["lora", "image"]))
+        assert inputs.usable_servers(cfg) == (plain.url,)
+        plain.close()
+        with pytest.raises(ServerError, match=r"none of .* can stylise the study: .*LoadStyleLoRA"):
+            inputs.usable_servers(load_study_config(None, _flags(study_inputs, tmp_path, server=[bare.url])))
+    finally:
+        good.close()
+        bare.close()
+
+
+def test_style_folders_are_read_recursively_and_a_broken_painting_is_skipped(tmp_path, caplog):
+    nested = tmp_path / "style" / "a" / "b"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "red").save(nested / "z.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "style" / "a" / "y.jpg")
+    (tmp_path / "style" / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "style" / ".hidden.png").write_bytes(b"")
+    assert inputs.paintings(tmp_path / "style", "monet") == [nested / "z.png", tmp_path / "style" / "a" / "y.jpg"]
+    assert "styles.monet:" in caplog.text and "x.png skipped" in caplog.text
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "p.png")
+    # Images only in subfolders: a style folder, as `stylora train lora --data` reads it.
+    inputs.check_inputs(load_study_config(None, {"styles": [f"s={tmp_path / 'style'}"], "content": str(photos),
+                                                 "out": str(tmp_path / "o")}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"styles.e: no images in .*empty \(searched recursively\)"):
+        inputs.check_inputs(load_study_config(None, {"styles": [f"e={tmp_path / 'empty'}"], "content": str(photos),
+                                                     "out": str(tmp_path / "o")}))
+    with pytest.raises(FileNotFoundError, match=r"content: not a folder: .*nowhere"):
+        inputs.check_inputs(load_study_config(None, {"styles": [f"s={tmp_path / 'style'}"], "out": "o",
+                                                     "content": str(tmp_path / "nowhere")}))
+    with pytest.raises(ValueError, match=r"styles.b: no readable image in"):
+        inputs.paintings(_only_broken(tmp_path), "b")
+
+
+def _only_broken(tmp_path: Path) -> Path:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "x.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def test_a_trained_style_is_reused_only_for_the_same_paintings(tmp_path, monkeypatch):
+    calls = []
+    data = tmp_path / "paintings"
+    data.mkdir()
+    Image.new("RGB", (8, 8), "red").save(data / "a.png")
+
+    def train(cfg, **kw):  # what the trainer leaves: the file with its settings, and the resource record
+        calls.append(kw)
+        save_file({"x": torch.zeros(1)}, cfg.output, metadata={"stylora.config": json.dumps(cfg.to_dict())})
+        Path(cfg.output).with_suffix(".resources.json").write_text("{}")
+
+    monkeypatch.setattr(runner, "train_lora", train)
+    cfg = LoraTrainConfig(data=str(data), output=str(tmp_path / "lora.safetensors"), steps=3)
+    runner.train_artifact("lora", cfg, progress=False)
+    record = json.loads((tmp_path / "lora.data.json").read_text())
+    names_bytes = hashlib.sha256(b"a.png\0" + (data / "a.png").read_bytes() + b"\0").hexdigest()
+    assert record == {"data": "paintings", "sha256": names_bytes}  # the folder's name, never its absolute path
+    runner.train_artifact("lora", cfg, progress=False)
+    assert len(calls) == 1  # same settings, same paintings: reused
+    Image.new("RGB", (8, 8), "blue").save(data / "a.png")  # every painting replaced under the same name and size
+    runner.train_artifact("lora", cfg, progress=False)
+    assert len(calls) == 2 and calls[-1] == {"overwrite": True, "progress": False}
+    Image.new("RGB", (8, 8), "blue").save(data / "b.png")  # a painting added
+    runner.train_artifact("lora", cfg, progress=False)
+    assert len(calls) == 3
+    (tmp_path / "lora.data.json").write_text("[]")  # a damaged record: trained again, never reused blindly
+    runner.train_artifact("lora", cfg, progress=False)
+    assert len(calls) == 4
+
+
+def test_prompted_methods_sample_at_their_bundled_workflows_cfg(tmp_path):
+    from stylora.workflows.client import API_DIR
+
+    def bundled_cfg(workflow: str) -> float:
+        graph = json.loads((API_DIR / f"{workflow}.json").read_text())
+        return next(n["inputs"]["cfg"] for n in graph.values() if n["class_type"] == "KSampler")
+
+    cfg = load_study_config(None, {"styles": ["monet=m"], "content": "c", "out": "o",
+                                   "methods": ["dreambooth", "dreambooth-lora", "textual-inversion"]})
+    names = {("monet", m): f"{m}.safetensors" for m in ("dreambooth", "dreambooth-lora", "textual-inversion")}
+    for method, workflow in (("dreambooth", "dreambooth"), ("dreambooth-lora", "dreambooth"),
+                             ("textual-inversion", "textual_inversion")):
+        run = runner.job_run_config(cfg, runner.Job("monet", method, 0.5, 0), {"monet": "m"}, names, tmp_path,
+                                    {"monet": tmp_path / "p.png"})
+        assert f"Sampler.cfg={bundled_cfg(workflow)}" in run.set
+    assert bundled_cfg("dreambooth") == 7.0 and bundled_cfg("textual_inversion") == 5.0
