@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # model_builders: the random-weight test models
 TINY_CONFIG = REPO / "tests" / "fixtures" / "tiny_sd15"
 
 
@@ -31,7 +32,8 @@ def prepare(workdir: Path, cases: list[tuple[str, int]]) -> dict[str, str]:
     """Base models and a style folder in workdir (reused across runs)."""
     import numpy as np
     from PIL import Image
-    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
+    from model_builders import build_random_pipeline, save_single_file
+    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG
 
     workdir.mkdir(parents=True, exist_ok=True)
     paths = {"tiny": str(workdir / "tiny-diffusers"), "sd15": str(workdir / "random-sd15.safetensors"),

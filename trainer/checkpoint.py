@@ -58,11 +58,6 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
