@@ -122,7 +122,12 @@ def test_metadata_describes_the_file(trained, tiny_model):
     from stylora.core.lora_file import describe
 
     _, meta = read_lora(trained["path"])
-    assert meta["stylora.base_model"] == str(tiny_model["diffusers"])
+    # Local paths by name only (a shared file must not carry the trainer's folders); the images and the base model
+    # are identified by the dataset fingerprint and the base model's sha256.
+    assert meta["stylora.base_model"] == tiny_model["diffusers"].name
+    config = json.loads(meta["stylora.config"])
+    assert (config["data"], config["output"], config["base_model"]) == ("style", "style.safetensors", "diffusers")
+    assert not [k for k, v in meta.items() if "/tmp" in v or str(trained["style"].parent) in v]
     assert len(meta["stylora.base_model_sha256"]) == 64
     assert meta["stylora.rank"] == "4" and meta["stylora.alpha"] == "4.0"
     assert meta["stylora.resolution"] == "64" and meta["stylora.steps"] == "20"
