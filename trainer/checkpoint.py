@@ -120,6 +120,11 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint folder whose files cannot be read back (truncated, unparsable, NaN/inf, not fitting)."""
 
 
+def _file_name(folder: Path, new: str) -> str:
+    """The name of file `new` in `folder`: `new`, or its name before the rename when only that one is there."""
+    return new if (folder / new).exists() or not (folder / _OLD_NAMES[new]).exists() else _OLD_NAMES[new]
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(trained weights, optimizer/schedule state, info) of a complete checkpoint folder. A ValueError names the
     folder and the damaged file (truncated, unparsable, NaN/inf weights, a step that does not match)."""
@@ -127,14 +132,11 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
     if not (folder / MARKER).is_file():
         raise DamagedCheckpoint(f"{folder}: incomplete checkpoint (no {MARKER} marker)")
-    def named(new: str) -> str:
-        return new if (folder / new).exists() or not (folder / _OLD_NAMES[new]).exists() else _OLD_NAMES[new]
-
-    name = named(WEIGHTS_FILE)
+    name = _file_name(folder, WEIGHTS_FILE)
     try:
         weights = load_file(str(folder / name))
         check_finite(weights, str(folder / name))
-        name = named(STATE_FILE)
+        name = _file_name(folder, STATE_FILE)
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"optimizer", "lr_scheduler"} <= set(state):
             raise ValueError("no optimizer and lr_scheduler state in it")
