@@ -218,3 +218,30 @@ def test_seeded_streams_differ_by_seed_and_index_and_repeat_exactly():
     draws = {first(stream(s, i)) for s in (0, 1, 2) for i in (0, 1, 2, SEED_STRIDE - 1)}
     assert len(draws) == 12  # no two (seed, index) pairs below the stride share a stream
     assert first(stream(1, 5)) == first(torch.Generator().manual_seed(1_000_003 + 5))
+
+
+def test_a_training_run_in_the_repository_root_leaves_nothing_untracked(tmp_path):
+    """Every file and folder a run writes beside `--output my_style.safetensors` in the checkout's root (the README's
+    first command) is ignored by git: the output, checkpoints, loss log and curve, resource record, class images,
+    previews, TensorBoard logs."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from stylora.trainer.checkpoint import checkpoint_root
+    from stylora.trainer.dreambooth import class_images_folder
+    from stylora.trainer.loss_curve import loss_log_path
+
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    output = repo / "my_style.safetensors"
+    written = [output, checkpoint_root(output) / "step-00000500" / "trainable.weights", loss_log_path(output),
+               output.with_name("my_style.loss_curve.png"), output.with_name("my_style.resources.json"),
+               class_images_folder(DreamBoothConfig(data="d", output=str(output))) / "class_00000.png",
+               output.with_name("my_style.previews") / "step-00000010.png",
+               output.with_name("my_style.tensorboard") / "events.out"]
+    rel = [str(p.relative_to(repo)) for p in written]
+    ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "--no-index", *rel], capture_output=True,
+                             text=True).stdout.split()
+    assert sorted(ignored) == sorted(rel)
