@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import TrainingSettings
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE, STATE_FILE = "trainable.weights", "optimizer.state"
@@ -206,7 +208,7 @@ def start_or_resume(output: Path, resume: bool, overwrite: bool, steps: int | No
     return RunStart(replace_earlier=overwrite and ckpt_root.is_dir())
 
 
-def check_resumable(cfg: Any, info: dict[str, Any], fingerprint: str, folder: Path,
+def check_resumable(cfg: TrainingSettings, info: dict[str, Any], fingerprint: str, folder: Path,
                     invariants: tuple[str, ...]) -> None:
     """Refuse to resume when settings that change what is trained, or the images, differ from the checkpoint's."""
     saved = info.get("config", {})
@@ -247,7 +249,7 @@ class RunCheckpoints:
             shutil.rmtree(self.root)
         self.replace_earlier = False
 
-    def restore(self, folder: Path, cfg: Any, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def restore(self, folder: Path, cfg: TrainingSettings, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Check `folder` belongs to this run (settings and images), restore optimizer and schedule, and return
         the trained weights for the caller to load."""
         weights, state, info = load_checkpoint(folder)
@@ -260,7 +262,7 @@ class RunCheckpoints:
         logger.info("resumed from %s", folder)
         return weights
 
-    def resume(self, start: RunStart, cfg: Any, invariants: tuple[str, ...],
+    def resume(self, start: RunStart, cfg: TrainingSettings, invariants: tuple[str, ...],
                load_weights: Callable[[dict[str, torch.Tensor]], None], show: bool) -> int:
         """The step to start from: 0 for a fresh run, else the step of the newest intact checkpoint after restoring
         it (`load_weights` puts the trained weights back into the model). A damaged checkpoint is logged with the
