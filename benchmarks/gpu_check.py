@@ -95,7 +95,8 @@ def check(what: str, ok: bool, detail: object) -> None:
 
 
 def build_checkpoint(path: Path) -> Path:
-    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
+    from model_builders import build_random_pipeline, save_single_file
+    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG
 
     if not path.is_file():
         save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0, samplable=True), path)

@@ -81,9 +81,8 @@ def build_config(cls: type, args: argparse.Namespace) -> object:
     values = read_config_file(config_path, cls) if config_path else {}
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in vars(args).items() if k in names})
-    hints = typing.get_type_hints(cls)
     where = f"--config {config_path}: " if config_path else ""
-    values = {k: coerce(v, hints[k], k, where) for k, v in values.items()}
+    values = coerce_settings(cls, values, where)
     missing = [_flag(f.name) for f in dataclasses.fields(cls)
                if f.default is dataclasses.MISSING and f.name not in values]
     if missing:
@@ -130,33 +129,66 @@ def coerce(value: Any, hint: Any, name: str, where: str = "") -> Any:
             return value
         raise ValueError(f"{where}{name}: expected one of {list(args)}, got {value!r}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise bad("a list of strings")
-        return tuple(value)
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {_NAMES.get(args[0], 'values')}")
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            return tuple(coerce(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad(f"{len(args)} values")
+        return tuple(coerce(v, a, f"{name}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
     return value
+
+
+_NAMES = {str: "strings", int: "whole numbers", float: "numbers", bool: "true/false values"}
 
 
 def config_fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
-    """Read a JSON or TOML file of config fields (CLI flags override it). Unknown keys are an error."""
+CONFIG_FORMATS = {".toml": "TOML", ".json": "JSON"}
+
+
+def read_settings_file(path: str | Path) -> dict[str, Any]:
+    """The table of settings in a TOML (`.toml`) or JSON (`.json`, or any other name) file. YAML and INI files
+    are refused by name: read as JSON they would fail with a parse error that says nothing of the format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml", ".ini", ".cfg"):
+        raise ValueError(f"--config {path}: {suffix[1:].upper()} is not supported; write the settings as TOML "
+                         f"(.toml) or JSON (.json)")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {path}: cannot read ({e})") from e
     try:
-        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+        values = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: cannot parse ({e})") from e
+        fmt = CONFIG_FORMATS.get(suffix, "JSON")
+        raise ValueError(f"--config {path}: cannot parse as {fmt} ({e}); config files are TOML (.toml) or "
+                         "JSON (.json)") from e
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a table of settings, got {type(values).__name__}")
+    return values
+
+
+def read_config_file(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a JSON or TOML file of config fields (CLI flags override it). Unknown keys are an error."""
+    values = read_settings_file(path)
     known = config_fields(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
     return dict(values)
+
+
+def coerce_settings(cls: type, values: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`values` (field name -> value, from a file or typed as text) each checked and converted to its field's type
+    in `cls` (see `coerce`); an unknown name is an error listing the known ones."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{where}unknown settings {unknown}; known: {sorted(config_fields(cls))}")
+    return {k: coerce(v, hints[k], k, where) for k, v in values.items()}

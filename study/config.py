@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from ..core.settings import coerce_settings, read_config_file
 from ..eval.registry import STUDY_METRICS
 from ..trainer.config import DEFAULT_BASE_MODEL, DreamBoothConfig, LoraTrainConfig, TextualInversionConfig
 from ..workflows.client import parse_value
@@ -119,11 +118,12 @@ class StudyConfig:
                      ) -> LoraTrainConfig | DreamBoothConfig | TextualInversionConfig:
         """The trainer's config of `method` for one style; its settings from [train.<method>]."""
         values: dict[str, Any] = {"base_model": self.base_model, "base_config": self.base_config}
-        values.update({k: tuple(v) if isinstance(v, list) else v for m, k, v in self.train if m == method})
+        values.update({k: v for m, k, v in self.train if m == method})
         if method == "dreambooth-lora":
             values["lora"] = True
+        cls = TRAIN_CONFIGS[method]
         try:
-            return TRAIN_CONFIGS[method](data=data, output=output, **values)
+            return cls(data=data, output=output, **coerce_settings(cls, values))
         except (TypeError, ValueError) as e:
             raise ValueError(f"train.{method}: {e}") from e
 
@@ -155,17 +155,7 @@ def load_study_config(path: str | Path | None, flags: dict[str, Any] | None = No
     values: dict[str, Any] = {}
     known = {f.name for f in dataclasses.fields(StudyConfig)}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config: no such file: {path}")
-        text = path.read_text(encoding="utf-8")
-        try:
-            values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"--config {path}: cannot parse ({e})") from e
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"--config {path}: unknown settings {unknown}; known: {sorted(known)}")
+        values = read_config_file(path, StudyConfig)
         if not isinstance(values.get("styles", {}), dict):
             raise ValueError(f"--config {path}: styles must be a table of name = folder")
         values["styles"] = list(values.get("styles", {}).items())
@@ -196,9 +186,7 @@ def load_study_config(path: str | Path | None, flags: dict[str, Any] | None = No
     for name in ("server", "server_models", "methods", "strengths", "seeds", "set", "metrics"):
         if isinstance(values.get(name), str | int | float):
             values[name] = [values[name]]
-    values = {k: tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v
-              for k, v in values.items()}
-    return StudyConfig(**values)
+    return StudyConfig(**coerce_settings(StudyConfig, values, f"--config {path}: " if path else ""))
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:

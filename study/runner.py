@@ -217,7 +217,7 @@ def same_settings(artifact: Path, train_cfg: Any) -> bool:
         saved = json.loads(read_metadata(artifact).get("stylora.config", "null"))
     except (OSError, ValueError):
         return False
-    wanted = json.loads(json.dumps(train_cfg.to_dict()))
+    wanted = json.loads(json.dumps(train_cfg.to_metadata()))  # as the trainer saved it: paths by name
     if not isinstance(saved, dict):
         return False
     # Where the file is written does not change what is trained: a copied study folder reuses its files.

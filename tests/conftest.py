@@ -32,7 +32,7 @@ CORE_NODES = REPO / "tests" / "fixtures" / "core_nodes-0.3.64.json"
 def tiny_model(tmp_path_factory) -> dict[str, Path]:
     """{'diffusers': folder, 'single_file': .safetensors, 'config': config folder for the single file}."""
     import torch
-    from stylora.trainer.base_model import build_random_pipeline, copy_config_folder, save_single_file
+    from model_builders import build_random_pipeline, copy_config_folder, save_single_file
     from transformers import CLIPTokenizer
 
     root = tmp_path_factory.mktemp("tiny_sd15")
@@ -83,7 +83,8 @@ def sd15_checkpoint(tmp_path_factory) -> Path:
     Rescaled to be samplable (build_random_pipeline's samplable=True): sampled images follow their inputs."""
     if os.environ.get("COMFYUI_SD15_CKPT"):
         return Path(os.environ["COMFYUI_SD15_CKPT"])
-    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG, build_random_pipeline, save_single_file
+    from model_builders import build_random_pipeline, save_single_file
+    from stylora.trainer.base_model import SHIPPED_SD15_CONFIG
 
     path = tmp_path_factory.mktemp("sd15") / "random-sd15.safetensors"
     return save_single_file(build_random_pipeline(SHIPPED_SD15_CONFIG, seed=0, samplable=True), path,

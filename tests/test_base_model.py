@@ -62,7 +62,7 @@ def test_samplable_random_model_scales_latents_by_32_and_noise_predictions_by_a_
     """samplable=True: the same random weights except the VAE latent (x32 in, /32 out: the same decoded image) and
     the UNet's last convolution (x0.1); checked against the plain build, layer by layer."""
     from conftest import TINY_CONFIG
-    from stylora.trainer.base_model import build_random_pipeline
+    from model_builders import build_random_pipeline
 
     plain, samplable = build_random_pipeline(TINY_CONFIG, seed=3), build_random_pipeline(TINY_CONFIG, seed=3,
                                                                                          samplable=True)

@@ -9,7 +9,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from stylora.trainer.losses import denoising_loss, perceptual_net, perceptual_terms
+from stylora.trainer.losses import (
+    PerceptualInputs,
+    StyleLossWeights,
+    denoising_loss,
+    perceptual_net,
+    perceptual_terms,
+    prior_preservation_loss,
+    style_loss,
+)
 
 
 class AffineUNet(torch.nn.Module):
@@ -106,3 +114,58 @@ def test_perceptual_net_uses_the_given_one_builds_one_or_names_missing_weights(m
     monkeypatch.setattr(losses, "PerceptualLoss", missing)
     with pytest.raises(ValueError, match="^lpips_weight/style_weight need pretrained feature networks: alexnet-owt"):
         perceptual_net(None)
+
+
+def _scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def test_prior_preservation_loss_is_the_instance_mean_plus_the_weighted_class_mean():
+    scheduler = _scheduler()
+    gen = torch.Generator().manual_seed(8)
+    z0, states = torch.randn(5, 4, 3, 3, generator=gen), torch.randn(5, 7, 8, generator=gen)
+    loss = prior_preservation_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(2),
+                                   instances=2, prior_weight=0.3)
+    per_sample, _, _ = _reference(z0, states, 2, scheduler, 0.0, None)
+    expected = per_sample[:2].mean() + 0.3 * per_sample[2:].mean()
+    assert loss.shape == ()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_t", [0, 1000, 600])
+def test_style_loss_adds_the_weighted_perceptual_terms_of_the_low_noise_samples_only(max_t):
+    """style_loss = mse * mean(denoising) + (lpips * sum LPIPS + style * sum Gram) / B over the samples with
+    t < perceptual_max_timestep, each term from its written-out formula; the perceptual pair sees only those."""
+    scheduler = _scheduler()
+    gen = torch.Generator().manual_seed(9)
+    z0, states = torch.randn(4, 4, 3, 3, generator=gen), torch.randn(4, 7, 8, generator=gen)
+    pixels = torch.randint(0, 256, (4, 3, 3, 3), generator=gen, dtype=torch.uint8)
+    seen = {}
+
+    def perceptual(image, target):  # "LPIPS" = mean image, "Gram" = mean target: known per sample
+        seen["n"] = len(image)
+        return image.mean(dim=(1, 2, 3)), target.mean(dim=(1, 2, 3))
+
+    weights = StyleLossWeights(mse=0.7, lpips=2.0, style=3.0, perceptual_max_timestep=max_t, noise_offset=0.05,
+                               min_snr_gamma=5.0)
+    inputs = PerceptualInputs(TanhVAE(), perceptual, 0.18215, pixels)
+    loss = style_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(6), weights, inputs)
+
+    per_sample, noisy, t = _reference(z0, states, 6, scheduler, 0.05, 5.0)
+    expected = 0.7 * per_sample.mean()
+    low = t < max_t
+    if low.any():
+        pred = 0.5 * noisy + states.mean() + t.view(-1, 1, 1, 1).float() / 1000
+        abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x0 = (noisy - (1 - abar).sqrt() * pred) / abar.sqrt()
+        image = (torch.tanh(x0 / 0.18215) / 2 + 0.5).clamp(0, 1)
+        lp, gram = image.mean(dim=(1, 2, 3))[low], (pixels.float() / 255).mean(dim=(1, 2, 3))[low]
+        expected = expected + (2.0 * lp.sum() + 3.0 * gram.sum()) / 4
+        assert seen["n"] == int(low.sum())
+    else:
+        assert "n" not in seen
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    without = style_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(6), weights)
+    torch.testing.assert_close(without, 0.7 * per_sample.mean(), rtol=1e-5, atol=1e-7)
+    assert not StyleLossWeights().perceptual and StyleLossWeights(lpips=0.1).perceptual
+    assert StyleLossWeights(style=0.1).perceptual

@@ -122,7 +122,12 @@ def test_metadata_describes_the_file(trained, tiny_model):
     from stylora.core.lora_file import describe
 
     _, meta = read_lora(trained["path"])
-    assert meta["stylora.base_model"] == str(tiny_model["diffusers"])
+    # Local paths by name only (a shared file must not carry the trainer's folders); the images and the base model
+    # are identified by the dataset fingerprint and the base model's sha256.
+    assert meta["stylora.base_model"] == tiny_model["diffusers"].name
+    config = json.loads(meta["stylora.config"])
+    assert (config["data"], config["output"], config["base_model"]) == ("style", "style.safetensors", "diffusers")
+    assert not [k for k, v in meta.items() if "/tmp" in v or str(trained["style"].parent) in v]
     assert len(meta["stylora.base_model_sha256"]) == 64
     assert meta["stylora.rank"] == "4" and meta["stylora.alpha"] == "4.0"
     assert meta["stylora.resolution"] == "64" and meta["stylora.steps"] == "20"
@@ -217,6 +222,36 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
         torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4)
     rows = (tmp_path / "killed.train_log.csv").read_text().splitlines()
     assert rows[-1].startswith(f"{steps},")
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tiny_model, style_folder, tmp_path):
+    """SIGINT (Ctrl-C) a real `stylora train lora` mid-run: it exits 130 with a checkpoint of the last completed
+    step, although --checkpoint-every 0 writes none on its own, and `--resume` finishes the run from there."""
+    steps = 12
+    out = tmp_path / "stopped.safetensors"
+    cmd = [sys.executable, "-m", "stylora.cli", "train", "lora", "--data", str(style_folder), "--output", str(out),
+           "--base-model", str(tiny_model["diffusers"]), "--steps", str(steps), "--resolution", "64",
+           "--batch-size", "1", "--warmup-steps", "0", "--checkpoint-every", "0", "--log-every", "1",
+           "--min-images", "4", "--rank", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = tmp_path / "stopped.train_log.csv"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and \
+            (not log.is_file() or len(log.read_text().splitlines()) < 2):  # the header and step 1
+        time.sleep(0.02)
+    assert proc.poll() is None, f"training ended before it could be stopped: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert "interrupted" in proc.stderr.read().decode()
+    assert not out.exists()
+    saved = [int(d.name.split("-")[1]) for d in checkpoint_root(out).glob("step-*") if (d / "COMPLETE").is_file()]
+    assert len(saved) == 1 and 1 <= saved[0] < steps
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resumed from step {saved[0]}; finished at step {steps}." in resumed.stdout
+    assert read_lora(out)[1]["stylora.steps"] == str(steps)
 
 
 def test_resume_refuses_changed_settings(tiny_model, style_folder, tmp_path):

@@ -1,1 +1,2 @@
-"""The standalone trainer: datasets, SD1.x base models, style LoRAs and the `stylora` CLI."""
+"""The standalone trainer: style datasets, SD1.x base models, the training loop and its recipes (style LoRA,
+DreamBooth, textual inversion). The `stylora train` command line is cli.py's."""

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .config import TrainingSettings
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE, STATE_FILE = "trainable.weights", "optimizer.state"
@@ -56,11 +58,6 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
         else:
             logger.warning("skipping incomplete checkpoint %s (no %s marker)", d, MARKER)
     return sorted(found)
-
-
-def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -125,6 +122,11 @@ class DamagedCheckpoint(ValueError):
     """A checkpoint folder whose files cannot be read back (truncated, unparsable, NaN/inf, not fitting)."""
 
 
+def _file_name(folder: Path, new: str) -> str:
+    """The name of file `new` in `folder`: `new`, or its name before the rename when only that one is there."""
+    return new if (folder / new).exists() or not (folder / _OLD_NAMES[new]).exists() else _OLD_NAMES[new]
+
+
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(trained weights, optimizer/schedule state, info) of a complete checkpoint folder. A ValueError names the
     folder and the damaged file (truncated, unparsable, NaN/inf weights, a step that does not match)."""
@@ -132,14 +134,11 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
     if not (folder / MARKER).is_file():
         raise DamagedCheckpoint(f"{folder}: incomplete checkpoint (no {MARKER} marker)")
-    def named(new: str) -> str:
-        return new if (folder / new).exists() or not (folder / _OLD_NAMES[new]).exists() else _OLD_NAMES[new]
-
-    name = named(WEIGHTS_FILE)
+    name = _file_name(folder, WEIGHTS_FILE)
     try:
         weights = load_file(str(folder / name))
         check_finite(weights, str(folder / name))
-        name = named(STATE_FILE)
+        name = _file_name(folder, STATE_FILE)
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"optimizer", "lr_scheduler"} <= set(state):
             raise ValueError("no optimizer and lr_scheduler state in it")
@@ -209,7 +208,7 @@ def start_or_resume(output: Path, resume: bool, overwrite: bool, steps: int | No
     return RunStart(replace_earlier=overwrite and ckpt_root.is_dir())
 
 
-def check_resumable(cfg: Any, info: dict[str, Any], fingerprint: str, folder: Path,
+def check_resumable(cfg: TrainingSettings, info: dict[str, Any], fingerprint: str, folder: Path,
                     invariants: tuple[str, ...]) -> None:
     """Refuse to resume when settings that change what is trained, or the images, differ from the checkpoint's."""
     saved = info.get("config", {})
@@ -250,7 +249,7 @@ class RunCheckpoints:
             shutil.rmtree(self.root)
         self.replace_earlier = False
 
-    def restore(self, folder: Path, cfg: Any, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def restore(self, folder: Path, cfg: TrainingSettings, invariants: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Check `folder` belongs to this run (settings and images), restore optimizer and schedule, and return
         the trained weights for the caller to load."""
         weights, state, info = load_checkpoint(folder)
@@ -263,7 +262,7 @@ class RunCheckpoints:
         logger.info("resumed from %s", folder)
         return weights
 
-    def resume(self, start: RunStart, cfg: Any, invariants: tuple[str, ...],
+    def resume(self, start: RunStart, cfg: TrainingSettings, invariants: tuple[str, ...],
                load_weights: Callable[[dict[str, torch.Tensor]], None], show: bool) -> int:
         """The step to start from: 0 for a fresh run, else the step of the newest intact checkpoint after restoring
         it (`load_weights` puts the trained weights back into the model). A damaged checkpoint is logged with the

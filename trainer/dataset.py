@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..core.files import Skipped, scan_folder
 from ..core.images import ImageLoadError, load_image, resize_cover
+from .seeds import stream
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def epoch_batches(dataset: StyleDataset, batch_size: int, seed: int, epoch: int)
     Deterministic in (seed, epoch), so a resumed run sees exactly the batches it would have seen.
     Every epoch has the same number of batches.
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    g = stream(seed, epoch)
     batches = []
     for indices in dataset.buckets.values():
         perm = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]

@@ -4,13 +4,12 @@ The UNet (optionally the text encoder) is fine-tuned on the instance images unde
 class images of the base model, under the class prompt, keep the prior: loss = MSE(instance) +
 prior_loss_weight * MSE(class). The result is a single-file SD1.x checkpoint in the original layout; with
 lora=True it is a kohya LoRA trained the same way, for a like-for-like comparison with style LoRAs.
-Data scan, checkpoints, resume, logs and the diffusion loss are the LoRA trainer's; the step loop is
-trainer/loop.py's.
+The run (data scan, base model, checkpoints, resume, logs, the step loop) is trainer/loop.py's; the loss is
+trainer/losses.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from datetime import datetime, timezone
@@ -26,21 +25,12 @@ from tqdm.auto import tqdm
 from ..core.files import atomic_write
 from ..core.lora_file import DTYPES, peft_to_kohya, save_lora
 from ..core.version import __version__
-from .base_model import load_base_model, resolve_source
-from .checkpoint import RunCheckpoints, start_or_resume
 from .config import DreamBoothConfig
 from .dataset import BatchOrder, batch_latents, encode_latents, encode_prompt, load_style_dataset
 from .ldm_layout import pipeline_to_ldm
-from .loop import (
-    TrainProgress,
-    TrainResult,
-    add_lora_adapters,
-    finish_run,
-    optimizer_and_schedule,
-    start_accelerator,
-    train_steps,
-)
-from .losses import denoising_loss
+from .loop import Recipe, RunContext, TrainResult, add_lora_adapters, run_training
+from .losses import prior_preservation_loss
+from .seeds import stream
 
 RESUME_INVARIANTS = ("data", "base_model", "base_config", "instance_prompt", "class_prompt", "class_data",
                      "num_class_images", "prior_loss_weight", "train_text_encoder", "lora", "rank", "alpha",
@@ -51,140 +41,136 @@ RESUME_INVARIANTS = ("data", "base_model", "base_config", "instance_prompt", "cl
 def train_dreambooth(cfg: DreamBoothConfig, *, resume: bool = False, overwrite: bool = False,
                      progress: bool = True) -> TrainResult:
     """Fine-tune SD1.x on cfg.data with prior preservation and write cfg.output. See DreamBoothConfig."""
-    t_start = time.time()
-    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
-    output = Path(cfg.output)
+    return run_training(cfg, DreamBoothRecipe, resume=resume, overwrite=overwrite, progress=progress)
 
-    # 1. Fresh run or resumption, and a writable --output; nothing is deleted here (an earlier run's
-    #    checkpoints go when this run writes its first one, after the data and base model loaded).
-    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
 
-    # 2. Accelerator: devices, mixed precision, gradient accumulation, multi-GPU.
-    accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)
-    device = accelerator.device
+class DreamBoothRecipe(Recipe):
+    """Every UNet weight (and optionally the text encoder), or LoRA adapters, trained on instance images under the
+    instance prompt beside class images under the class prompt (trainer.losses.prior_preservation_loss)."""
 
-    # 3. Instance images, scanned like a style folder (every skip reported with its reason).
-    instances = load_style_dataset(cfg.data, cfg.resolution, "center", use_captions=False,
-                                   min_images=cfg.min_images, max_image_pixels=cfg.max_image_pixels, progress=show)
+    title, invariants = "DreamBooth", RESUME_INVARIANTS
 
-    # 4. The base model, frozen; class images are generated from it before anything is trained.
-    base = load_base_model(cfg.base_model, cfg.base_config)
-    t_class = time.time()
-    class_dir = Path(cfg.class_data) if cfg.class_data else generate_class_images(
-        base, cfg.class_prompt, cfg.num_class_images, class_images_folder(cfg), cfg.resolution, cfg.seed,
-        cfg.class_sample_steps, cfg.class_guidance, device if accelerator.is_main_process else None, show)
-    accelerator.wait_for_everyone()
-    class_seconds = time.time() - t_class
-    classes = load_style_dataset(class_dir, cfg.resolution, "center", use_captions=False, min_images=1)
-    if cfg.class_data and len(classes) > cfg.num_class_images:
-        classes.files, classes.pixels = classes.files[:cfg.num_class_images], classes.pixels[:cfg.num_class_images]
-        classes.captions = classes.captions[:cfg.num_class_images]
+    def __init__(self, run: RunContext):
+        super().__init__(run)
+        cfg, base, device, dtype = run.cfg, run.base, run.device, run.weight_dtype
+        assert isinstance(cfg, DreamBoothConfig)
+        self.cfg, self.kind = cfg, "dreambooth_lora" if cfg.lora else "dreambooth"
+        # 1. Class images, generated from the frozen base model before anything is trained (or cfg.class_data).
+        t_class = time.time()
+        class_dir = Path(cfg.class_data) if cfg.class_data else generate_class_images(
+            base, cfg.class_prompt, cfg.num_class_images, class_images_folder(cfg), cfg.resolution, cfg.seed,
+            cfg.class_sample_steps, cfg.class_guidance, device if run.accelerator.is_main_process else None, run.show)
+        run.accelerator.wait_for_everyone()
+        self.class_seconds = time.time() - t_class
+        self.classes = load_style_dataset(class_dir, cfg.resolution, "center", use_captions=False, min_images=1)
+        if cfg.class_data and len(self.classes) > cfg.num_class_images:
+            n = cfg.num_class_images
+            self.classes.files, self.classes.pixels = self.classes.files[:n], self.classes.pixels[:n]
+            self.classes.captions = self.classes.captions[:n]
 
-    # 5. What is trained: every UNet weight (and the text encoder), or LoRA adapters on the attention projections.
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    vae.to(device, dtype=torch.float32)
-    if cfg.lora:
-        unet.to(device, dtype=weight_dtype)
-        add_lora_adapters(unet, cfg)
-    else:
-        unet.to(device)  # trained weights stay fp32; autocast runs the forward pass in the mixed dtype
-        unet.requires_grad_(True)
-    text_encoder.to(device, dtype=torch.float32 if cfg.train_text_encoder else weight_dtype)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    params += [p for p in text_encoder.parameters() if p.requires_grad]
+        # 2. What is trained: every UNet weight (and the text encoder), or LoRA adapters on the attention projections.
+        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.vae.to(device, dtype=torch.float32)
+        if cfg.lora:
+            self.unet.to(device, dtype=dtype)
+            add_lora_adapters(self.unet, cfg)
+        else:
+            self.unet.to(device)  # trained weights stay fp32; autocast runs the forward pass in the mixed dtype
+            self.unet.requires_grad_(True)
+        self.text_encoder.to(device, dtype=torch.float32 if cfg.train_text_encoder else dtype)
+        self.text_encoder.requires_grad_(cfg.train_text_encoder)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.params = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
 
-    # 6. Prompts and latents, once: tokens for a trained text encoder, embeddings for a frozen one.
-    def tokens(prompt: str) -> torch.Tensor:
-        return base.tokenizer(prompt, padding="max_length", max_length=base.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids[0]
+        # 3. Prompts and latents, once: tokens for a trained text encoder, embeddings for a frozen one.
+        self.prompt_ids = torch.stack([prompt_tokens(base.tokenizer, p)
+                                       for p in (cfg.instance_prompt, cfg.class_prompt)])  # [2, 77]
+        with torch.no_grad():
+            self.fixed_embeds = torch.stack([encode_prompt(base.tokenizer, self.text_encoder, p, device)
+                                             for p in (cfg.instance_prompt, cfg.class_prompt)])  # [2, 77, D]
+        self.instance_cache = encode_latents(self.vae, run.dataset, False, device, run.show)
+        self.class_cache = encode_latents(self.vae, self.classes, False, device, run.show)
+        self.vae.to("cpu")
+        self.scaling = float(self.vae.config.scaling_factor)
+        self.instance_order = BatchOrder(run.dataset, cfg.batch_size, cfg.seed)
+        self.class_order = BatchOrder(self.classes, cfg.batch_size, cfg.seed + 1)
 
-    prompt_ids = torch.stack([tokens(cfg.instance_prompt), tokens(cfg.class_prompt)])  # [2, 77]
-    with torch.no_grad():
-        fixed_embeds = torch.stack([encode_prompt(base.tokenizer, text_encoder, p, device)
-                                    for p in (cfg.instance_prompt, cfg.class_prompt)])  # [2, 77, D]
-    instance_cache = encode_latents(vae, instances, False, device, show)
-    class_cache = encode_latents(vae, classes, False, device, show)
-    vae.to("cpu")
-    scaling = float(vae.config.scaling_factor)
+    @property
+    def fingerprint(self) -> str:
+        return self.run.dataset.fingerprint + ":" + self.classes.fingerprint
 
-    # 7. Optimizer and learning-rate schedule.
-    optimizer, lr_schedule = optimizer_and_schedule(accelerator, params, cfg, cfg.lr)
-    if cfg.train_text_encoder:
-        unet, text_encoder, optimizer, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, lr_schedule)
-    else:
-        unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    def prepare(self, optimizer: torch.optim.Optimizer, lr_schedule: Any) -> tuple[torch.optim.Optimizer, Any]:
+        prepare = self.run.accelerator.prepare
+        if self.cfg.train_text_encoder:
+            self.model, self.text_encoder, optimizer, lr_schedule = prepare(self.unet, self.text_encoder, optimizer,
+                                                                             lr_schedule)
+        else:
+            self.model, optimizer, lr_schedule = prepare(self.unet, optimizer, lr_schedule)
+        return optimizer, lr_schedule
 
-    def trainable_state() -> dict[str, torch.Tensor]:
-        u = accelerator.unwrap_model(unet)
-        state = get_peft_model_state_dict(u) if cfg.lora else dict(u.state_dict())
-        if cfg.train_text_encoder:
-            te = accelerator.unwrap_model(text_encoder)
-            state.update({f"text_encoder.{k}": v for k, v in te.state_dict().items()})
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.cfg.train_text_encoder:
+            self.text_encoder.train()
+
+    def loss(self, index: int, g: torch.Generator) -> torch.Tensor:
+        """Instance images under the instance prompt and as many class images under the class prompt."""
+        device, dtype = self.run.device, self.run.weight_dtype
+        inst_ids, class_ids = self.instance_order[index], self.class_order[index]
+        inst, _ = batch_latents(inst_ids, self.run.dataset, self.instance_cache, None, False, g, device)
+        cls, _ = batch_latents(class_ids, self.classes, self.class_cache, None, False, g, device)
+        latents = (torch.cat([inst, cls]) * self.scaling).to(device, dtype)
+        which = torch.tensor([0] * len(inst_ids) + [1] * len(class_ids))
+        if self.cfg.train_text_encoder:
+            states = self.text_encoder(self.prompt_ids[which].to(device))[0]
+        else:
+            states = self.fixed_embeds[which].to(device, dtype)
+        return prior_preservation_loss(self.model, self.noise_scheduler, latents, states, g, len(inst_ids),
+                                       self.cfg.prior_loss_weight)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        unwrap = self.run.accelerator.unwrap_model
+        unet = unwrap(self.model)
+        state = get_peft_model_state_dict(unet) if self.cfg.lora else dict(unet.state_dict())
+        if self.cfg.train_text_encoder:
+            state.update({f"text_encoder.{k}": v for k, v in unwrap(self.text_encoder).state_dict().items()})
         return state
 
-    def load_trainable(state: dict[str, torch.Tensor]) -> None:
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        unwrap = self.run.accelerator.unwrap_model
         te_state = {k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")}
         unet_state = {k: v for k, v in state.items() if not k.startswith("text_encoder.")}
-        if cfg.lora:
-            set_peft_model_state_dict(accelerator.unwrap_model(unet), unet_state)
+        if self.cfg.lora:
+            set_peft_model_state_dict(unwrap(self.model), unet_state)
         else:
-            accelerator.unwrap_model(unet).load_state_dict(unet_state)
+            unwrap(self.model).load_state_dict(unet_state)
         if te_state:
-            accelerator.unwrap_model(text_encoder).load_state_dict(te_state)
+            unwrap(self.text_encoder).load_state_dict(te_state)
 
-    # 8. Resume: trained weights, optimizer and schedule from the newest complete checkpoint.
-    fingerprint = instances.fingerprint + ":" + classes.fingerprint
-    checkpoints = RunCheckpoints(accelerator, output, trainable_state, optimizer, lr_schedule,
-                                 {"config": cfg.to_dict(), "dataset_fingerprint": fingerprint}, cfg.keep_checkpoints)
-    start_step = checkpoints.resume(resume_from, cfg, RESUME_INVARIANTS, load_trainable, show)
-
-    # 9. One micro-batch: instance images under the instance prompt and as many class images under the class
-    #    prompt; the class half is the prior-preservation loss.
-    inst_order = BatchOrder(instances, cfg.batch_size, cfg.seed)
-    class_order = BatchOrder(classes, cfg.batch_size, cfg.seed + 1)
-
-    def micro_step(index: int, g: torch.Generator) -> torch.Tensor:
-        inst_ids, class_ids = inst_order[index], class_order[index]
-        inst, _ = batch_latents(inst_ids, instances, instance_cache, None, False, g, device)
-        cls, _ = batch_latents(class_ids, classes, class_cache, None, False, g, device)
-        latents = (torch.cat([inst, cls]) * scaling).to(device, weight_dtype)
-        which = torch.tensor([0] * len(inst_ids) + [1] * len(class_ids))
-        if cfg.train_text_encoder:
-            states = text_encoder(prompt_ids[which].to(device))[0]
-        else:
-            states = fixed_embeds[which].to(device, weight_dtype)
-        mse, *_ = denoising_loss(unet, noise_scheduler, latents, states, g)
-        n = len(inst_ids)
-        return mse[:n].mean() + cfg.prior_loss_weight * mse[n:].mean()
-
-    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints.
-    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "DreamBooth", show,
-                          enabled=accelerator.is_main_process)
-    unet.train()
-    if cfg.train_text_encoder:
-        text_encoder.train()
-    step = train_steps(accelerator, unet, params, optimizer, lr_schedule, checkpoints, track, cfg, start_step,
-                       micro_step)
-
-    # 11. Write the result (single-file checkpoint or kohya LoRA) with its metadata, and the resource record.
-    def write_result(seconds: float, peak_mb: float) -> None:
-        meta = dreambooth_metadata(cfg, base, len(instances), len(classes), step, seconds, fingerprint)
-        final_unet = accelerator.unwrap_model(unet)
+    def write(self, steps: int, seconds: float, peak_mb: float) -> None:
+        """A single-file checkpoint in the original layout, or a kohya LoRA, with its metadata."""
+        cfg, output, unwrap = self.cfg, Path(self.cfg.output), self.run.accelerator.unwrap_model
+        meta = dreambooth_metadata(cfg, self.run.base, len(self.run.dataset), len(self.classes), steps, seconds,
+                                   self.fingerprint)
         if cfg.lora:
-            save_lora(output, peft_to_kohya(get_peft_model_state_dict(final_unet), cfg.lora_alpha,
+            save_lora(output, peft_to_kohya(get_peft_model_state_dict(unwrap(self.model)), cfg.lora_alpha,
                                             DTYPES[cfg.save_dtype]), meta)
         else:
-            sd = pipeline_to_ldm(final_unet, vae, accelerator.unwrap_model(text_encoder), DTYPES[cfg.save_dtype])
+            sd = pipeline_to_ldm(unwrap(self.model), self.vae, unwrap(self.text_encoder), DTYPES[cfg.save_dtype])
             atomic_write(output, lambda tmp: save_file(sd, tmp, metadata=meta))
 
-    return finish_run(accelerator, checkpoints, track, cfg, "dreambooth_lora" if cfg.lora else "dreambooth",
-                      start_step, step, t_start, instances.skipped, write_result, class_image_seconds=class_seconds)
+    def record(self) -> dict[str, Any]:
+        return {"class_image_seconds": self.class_seconds}
+
+
+def prompt_tokens(tokenizer: Any, prompt: str) -> torch.Tensor:
+    """CLIP token ids [77] of `prompt`, padded to the tokenizer's length."""
+    return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids[0]
 
 
 def class_images_folder(cfg: DreamBoothConfig) -> Path:
@@ -222,7 +208,7 @@ def generate_class_images(base, prompt: str, count: int, folder: Path, resolutio
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     for i in tqdm(todo, desc="Generating class images", unit="img", disable=not progress):
-        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        g = stream(seed, i)
         with torch.no_grad():
             image = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
                          guidance_scale=guidance, generator=g).images[0]
@@ -234,10 +220,11 @@ def dreambooth_metadata(cfg: DreamBoothConfig, base, n_instances: int, n_classes
                         fingerprint: str) -> dict[str, str]:
     """Header of a DreamBooth checkpoint or DreamBooth-LoRA: what it was trained from and how."""
     kind = "dreambooth_lora" if cfg.lora else "dreambooth"
+    settings = cfg.to_metadata()  # local paths by name only: the file may be shared
     meta: dict[str, Any] = {
         "stylora.version": __version__,
         "stylora.kind": kind,
-        "stylora.base_model": base.source,
+        "stylora.base_model": settings["base_model"],
         "stylora.base_model_sha256": base.sha256,
         "stylora.trigger": cfg.instance_prompt,
         "stylora.class_prompt": cfg.class_prompt,
@@ -248,7 +235,7 @@ def dreambooth_metadata(cfg: DreamBoothConfig, base, n_instances: int, n_classes
         "stylora.class_images": str(n_classes),
         "stylora.dataset_fingerprint": fingerprint,
         "stylora.train_seconds": f"{seconds:.1f}",
-        "stylora.config": cfg.to_dict(),
+        "stylora.config": settings,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/lora" if cfg.lora else "stable-diffusion-v1",
         "modelspec.implementation": "diffusers" if cfg.lora else "https://github.com/Stability-AI/generative-models",

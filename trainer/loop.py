@@ -1,16 +1,20 @@
-"""The one training loop both trainers run: accelerate set-up, optimizer and LR schedule, the step loop with
-progress, periodic checkpoints and a checkpoint on Ctrl-C, and the resource record at the end.
+"""The one training loop every recipe runs: the run's start (fresh or resumed), accelerate set-up, data scan, base
+model, optimizer and LR schedule, the step loop with progress, periodic checkpoints and a checkpoint on Ctrl-C, and
+the output and resource record at the end.
 
-Each trainer supplies what differs: a micro-step callable (one micro-batch -> its loss) and a callable that
-writes its output file. Noise, timesteps and batches are drawn from generators seeded by the micro-step index,
-so a resumed run continues exactly as the uninterrupted one would have.
+A recipe (style LoRA, DreamBooth, textual inversion) is one `Recipe` object: what it trains, its micro-batch loss,
+its trainable state for checkpoints and how to load it back, and how it writes its output file. Noise, timesteps
+and batches are drawn from generators seeded by the micro-batch index (trainer/seeds.py), so a resumed run
+continues exactly as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +29,12 @@ from tqdm.auto import tqdm
 
 from ..core.files import Skipped
 from ..core.resources import peak_memory_mb, write_resource_record
-from .checkpoint import RunCheckpoints, check_finite
+from .base_model import BaseModel, load_base_model, resolve_source
+from .checkpoint import RunCheckpoints, check_finite, start_or_resume
+from .config import AdapterSettings, TrainingSettings
+from .dataset import StyleDataset, load_style_dataset
 from .loss_curve import loss_log_path, write_loss_curve
+from .seeds import stream
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ StepCallback = Callable[[int, int], None]
 
 @dataclass
 class TrainResult:
-    output: Path  # the written LoRA file
+    output: Path  # the written file
     steps: int  # optimizer steps completed in total (including resumed ones)
     resumed_from: int  # step the run resumed from (0: fresh start)
     final_loss: float  # mean loss over the last logging window
@@ -58,25 +66,151 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # CUDA peak allocated, or the process's peak RSS on CPU
 
 
+@dataclass
+class RunContext:
+    """What the loop has set up when a recipe is built: the settings, devices, the scanned images, the base model."""
+
+    cfg: TrainingSettings
+    accelerator: Accelerator
+    weight_dtype: torch.dtype  # dtype of the frozen weights (the mixed-precision dtype)
+    show: bool  # whether this process shows progress
+    dataset: StyleDataset
+    base: BaseModel
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+class Recipe(ABC):
+    """One training recipe, as `run_training` runs it. Subclasses build what they train in `__init__` (adapters,
+    cached latents and prompts) and set `params` (the trained parameters) and `model` (the module accelerate
+    accumulates gradients for)."""
+
+    kind: str  # the resource record's and the metadata's kind, e.g. "style_lora"
+    title: str  # the progress bar's label
+    invariants: tuple[str, ...]  # settings a resumed run must share with its checkpoint
+    log_with: str = "csv"
+    params: list[torch.nn.Parameter]
+    model: torch.nn.Module
+
+    @classmethod
+    def scan(cls, cfg: TrainingSettings, show: bool) -> StyleDataset:
+        """The training images: square centre crops, no captions (a style-LoRA recipe reads more settings)."""
+        return load_style_dataset(cfg.data, cfg.resolution, "center", use_captions=False, min_images=cfg.min_images,
+                                  max_image_pixels=cfg.max_image_pixels, progress=show)
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the training images: a resumed run must have the same."""
+        return self.run.dataset.fingerprint
+
+    def __init__(self, run: RunContext):
+        self.run = run
+
+    @abstractmethod
+    def prepare(self, optimizer: torch.optim.Optimizer, lr_schedule: Any) -> tuple[torch.optim.Optimizer, Any]:
+        """Hand the trained modules, the optimizer and the schedule to accelerate; keep the wrapped modules."""
+
+    def train_mode(self) -> None:
+        """Put the trained modules in training mode before the first step (default: as loaded)."""
+        return None
+
+    @abstractmethod
+    def loss(self, index: int, g: torch.Generator) -> torch.Tensor:
+        """The scalar loss of micro-batch `index` (global across processes), every random draw taken from `g`."""
+
+    @abstractmethod
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights, as checkpoints hold them."""
+
+    @abstractmethod
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Put the weights of `trainable_state` (from a checkpoint) back into the model."""
+
+    def after_step(self, step: int) -> None:
+        """Called after optimizer step `step` (1-based), e.g. for previews (default: nothing)."""
+        return None
+
+    @abstractmethod
+    def write(self, steps: int, seconds: float, peak_mb: float) -> None:
+        """Write the output file (main process only)."""
+
+    def record(self) -> dict[str, Any]:
+        """More entries of the resource record."""
+        return {}
+
+
+def run_training(cfg: TrainingSettings, recipe_type: type[Recipe], *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, on_step: StepCallback | None = None, **options: Any) -> TrainResult:
+    """Train `recipe_type` as `cfg` says and write `cfg.output`; `options` go to the recipe's constructor."""
+    t_start = time.time()
+    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # found again however it was typed
+    output = Path(cfg.output)
+
+    # 1. Fresh run or resumption, and a writable --output; nothing is deleted here (an earlier run's
+    #    checkpoints go when this run writes its first one, after the data and base model loaded).
+    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
+
+    # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
+    accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)
+
+    # 3. Scan the training images: every file either used or reported with a reason.
+    dataset = recipe_type.scan(cfg, show)
+    logger.info("%d usable images in %d bucket(s), %d skipped", len(dataset), len(dataset.buckets),
+                len(dataset.skipped))
+
+    # 4. The frozen base model.
+    base = load_base_model(cfg.base_model, cfg.base_config)
+
+    # 5. The recipe: what is trained, and what it computes once (latents, prompt embeddings).
+    recipe = recipe_type(RunContext(cfg, accelerator, weight_dtype, show, dataset, base), **options)
+
+    # 6. Optimizer and learning-rate schedule over the trained parameters.
+    optimizer, lr_schedule = optimizer_and_schedule(accelerator, recipe.params, cfg, cfg.lr)
+    optimizer, lr_schedule = recipe.prepare(optimizer, lr_schedule)
+
+    # 7. Resume: trained weights, optimizer moments and schedule position from the newest complete checkpoint.
+    checkpoints = RunCheckpoints(accelerator, output, recipe.trainable_state, optimizer, lr_schedule,
+                                 {"config": cfg.to_dict(), "dataset_fingerprint": recipe.fingerprint},
+                                 cfg.keep_checkpoints)
+    start_step = checkpoints.resume(resume_from, cfg, recipe.invariants, recipe.load_trainable, show)
+
+    # 8. The steps: backward, optimizer step, logs, checkpoints, the recipe's and the caller's per-step work.
+    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, recipe.title, show, recipe.log_with,
+                          enabled=accelerator.is_main_process)
+    recipe.train_mode()
+    if on_step is not None:
+        on_step(start_step, cfg.steps)
+    step = train_steps(accelerator, recipe, optimizer, lr_schedule, checkpoints, track, cfg, start_step, on_step)
+
+    # 9. The output with its metadata, the resource record and the loss curve; a last checkpoint.
+    return finish_run(accelerator, checkpoints, track, cfg, recipe, start_step, step, t_start)
+
+
 def release_accelerator_state() -> None:
-    """Forget the accelerator settings of an earlier `train_lora` in this process (a second style, a ComfyUI
-    session), so this run may choose another mixed precision. accelerate keeps them in class-level singletons
-    that refuse a changed setting; its own test-suite clears them the same way between runs. The distributed
-    process state (PartialState) is kept."""
+    """Forget the accelerator settings of an earlier run in this process (a second style, a ComfyUI session), so
+    this run may choose another mixed precision. accelerate keeps them in class-level singletons that refuse a
+    changed setting; its own test-suite clears them the same way between runs. The distributed process state
+    (PartialState) is kept."""
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
 
 
-def add_lora_adapters(unet: torch.nn.Module, cfg: Any) -> None:
+def add_lora_adapters(unet: torch.nn.Module, cfg: AdapterSettings) -> list[torch.nn.Parameter]:
     """LoRA adapters (rank `cfg.rank`, scale alpha/rank, Gaussian init seeded by `cfg.seed`) on the UNet layers
-    `cfg.target_modules`; the trainable weights stay fp32 under mixed precision (diffusers' recipe)."""
+    `cfg.target_modules`; the trainable weights stay fp32 under mixed precision (diffusers' recipe). Returns them."""
     torch.manual_seed(cfg.seed)
     unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                 target_modules=list(cfg.target_modules)))
     if cfg.mixed_precision != "no":
         cast_training_params(unet, dtype=torch.float32)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"target_modules {list(cfg.target_modules)} matched no UNet layer")
+    return params
 
 
 def start_accelerator(mixed_precision: str, grad_accum: int, progress: bool) -> tuple[Accelerator, torch.dtype, bool]:
@@ -104,8 +238,8 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: fl
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def optimizer_and_schedule(accelerator: Accelerator, params: list[torch.nn.Parameter], cfg: Any, lr: float
-                           ) -> tuple[torch.optim.Optimizer, Any]:
+def optimizer_and_schedule(accelerator: Accelerator, params: list[torch.nn.Parameter], cfg: TrainingSettings,
+                           lr: float) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW (see make_optimizer) and the diffusers LR schedule `cfg.lr_scheduler` with `cfg.warmup_steps` of
     linear warm-up over `cfg.steps`; accelerate steps the schedule once per process, hence the scaling."""
     if cfg.warmup_steps > cfg.steps:
@@ -118,8 +252,8 @@ def optimizer_and_schedule(accelerator: Accelerator, params: list[torch.nn.Param
     return optimizer, lr_schedule
 
 
-def optimizer_step(accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer, lr_schedule,
-                   max_grad_norm: float) -> None:
+def optimizer_step(accelerator: Accelerator, loss: torch.Tensor, params: list[torch.nn.Parameter],
+                   optimizer: torch.optim.Optimizer, lr_schedule: Any, max_grad_norm: float) -> None:
     """Backward; on the last micro-batch of an accumulation (accelerate decides) clip, step, advance the LR."""
     accelerator.backward(loss)
     if accelerator.sync_gradients and max_grad_norm > 0:
@@ -129,16 +263,15 @@ def optimizer_step(accelerator, loss: torch.Tensor, params: list[torch.nn.Parame
     optimizer.zero_grad(set_to_none=True)
 
 
-def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[torch.nn.Parameter], optimizer,
-                lr_schedule, checkpoints: RunCheckpoints, track: TrainProgress, cfg: Any, start_step: int,
-                micro_step: Callable[[int, torch.Generator], torch.Tensor],
-                after_step: Callable[[int], None] | None = None) -> int:
+def train_steps(accelerator: Accelerator, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_schedule: Any,
+                checkpoints: RunCheckpoints, track: TrainProgress, cfg: TrainingSettings, start_step: int,
+                on_step: StepCallback | None = None) -> int:
     """Run optimizer steps `start_step`..`cfg.steps` and return the last step reached.
 
-    Each optimizer step is `cfg.grad_accum` micro-steps; `micro_step(index, g)` returns the loss (a scalar tensor)
-    of micro-batch `index` (global across processes) with all its randomness drawn from `g`. A checkpoint is
-    written every `cfg.checkpoint_every` steps and when interrupted (Ctrl-C, or StopTraining raised by `after_step`),
-    so `--resume` loses nothing.
+    Each optimizer step is `cfg.grad_accum` micro-steps, each `recipe.loss(index, g)` of micro-batch `index`
+    (global across processes) with its randomness drawn from `g`. A checkpoint is written every
+    `cfg.checkpoint_every` steps and when interrupted (Ctrl-C, or StopTraining raised by `on_step`), so `--resume`
+    loses nothing.
     """
     step = start_step
     try:
@@ -147,24 +280,24 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 index = (step * cfg.grad_accum + micro) * accelerator.num_processes + accelerator.process_index
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
-                with accelerator.accumulate(model):
-                    loss = micro_step(index, g)
+                with accelerator.accumulate(recipe.model):
+                    loss = recipe.loss(index, stream(cfg.seed, index))
                     if not torch.isfinite(loss.detach()).all():  # before backward: the weights stay as they were
                         kept = checkpoints.last_saved or "none written yet"
                         raise TrainingDiverged(
                             f"training diverged: the loss is {loss.detach().item()} at step {step + 1}; nothing "
                             f"written (last good checkpoint: {kept}). Lower --learning-rate or --noise-offset, "
                             "keep --max-grad-norm > 0, then --resume")
-                    optimizer_step(accelerator, loss, params, optimizer, lr_schedule, cfg.max_grad_norm)
+                    optimizer_step(accelerator, loss, recipe.params, optimizer, lr_schedule, cfg.max_grad_norm)
                 # The mean over processes: the loss of the global batch, whatever the process count.
                 step_loss += accelerator.reduce(loss.detach(), "mean").item() / cfg.grad_accum
             step += 1
             track.end_step(step, step_loss, lr_schedule.get_last_lr()[0])
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoints.save(step)
-            if after_step is not None:
-                after_step(step)
+            recipe.after_step(step)
+            if on_step is not None:
+                on_step(step, cfg.steps)
     except (KeyboardInterrupt, StopTraining):
         if step > start_step:
             checkpoints.save(step)
@@ -175,33 +308,32 @@ def train_steps(accelerator: Accelerator, model: torch.nn.Module, params: list[t
     return step
 
 
-def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: TrainProgress, cfg: Any, kind: str,
-               start_step: int, step: int, t_start: float, skipped: list[Skipped],
-               write_output: Callable[[float, float], None], **extra: Any) -> TrainResult:
-    """Write the trained output (`write_output(seconds, peak_mb)`, main process only), its resource record and its
-    loss-curve plot, then a last checkpoint for reference (every process: it ends on a barrier)."""
+def finish_run(accelerator: Accelerator, checkpoints: RunCheckpoints, track: TrainProgress, cfg: TrainingSettings,
+               recipe: Recipe, start_step: int, step: int, t_start: float) -> TrainResult:
+    """Write the trained output (`recipe.write`, main process only), its resource record and its loss-curve plot,
+    then a last checkpoint for reference (every process: it ends on a barrier)."""
     accelerator.wait_for_everyone()
     output = Path(cfg.output)
     peak_mb = peak_memory_mb(accelerator.device)
     seconds = time.time() - t_start
     if accelerator.is_main_process:
         check_finite(checkpoints.weights(), f"--output {output}")
-        write_output(seconds, peak_mb)
-        write_resource_record(output, run_record(kind, cfg, accelerator.device, track, start_step, seconds, peak_mb,
-                                                 processes=accelerator.num_processes, **extra))
+        recipe.write(step, seconds, peak_mb)
+        write_resource_record(output, run_record(recipe.kind, cfg, accelerator.device, track, start_step, seconds,
+                                                 peak_mb, processes=accelerator.num_processes, **recipe.record()))
         if track.enabled:
-            write_loss_curve(output, f"{kind}: {output.name}")
+            write_loss_curve(output, f"{recipe.kind}: {output.name}")
         logger.info("wrote %s (%d steps)", output, step)
     if cfg.checkpoint_every:
         checkpoints.save(step)
     checkpoints.drop_earlier()
-    return TrainResult(output, step, start_step, track.final_loss, track.losses, skipped, seconds,
+    return TrainResult(output, step, start_step, track.final_loss, track.losses, recipe.run.dataset.skipped, seconds,
                        track.step_seconds, peak_mb)
 
 
-def run_record(kind: str, cfg: Any, device: torch.device, track: TrainProgress, start_step: int, seconds: float,
-               peak_mb: float, **extra: Any) -> dict[str, Any]:
-    """The resource record both trainers write beside their output (see core.resources.write_resource_record)."""
+def run_record(kind: str, cfg: TrainingSettings, device: torch.device, track: TrainProgress, start_step: int,
+               seconds: float, peak_mb: float, **extra: Any) -> dict[str, Any]:
+    """The resource record every recipe writes beside its output (see core.resources.write_resource_record)."""
     return {"kind": kind, "steps": start_step + len(track.step_seconds), "train_seconds": seconds,
             "loop_seconds": sum(track.step_seconds), "resumed_from": start_step, "peak_memory_mb": peak_mb,
             "device": str(device), "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution,

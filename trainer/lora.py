@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,22 +26,13 @@ from ..core.images import ImageLoadError, load_image, resize_cover
 from ..core.lora_file import DTYPES, peft_to_kohya, read_metadata, save_lora
 from ..core.strength_rule import SUGGESTED_DENOISE
 from ..core.version import __version__
-from .base_model import load_base_model, resolve_source
-from .checkpoint import RunCheckpoints, checkpoint_root, complete_checkpoints, start_or_resume
-from .config import LoraTrainConfig
+from .base_model import BaseModel, resolve_source
+from .checkpoint import checkpoint_root, complete_checkpoints
+from .config import LoraTrainConfig, TrainingSettings
 from .dataset import BatchOrder, StyleDataset, batch_latents, encode_latents, encode_prompt, load_style_dataset
-from .loop import (
-    StepCallback,
-    TrainProgress,
-    TrainResult,
-    add_lora_adapters,
-    finish_run,
-    optimizer_and_schedule,
-    start_accelerator,
-    train_steps,
-)
+from .loop import Recipe, RunContext, StepCallback, TrainResult, add_lora_adapters, run_training
 from .loop import StopTraining as StopTraining  # re-exported: what a host's on_step raises to stop a run
-from .losses import denoising_loss, perceptual_net, perceptual_terms
+from .losses import PerceptualInputs, StyleLossWeights, perceptual_net, style_loss
 
 logger = logging.getLogger(__name__)
 
@@ -61,119 +51,92 @@ def train_lora(cfg: LoraTrainConfig, *, resume: bool = False, overwrite: bool = 
     `on_step(done, total)` is called before the first step and after every step (a host's progress bar); raising
     StopTraining from it stops the run with a checkpoint of the last completed step (see trainer/loop.py).
     """
-    t_start = time.time()
-    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
-    output = Path(cfg.output)
+    return run_training(cfg, StyleLoraRecipe, resume=resume, overwrite=overwrite, progress=progress,
+                        on_step=on_step, perceptual=perceptual)
 
-    # 1. Fresh run or resumption, and a writable --output; nothing is deleted here (an earlier run's
-    #    checkpoints go when this run writes its first one, after the data and base model loaded).
-    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
 
-    # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
-    accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)
-    device = accelerator.device
+class StyleLoraRecipe(Recipe):
+    """LoRA adapters on the UNet's attention projections, trained on cached latents of the style images under
+    their (fixed) prompts with the style loss (trainer.losses.style_loss); written as a kohya LoRA."""
 
-    # 3. Scan the style images: every file either used or reported with a reason.
-    dataset = load_style_dataset(cfg.data, cfg.resolution, cfg.crop, cfg.trigger, cfg.use_captions,
-                                 cfg.min_images, cfg.max_image_pixels, progress=show)
-    logger.info("%d usable images in %d bucket(s), %d skipped", len(dataset), len(dataset.buckets),
-                len(dataset.skipped))
+    kind, title, invariants = "style_lora", "Training style LoRA", RESUME_INVARIANTS
 
-    # 4. Load the frozen base model; frozen weights live in the mixed-precision dtype.
-    base = load_base_model(cfg.base_model, cfg.base_config)
-    unet, vae, text_encoder = base.unet, base.vae, base.text_encoder
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    vae.to(device, dtype=torch.float32)  # the SD1.5 VAE overflows in fp16; it runs once per image when caching
-    text_encoder.to(device, dtype=weight_dtype)
-    unet.to(device, dtype=weight_dtype)
+    @classmethod
+    def scan(cls, cfg: TrainingSettings, show: bool) -> StyleDataset:
+        assert isinstance(cfg, LoraTrainConfig)
+        return load_style_dataset(cfg.data, cfg.resolution, cfg.crop, cfg.trigger, cfg.use_captions,
+                                  cfg.min_images, cfg.max_image_pixels, progress=show)
 
-    # 5. LoRA adapters on the attention projections; trainable weights stay fp32 (diffusers' recipe).
-    add_lora_adapters(unet, cfg)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    if not lora_params:
-        raise ValueError(f"target_modules {list(cfg.target_modules)} matched no UNet layer")
-    use_perceptual = cfg.lpips_weight > 0 or cfg.style_weight > 0
-    if use_perceptual:
-        perceptual = perceptual_net(perceptual).to(device)
+    def __init__(self, run: RunContext, perceptual: torch.nn.Module | None = None):
+        super().__init__(run)
+        cfg, base, device = run.cfg, run.base, run.device
+        assert isinstance(cfg, LoraTrainConfig)
+        self.cfg, self.log_with = cfg, cfg.log_with
+        self.weights = StyleLossWeights(cfg.mse_weight, cfg.lpips_weight, cfg.style_weight,
+                                        cfg.perceptual_max_timestep, cfg.noise_offset, cfg.min_snr_gamma)
+        # 1. Frozen weights in the mixed-precision dtype; the VAE in fp32 (the SD1.5 VAE overflows in fp16).
+        self.unet, self.vae, text_encoder = base.unet, base.vae, base.text_encoder
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        self.vae.to(device, dtype=torch.float32)
+        text_encoder.to(device, dtype=run.weight_dtype)
+        self.unet.to(device, dtype=run.weight_dtype)
+
+        # 2. LoRA adapters on the attention projections; trainable weights stay fp32 (diffusers' recipe).
+        self.params = add_lora_adapters(self.unet, cfg)
         if cfg.gradient_checkpointing:
-            vae.enable_gradient_checkpointing()
+            self.unet.enable_gradient_checkpointing()
+        self.perceptual = perceptual_net(perceptual).to(device) if self.weights.perceptual else None
+        if self.perceptual is not None and cfg.gradient_checkpointing:
+            self.vae.enable_gradient_checkpointing()
 
-    # 6. Conditioning and latents, computed once: the text encoder and VAE are frozen.
-    prompts = sorted(set(dataset.captions))
-    with torch.no_grad():
-        prompt_embeds = {p: encode_prompt(base.tokenizer, text_encoder, p, device) for p in prompts}
-    cond = torch.stack([prompt_embeds[c] for c in dataset.captions])  # [N, 77, D]
-    if cfg.preview_every == 0:
-        text_encoder.to("cpu")
-    latent_cache = encode_latents(vae, dataset, cfg.flip, device, show) if cfg.cache_latents else None
-    if latent_cache is not None and cfg.preview_every == 0 and not use_perceptual:
-        vae.to("cpu")  # not needed on the GPU again: frees ~330 MB for the UNet's activations
-    scaling = float(vae.config.scaling_factor)
+        # 3. Conditioning and latents, computed once: the text encoder and VAE are frozen.
+        prompts = sorted(set(run.dataset.captions))
+        with torch.no_grad():
+            embeds = {p: encode_prompt(base.tokenizer, text_encoder, p, device) for p in prompts}
+        self.cond = torch.stack([embeds[c] for c in run.dataset.captions])  # [N, 77, D]
+        if cfg.preview_every == 0:
+            text_encoder.to("cpu")
+        self.latent_cache = encode_latents(self.vae, run.dataset, cfg.flip, device, run.show) \
+            if cfg.cache_latents else None
+        if self.latent_cache is not None and cfg.preview_every == 0 and self.perceptual is None:
+            self.vae.to("cpu")  # not needed on the GPU again: frees ~330 MB for the UNet's activations
+        self.scaling = float(self.vae.config.scaling_factor)
+        self.batches = BatchOrder(run.dataset, cfg.batch_size, cfg.seed)
 
-    # 7. Optimizer and learning-rate schedule.
-    optimizer, lr_schedule = optimizer_and_schedule(accelerator, lora_params, cfg, cfg.learning_rate)
-    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    def prepare(self, optimizer: torch.optim.Optimizer, lr_schedule: Any) -> tuple[torch.optim.Optimizer, Any]:
+        self.model, optimizer, lr_schedule = self.run.accelerator.prepare(self.unet, optimizer, lr_schedule)
+        return optimizer, lr_schedule
 
-    # 8. Resume: adapter weights, optimizer moments and schedule position from the newest complete checkpoint.
-    checkpoints = RunCheckpoints(accelerator, output, lambda: get_peft_model_state_dict(accelerator.unwrap_model(unet)),
-                                 optimizer, lr_schedule,
-                                 {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint},
-                                 cfg.keep_checkpoints)
-    start_step = checkpoints.resume(
-        resume_from, cfg, RESUME_INVARIANTS,
-        lambda weights: set_peft_model_state_dict(accelerator.unwrap_model(unet), weights), show)
+    def train_mode(self) -> None:
+        self.model.train()
 
-    # 9. One micro-batch: its loss, with every random draw taken from `g`.
-    batches = BatchOrder(dataset, cfg.batch_size, cfg.seed)
+    def loss(self, index: int, g: torch.Generator) -> torch.Tensor:
+        ids, dataset, device = self.batches[index], self.run.dataset, self.run.device
+        latents, mirrored = batch_latents(ids, dataset, self.latent_cache, self.vae, self.cfg.flip, g, device)
+        latents = (latents * self.scaling).to(device, self.run.weight_dtype)
+        states = self.cond[ids].to(device, self.run.weight_dtype)
+        perceptual = None
+        if self.perceptual is not None:
+            targets = torch.stack([dataset.pixels[i].flip(-1) if m else dataset.pixels[i]
+                                   for i, m in zip(ids, mirrored)])
+            perceptual = PerceptualInputs(self.vae, self.perceptual, self.scaling, targets)
+        return style_loss(self.model, self.noise_scheduler, latents, states, g, self.weights, perceptual)
 
-    def micro_step(index: int, g: torch.Generator) -> torch.Tensor:
-        ids = batches[index]
-        # 9a. Clean latents z0 ~ q(z|x) of the batch (cached mean/std, or a fresh VAE encode).
-        latents, mirrored = batch_latents(ids, dataset, latent_cache, vae, cfg.flip, g, device)
-        latents = (latents * scaling).to(device, weight_dtype)
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.run.accelerator.unwrap_model(self.model))
 
-        # 9b. Forward diffusion, prediction, weighted MSE (see denoising_loss).
-        encoder_states = cond[ids].to(device, weight_dtype)
-        mse, noisy, pred, t = denoising_loss(unet, noise_scheduler, latents, encoder_states, g,
-                                             cfg.noise_offset, cfg.min_snr_gamma)
-        loss = cfg.mse_weight * mse.mean()
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        set_peft_model_state_dict(self.run.accelerator.unwrap_model(self.model), state)
 
-        # 9c. Perceptual terms on the decoded x0 prediction, low-noise samples only.
-        low_noise = t < cfg.perceptual_max_timestep if use_perceptual else None
-        if use_perceptual and low_noise.any():
-            target_px = torch.stack([dataset.pixels[i].flip(-1) if m else dataset.pixels[i]
-                                     for i, m in zip(ids, mirrored)])[low_noise.cpu()]
-            lp, gram = perceptual_terms(noise_scheduler, vae, perceptual, noisy[low_noise],
-                                        pred[low_noise], t[low_noise], target_px.to(device), scaling)
-            loss = loss + (cfg.lpips_weight * lp.sum() + cfg.style_weight * gram.sum()) / len(ids)
-        return loss
+    def after_step(self, step: int) -> None:
+        if self.cfg.preview_every and step % self.cfg.preview_every == 0 and self.run.accelerator.is_main_process:
+            _save_preview(self.cfg, self.run.base, self.run.accelerator.unwrap_model(self.model), step)
 
-    def after_step(step: int) -> None:
-        if cfg.preview_every and step % cfg.preview_every == 0 and accelerator.is_main_process:
-            _save_preview(cfg, base, accelerator.unwrap_model(unet), output, step)
-        if on_step is not None:
-            on_step(step, cfg.steps)
-
-    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints, previews, progress.
-    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "Training style LoRA", show, cfg.log_with,
-                          enabled=accelerator.is_main_process)
-    unet.train()
-    if on_step is not None:
-        on_step(start_step, cfg.steps)
-    step = train_steps(accelerator, unet, lora_params, optimizer, lr_schedule, checkpoints, track, cfg, start_step,
-                       micro_step, after_step)
-
-    # 11. Write the LoRA in kohya layout with its metadata and the resource record.
-    def write_lora(seconds: float, peak_mb: float) -> None:
-        adapter = get_peft_model_state_dict(accelerator.unwrap_model(unet))
-        meta = lora_metadata(cfg, base, dataset, step, seconds)
+    def write(self, steps: int, seconds: float, peak_mb: float) -> None:
+        meta = lora_metadata(self.cfg, self.run.base, self.run.dataset, steps, seconds)
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
-        save_lora(output, peft_to_kohya(adapter, cfg.lora_alpha, DTYPES[cfg.save_dtype]), meta)
-
-    return finish_run(accelerator, checkpoints, track, cfg, "style_lora", start_step, step, t_start, dataset.skipped,
-                      write_lora)
+        save_lora(Path(self.cfg.output), peft_to_kohya(self.trainable_state(), self.cfg.lora_alpha,
+                                                       DTYPES[self.cfg.save_dtype]), meta)
 
 
 def train_or_reuse(cfg: LoraTrainConfig, *, progress: bool = True, on_step: StepCallback | None = None
@@ -187,7 +150,8 @@ def train_or_reuse(cfg: LoraTrainConfig, *, progress: bool = True, on_step: Step
     # 1. A finished file: reused when its recorded settings and images are these.
     if output.exists():
         meta = read_metadata(output)
-        differ = changed_settings(json.loads(meta.get("stylora.config", "{}")), cfg, tuple(cfg.to_dict()))
+        differ = changed_settings(json.loads(meta.get("stylora.config", "{}")), cfg.to_metadata(),
+                                  tuple(cfg.to_dict()))
         if differ:
             raise FileExistsError(f"{output} was trained with other settings ({differ}); choose another output "
                                   "name, or delete the file to train it again")
@@ -204,23 +168,24 @@ def train_or_reuse(cfg: LoraTrainConfig, *, progress: bool = True, on_step: Step
     done = complete_checkpoints(checkpoint_root(output))
     if done:
         info = json.loads((done[-1][1] / "info.json").read_text(encoding="utf-8"))
-        differ = changed_settings(info.get("config", {}), cfg, RESUME_INVARIANTS)
+        differ = changed_settings(info.get("config", {}), cfg.to_dict(), RESUME_INVARIANTS)
         if differ:
             raise FileExistsError(f"{checkpoint_root(output)} holds an unfinished run with other settings ({differ}); "
                                   "use its settings to continue it, or delete that folder to start again")
     return train_lora(cfg, resume=bool(done), progress=progress, on_step=on_step)
 
 
-def changed_settings(saved: dict[str, Any], cfg: LoraTrainConfig, names: tuple[str, ...]) -> str:
-    """The settings among `names` (except the output path) whose saved value differs from `cfg`'s, as
-    "name: saved -> now" pairs; "" when none does."""
-    now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, as they were saved
+def changed_settings(saved: dict[str, Any], settings: dict[str, Any], names: tuple[str, ...]) -> str:
+    """The settings among `names` (except the output path) whose saved value differs from `settings` (a config's
+    to_dict, or to_metadata to compare with a file's metadata), as "name: saved -> now" pairs; "" when none does."""
+    now = json.loads(json.dumps(settings))  # tuples as lists, as they were saved
     return ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in names if k != "output" and saved.get(k) != now[k])
 
 
 def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int, seconds: float) -> dict[str, str]:
     """The header of a style-LoRA file: our keys, kohya's `ss_*` and the SAI `modelspec.*` keys that apply."""
     now = datetime.now(timezone.utc)
+    settings = cfg.to_metadata()  # local paths by name only: the file may be shared
     res = f"{cfg.resolution}x{cfg.resolution}"
     loss_weights = {"mse": cfg.mse_weight, "lpips": cfg.lpips_weight, "style_gram": cfg.style_weight,
                     "min_snr_gamma": cfg.min_snr_gamma, "noise_offset": cfg.noise_offset}
@@ -232,7 +197,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
     meta: dict[str, Any] = {
         "stylora.version": __version__,
         "stylora.kind": "style_lora",
-        "stylora.base_model": base.source,
+        "stylora.base_model": settings["base_model"],
         "stylora.base_model_sha256": base.sha256,
         "stylora.trigger": cfg.trigger,
         "stylora.rank": str(cfg.rank),
@@ -245,7 +210,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
         "stylora.suggested_strength": "1.0",
         "stylora.suggested_denoise": str(SUGGESTED_DENOISE),
         "stylora.train_seconds": f"{seconds:.1f}",
-        "stylora.config": cfg.to_dict(),
+        "stylora.config": settings,
         # kohya sd-scripts keys, read by A1111's and ComfyUI-Manager's LoRA browsers.
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.rank),
@@ -295,7 +260,7 @@ def lora_metadata(cfg: LoraTrainConfig, base, dataset: StyleDataset, steps: int,
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def _save_preview(cfg: LoraTrainConfig, base, unet, output: Path, step: int) -> None:
+def _save_preview(cfg: LoraTrainConfig, base: BaseModel, unet: torch.nn.Module, step: int) -> None:
     """Stylise the preview content photos with the LoRA as trained so far (img2img), saved as one PNG row."""
     paths, _ = scan_folder(Path(cfg.preview_content))
     images = []
@@ -320,6 +285,7 @@ def _save_preview(cfg: LoraTrainConfig, base, unet, output: Path, step: int) -> 
                    generator=torch.Generator().manual_seed(cfg.seed)).images
     unet.train(was_training)
     row = np.concatenate([np.concatenate([np.asarray(a), np.asarray(b)], axis=0) for a, b in zip(images, out)], axis=1)
+    output = Path(cfg.output)
     path = output.parent / f"{output.stem}.previews" / f"step-{step:08d}.png"
     atomic_write(path, lambda tmp: Image.fromarray(row).save(tmp, format="PNG"))
     logger.info("preview written to %s", path)

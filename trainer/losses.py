@@ -3,6 +3,8 @@ terms (LPIPS, Gram style loss) on the decoded x0 prediction."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
@@ -67,3 +69,57 @@ def perceptual_net(given: torch.nn.Module | None) -> torch.nn.Module:
         return PerceptualLoss()
     except WeightsUnavailable as e:  # the run must not quietly drop a loss term the user asked for
         raise ValueError(f"lpips_weight/style_weight need pretrained feature networks: {e}") from e
+
+
+@dataclass(frozen=True)
+class StyleLossWeights:
+    """The terms of the style-LoRA loss: mse * MSE + (lpips * LPIPS + style * Gram) on the low-noise samples."""
+
+    mse: float = 1.0
+    lpips: float = 0.0
+    style: float = 0.0
+    perceptual_max_timestep: int = 200  # perceptual terms only for t below this (a sharp x0 prediction)
+    noise_offset: float = 0.0
+    min_snr_gamma: float | None = None
+
+    @property
+    def perceptual(self) -> bool:
+        return self.lpips > 0 or self.style > 0
+
+
+@dataclass
+class PerceptualInputs:
+    """What the perceptual terms of one micro-batch need: the frozen VAE decoder, the LPIPS + Gram network, the
+    latent scaling factor and the batch's training images (uint8 [B, 3, H, W], on the CPU)."""
+
+    vae: torch.nn.Module
+    net: torch.nn.Module
+    scaling: float
+    target_pixels: torch.Tensor
+
+
+def style_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_states: torch.Tensor, g: torch.Generator,
+               weights: StyleLossWeights, perceptual: PerceptualInputs | None = None) -> torch.Tensor:
+    """The style-LoRA loss of a micro-batch of scaled latents [B, 4, h, w]: weights.mse * mean denoising MSE
+    (min-SNR weighted), plus (weights.lpips * sum LPIPS + weights.style * sum Gram) / B over the samples drawn at
+    t < weights.perceptual_max_timestep, when `perceptual` is given. A scalar."""
+    mse, noisy, pred, t = denoising_loss(unet, noise_scheduler, latents, encoder_states, g, weights.noise_offset,
+                                         weights.min_snr_gamma)
+    loss = weights.mse * mse.mean()
+    if perceptual is None:
+        return loss
+    low_noise = t < weights.perceptual_max_timestep
+    if not low_noise.any():
+        return loss
+    lp, gram = perceptual_terms(noise_scheduler, perceptual.vae, perceptual.net, noisy[low_noise], pred[low_noise],
+                                t[low_noise], perceptual.target_pixels[low_noise.cpu()].to(latents.device),
+                                perceptual.scaling)
+    return loss + (weights.lpips * lp.sum() + weights.style * gram.sum()) / len(latents)
+
+
+def prior_preservation_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_states: torch.Tensor,
+                            g: torch.Generator, instances: int, prior_weight: float) -> torch.Tensor:
+    """DreamBooth's loss (Ruiz et al. 2023) of a batch whose first `instances` samples are instance images and the
+    rest class images: mean MSE(instance) + prior_weight * mean MSE(class). A scalar."""
+    mse, *_ = denoising_loss(unet, noise_scheduler, latents, encoder_states, g)
+    return mse[:instances].mean() + prior_weight * mse[instances:].mean()

@@ -11,10 +11,8 @@ with `pipe.load_textual_inversion(path, token="<word>")`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,9 @@ from torch import nn
 
 from ..core.files import atomic_write
 from ..core.version import __version__
-from .base_model import load_base_model, resolve_source
-from .checkpoint import RunCheckpoints, start_or_resume
 from .config import TextualInversionConfig
-from .dataset import BatchOrder, batch_latents, encode_latents, load_style_dataset
-from .loop import TrainProgress, TrainResult, finish_run, optimizer_and_schedule, start_accelerator, train_steps
+from .dataset import BatchOrder, batch_latents, encode_latents
+from .loop import Recipe, RunContext, TrainResult, run_training
 from .losses import denoising_loss
 
 logger = logging.getLogger(__name__)
@@ -78,108 +74,94 @@ def placeholder_tokens(num_vectors: int) -> list[str]:
 def train_textual_inversion(cfg: TextualInversionConfig, *, resume: bool = False, overwrite: bool = False,
                             progress: bool = True) -> TrainResult:
     """Learn a style embedding as `cfg` says and write it to `cfg.output` (see TextualInversionConfig)."""
-    t_start = time.time()
-    cfg = dataclasses.replace(cfg, base_model=resolve_source(cfg.base_model))  # recorded as an absolute path
-    output = Path(cfg.output)
+    return run_training(cfg, TextualInversionRecipe, resume=resume, overwrite=overwrite, progress=progress)
 
-    # 1. Fresh run or resumption, and a writable --output (nothing deleted before the data and model loaded).
-    resume_from = start_or_resume(output, resume, overwrite, cfg.steps)
 
-    # 2. Accelerator: device placement, mixed precision, gradient accumulation, multi-GPU.
-    accelerator, weight_dtype, show = start_accelerator(cfg.mixed_precision, cfg.grad_accum, progress)
-    device = accelerator.device
+class TextualInversionRecipe(Recipe):
+    """New token vectors for the frozen text encoder, trained under Gal et al.'s style prompts with the plain
+    epsilon MSE; written as an A1111/ComfyUI embedding."""
 
-    # 3. Scan the style images: every file either used or reported with a reason.
-    dataset = load_style_dataset(cfg.data, cfg.resolution, "center", use_captions=False, min_images=cfg.min_images,
-                                 max_image_pixels=cfg.max_image_pixels, progress=show)
-    logger.info("%d usable images, %d skipped", len(dataset), len(dataset.skipped))
+    kind, title, invariants = "textual_inversion", "Textual inversion", RESUME_INVARIANTS
 
-    # 4. The frozen base model; the text encoder stays fp32 (its new vectors are trained through it).
-    base = load_base_model(cfg.base_model, cfg.base_config)
-    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
-    vae.to(device, dtype=torch.float32)
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=torch.float32)
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # checkpointing runs in training mode only; the UNet has no dropout, so nothing else changes
+    def __init__(self, run: RunContext):
+        super().__init__(run)
+        cfg, base, device = run.cfg, run.base, run.device
+        assert isinstance(cfg, TextualInversionConfig)
+        self.cfg = cfg
+        # 1. The frozen base model; the text encoder stays fp32 (its new vectors are trained through it).
+        self.unet, vae, self.text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        vae.to(device, dtype=torch.float32)
+        self.unet.to(device, dtype=run.weight_dtype)
+        self.text_encoder.to(device, dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.unet.train()  # checkpointing runs in training mode only; the UNet has no dropout
 
-    # 5. The placeholder tokens, their vectors initialised from the initializer word's embedding (Gal et al.).
-    init_ids = tokenizer(cfg.initializer, add_special_tokens=False).input_ids
-    if len(init_ids) != 1:
-        raise ValueError(f"initializer {cfg.initializer!r} is {len(init_ids)} CLIP tokens; choose a word of one "
-                         "token (e.g. 'painting', 'art', 'style')")
-    tokens = placeholder_tokens(cfg.num_vectors)
-    first_id = len(tokenizer)
-    if tokenizer.add_tokens(tokens) != len(tokens):
-        raise ValueError(f"the tokenizer of {cfg.base_model} already has the token {PLACEHOLDER}")
-    frozen = text_encoder.get_input_embeddings()
-    init = frozen.weight[init_ids[0]].detach().expand(cfg.num_vectors, -1)
-    embedding = PlaceholderEmbedding(frozen, first_id, init).to(device)
-    text_encoder.set_input_embeddings(embedding)
-    text_encoder.requires_grad_(False)
-    embedding.learned.requires_grad_(True)
-    params = [embedding.learned]
+        # 2. The placeholder tokens, their vectors initialised from the initializer word's embedding (Gal et al.).
+        init_ids = tokenizer(cfg.initializer, add_special_tokens=False).input_ids
+        if len(init_ids) != 1:
+            raise ValueError(f"initializer {cfg.initializer!r} is {len(init_ids)} CLIP tokens; choose a word of one "
+                             "token (e.g. 'painting', 'art', 'style')")
+        tokens = placeholder_tokens(cfg.num_vectors)
+        first_id = len(tokenizer)
+        if tokenizer.add_tokens(tokens) != len(tokens):
+            raise ValueError(f"the tokenizer of {cfg.base_model} already has the token {PLACEHOLDER}")
+        frozen = self.text_encoder.get_input_embeddings()
+        init = frozen.weight[init_ids[0]].detach().expand(cfg.num_vectors, -1)
+        self.embedding = PlaceholderEmbedding(frozen, first_id, init).to(device)
+        self.text_encoder.set_input_embeddings(self.embedding)
+        self.text_encoder.requires_grad_(False)
+        self.embedding.learned.requires_grad_(True)
+        self.params = [self.embedding.learned]
 
-    # 6. Prompts (every template, tokenised once) and latents (encoded once: the VAE is frozen).
-    word = " ".join(tokens)
-    template_ids = tokenizer([t.format(word) for t in STYLE_TEMPLATES], padding="max_length", truncation=True,
-                             max_length=tokenizer.model_max_length, return_tensors="pt").input_ids  # [T, 77]
-    latent_cache = encode_latents(vae, dataset, False, device, show)
-    vae.to("cpu")
-    scaling = float(vae.config.scaling_factor)
+        # 3. Prompts (every template, tokenised once) and latents (encoded once: the VAE is frozen).
+        word = " ".join(tokens)
+        self.template_ids = tokenizer([t.format(word) for t in STYLE_TEMPLATES], padding="max_length",
+                                      truncation=True, max_length=tokenizer.model_max_length,
+                                      return_tensors="pt").input_ids  # [T, 77]
+        self.latent_cache = encode_latents(vae, run.dataset, False, device, run.show)
+        vae.to("cpu")
+        self.scaling = float(vae.config.scaling_factor)
+        self.batches = BatchOrder(run.dataset, cfg.batch_size, cfg.seed)
 
-    # 7. Optimizer and learning-rate schedule over the new vectors only.
-    optimizer, lr_schedule = optimizer_and_schedule(accelerator, params, cfg, cfg.learning_rate)
-    text_encoder, optimizer, lr_schedule = accelerator.prepare(text_encoder, optimizer, lr_schedule)
+    def prepare(self, optimizer: torch.optim.Optimizer, lr_schedule: Any) -> tuple[torch.optim.Optimizer, Any]:
+        self.model, optimizer, lr_schedule = self.run.accelerator.prepare(self.text_encoder, optimizer, lr_schedule)
+        return optimizer, lr_schedule
 
-    # 8. Resume: the vectors, optimizer moments and schedule position from the newest complete checkpoint.
-    checkpoints = RunCheckpoints(accelerator, output, lambda: {EMBEDDING_KEY: embedding.learned.detach()},
-                                 optimizer, lr_schedule,
-                                 {"config": cfg.to_dict(), "dataset_fingerprint": dataset.fingerprint},
-                                 cfg.keep_checkpoints)
-    start_step = checkpoints.resume(
-        resume_from, cfg, RESUME_INVARIANTS,
-        lambda weights: embedding.learned.data.copy_(weights[EMBEDDING_KEY].to(embedding.learned)), show)
-
-    # 9. One micro-batch: each image under a template drawn from `g`, the plain epsilon MSE (Gal et al.).
-    batches = BatchOrder(dataset, cfg.batch_size, cfg.seed)
-
-    def micro_step(index: int, g: torch.Generator) -> torch.Tensor:
-        ids = batches[index]
-        latents, _ = batch_latents(ids, dataset, latent_cache, None, False, g, device)
-        latents = (latents * scaling).to(device, weight_dtype)
+    def loss(self, index: int, g: torch.Generator) -> torch.Tensor:
+        """Each image under a template drawn from `g`, the plain epsilon MSE (Gal et al.)."""
+        ids, device, dtype = self.batches[index], self.run.device, self.run.weight_dtype
+        latents, _ = batch_latents(ids, self.run.dataset, self.latent_cache, None, False, g, device)
+        latents = (latents * self.scaling).to(device, dtype)
         which = torch.randint(len(STYLE_TEMPLATES), (len(ids),), generator=g)
-        states = text_encoder(template_ids[which].to(device))[0].to(weight_dtype)
-        mse, *_ = denoising_loss(unet, noise_scheduler, latents, states, g)
+        states = self.model(self.template_ids[which].to(device))[0].to(dtype)
+        mse, *_ = denoising_loss(self.unet, self.noise_scheduler, latents, states, g)
         return mse.mean()
 
-    # 10. The training loop (trainer/loop.py): backward, optimizer step, logs, checkpoints.
-    track = TrainProgress(output, cfg.steps, start_step, cfg.log_every, "Textual inversion", show,
-                          enabled=accelerator.is_main_process)
-    step = train_steps(accelerator, text_encoder, params, optimizer, lr_schedule, checkpoints, track, cfg,
-                       start_step, micro_step)
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {EMBEDDING_KEY: self.embedding.learned.detach()}
 
-    # 11. Write the embedding (A1111/ComfyUI layout) with its metadata, and the resource record.
-    def write_embedding(seconds: float, peak_mb: float) -> None:
-        vectors = embedding.learned.detach().float().cpu().contiguous()  # [num_vectors, D]
-        meta = embedding_metadata(cfg, base, len(dataset), dataset.fingerprint, step, seconds)
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        self.embedding.learned.data.copy_(state[EMBEDDING_KEY].to(self.embedding.learned))
+
+    def write(self, steps: int, seconds: float, peak_mb: float) -> None:
+        """The embedding in the A1111/ComfyUI layout, with its metadata."""
+        vectors = self.embedding.learned.detach().float().cpu().contiguous()  # [num_vectors, D]
+        meta = embedding_metadata(self.cfg, self.run.base, len(self.run.dataset), self.fingerprint, steps, seconds)
         meta["stylora.train_peak_memory_mb"] = f"{peak_mb:.0f}"
-        atomic_write(output, lambda tmp: save_file({EMBEDDING_KEY: vectors}, tmp, metadata=meta))
-
-    return finish_run(accelerator, checkpoints, track, cfg, "textual_inversion", start_step, step, t_start,
-                      dataset.skipped, write_embedding)
+        atomic_write(Path(self.cfg.output), lambda tmp: save_file({EMBEDDING_KEY: vectors}, tmp, metadata=meta))
 
 
 def embedding_metadata(cfg: TextualInversionConfig, base, images: int, fingerprint: str, steps: int,
                        seconds: float) -> dict[str, str]:
     """The header of an embedding file: what it was trained on and how, and how to use it."""
     name = Path(cfg.output).stem
+    settings = cfg.to_metadata()  # local paths by name only: the file may be shared
     meta: dict[str, Any] = {
         "stylora.version": __version__,
         "stylora.kind": "textual_inversion",
-        "stylora.base_model": base.source,
+        "stylora.base_model": settings["base_model"],
         "stylora.base_model_sha256": base.sha256,
         "stylora.trigger": f"embedding:{name}",
         "stylora.initializer": cfg.initializer,
@@ -190,7 +172,7 @@ def embedding_metadata(cfg: TextualInversionConfig, base, images: int, fingerpri
         "stylora.dataset_fingerprint": fingerprint,
         "stylora.prompt_templates": list(STYLE_TEMPLATES),
         "stylora.train_seconds": f"{seconds:.1f}",
-        "stylora.config": cfg.to_dict(),
+        "stylora.config": settings,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": "stable-diffusion-v1/textual-inversion",
         "modelspec.implementation": "diffusers",
