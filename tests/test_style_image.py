@@ -99,8 +99,10 @@ def test_declaration_and_registration():
     assert NODE_DISPLAY_NAME_MAPPINGS["StyleFromImage"] == "Style From Image (Stylora)"
     assert StyleFromImage.CATEGORY == "Stylora" and StyleFromImage.DESCRIPTION
     inputs = StyleFromImage.INPUT_TYPES()
-    assert list(inputs["required"]) == ["model", "style_image", "vae", "latent", "gamma", "temperature", "adain",
-                                        "blocks"]
+    assert list(inputs["required"]) == ["model", "style_image", "vae", "latent", "mode", "gamma", "temperature",
+                                        "adain", "blocks"]
+    assert inputs["required"]["mode"][0] == ["paper", "fast"] and inputs["required"]["mode"][1]["default"] == "paper"
+    assert list(inputs["optional"]) == ["start_percent", "end_percent", "gamma_schedule"]
     assert inputs["required"]["gamma"][1]["default"] == 0.75 and inputs["required"]["temperature"][1]["default"] == 1.5
     assert inputs["required"]["blocks"][1]["default"] == "6-11"
     for group in inputs.values():
@@ -120,14 +122,21 @@ class _Patcher:
     """The parts of ComfyUI's ModelPatcher the nodes use; clone() deep-copies model_options as ComfyUI's does."""
 
     def __init__(self):
-        self.model, self.patches, self.attachments = _Model(), {}, {}
+        self.model, self.patches, self.attachments, self.wrappers = _Model(), {}, {}, {}
         self.model_options = {"transformer_options": {}}
 
     def clone(self):
         n = _Patcher()
         n.model, n.patches = self.model, {k: v[:] for k, v in self.patches.items()}
         n.model_options, n.attachments = copy.deepcopy(self.model_options), dict(self.attachments)
+        n.wrappers = {t: {k: w[:] for k, w in ws.items()} for t, ws in self.wrappers.items()}
         return n
+
+    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, wrapper_type, key):
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
 
     def set_model_unet_function_wrapper(self, f):
         self.model_options["model_function_wrapper"] = f
@@ -147,6 +156,11 @@ class _Patcher:
 
     def remove_attachments(self, key):
         self.attachments.pop(key, None)
+
+
+def _fake_model() -> _Patcher:
+    """The one place the tests make a ModelPatcher stand-in."""
+    return _Patcher()
 
 
 class _VAE:
@@ -170,7 +184,8 @@ class _UNet:
         q, k, v = (tokens @ m for m in self.w[:3])
         to = transformer_options or {}
         patch = to.get("patches_replace", {}).get("attn1", {}).get(("output", 6, 0))
-        extra = {**{k_: v_ for k_, v_ in to.items() if k_ not in ("patches", "patches_replace")}, "n_heads": 2}
+        extra = {**{k_: v_ for k_, v_ in to.items() if k_ not in ("patches", "patches_replace")}, "n_heads": 2,
+                 "block": ("output", 6), "block_index": 0}
         self.seen.append({"n": n, "context": c_crossattn[:, 0, 0].tolist(), "patched": patch is not None})
         o = patch(q, k, v, extra) if patch else attention(q, k, v, 2)
         eps = (o @ self.w[3]).transpose(1, 2).reshape(n, ch, h, w)
@@ -192,12 +207,12 @@ def _sample_step(patcher, unet, x, sigma=2.0, cond_or_uncond=(0, 1)):
     return unet(xin, t, **c)
 
 
-def _styled(painting_seed: int = 6, **kw):
+def _styled(painting_seed: int = 6, mode: str = "fast", **kw):
     gen = torch.Generator().manual_seed(painting_seed)
-    base = _Patcher()
+    base = _fake_model()
     latent = {"samples": torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(7))}
     painting = torch.rand(1, 64, 48, 3, generator=gen)
-    (styled,) = StyleFromImage().apply(base, painting, _VAE(), latent, **kw)
+    (styled,) = StyleFromImage().apply(base, painting, _VAE(), latent, mode=mode, **kw)
     return base, styled, latent
 
 
@@ -208,6 +223,8 @@ def test_node_patches_a_clone_and_leaves_the_input_model_untouched():
     assert styled.model_options["model_function_wrapper"] is injection
     assert sorted(styled.model_options["transformer_options"]["patches_replace"]["attn1"]) == [
         ("output", i, 0) for i in range(6, 12)]
+    assert styled.wrappers == {"sampler_sample": {INJECTION_ATTACHMENT: [injection.sample]}}
+    assert base.wrappers == {}
     assert injection.style.shape == (1, 4, 5, 7) and injection.gamma == 0.75 and injection.temperature == 1.5
     assert torch.allclose(injection.content, latent["samples"] * 0.18215)  # model space, as the sampler sees it
     # Downstream clones share the injection (its tensors are not copied per clone).
@@ -236,7 +253,7 @@ def test_injection_under_cfg_with_a_batch_of_two_and_style_strength():
     # Style Strength 0: the injection is gone, the step is the input model's bit for bit, and denoise 0.
     zero, denoise, _ = StyleStrength().apply(styled, 0.0)[:3]
     assert denoise == 0.0 and zero.get_attachment(INJECTION_ATTACHMENT) is None
-    assert "model_function_wrapper" not in zero.model_options
+    assert "model_function_wrapper" not in zero.model_options and zero.wrappers == {"sampler_sample": {}}
     assert torch.equal(_sample_step(zero, unet, x), plain)
     # Low strength: a quarter of the way (lora ramp 0.5 at s = 0.25) between plain and full injection.
     half, _, _ = StyleStrength().apply(styled, 0.25)[:3]
@@ -247,7 +264,7 @@ def test_injection_under_cfg_with_a_batch_of_two_and_style_strength():
     # Outside start/end the step is plain too; the stand-in has no model_sampling, so use the injection directly.
     import dataclasses
 
-    late = _Patcher()
+    late = _fake_model()
     late.model_options = copy.deepcopy(styled.model_options)
     late.model_options["model_function_wrapper"] = dataclasses.replace(
         styled.get_attachment(INJECTION_ATTACHMENT), sigma_start=1.0)
@@ -275,7 +292,7 @@ def test_a_lora_style_and_a_painting_style_in_one_model_both_follow_the_strength
     from stylora.nodes.strength import STYLE_ATTACHMENT
 
     # A model that Load Style LoRA styled (one patch, recorded as the style's) and then Style From Image.
-    base = _Patcher()
+    base = _fake_model()
     adapter = object()
     base.patches = {"diffusion_model.x.weight": [(1.0, adapter, 1.0, None, None)]}
     base.set_attachments(STYLE_ATTACHMENT, (adapter,))
