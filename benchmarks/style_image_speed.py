@@ -1,11 +1,14 @@
-"""Seconds per sampling step and peak memory of KSampler with and without Style From Image's injection, in
+"""Seconds per photo and peak memory of a folder run: plain img2img vs Style From Image's fast and paper modes, in
 ComfyUI, on a full-size SD1.5 checkpoint (random weights cost the same as real ones).
 
     source /tmp/comfy_env.sh   # COMFYUI_DIR, COMFYUI_PYTHON, COMFYUI_PYTHONPATH
-    python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 3]
+    python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 2] [--photos 8]
 
-Each (size, mode) runs in its own ComfyUI process (so peak memory is its own): one warm-up step, then `--steps`
-steps of euler with CFG on one photo, timed. Peak memory is the process's max RSS and its rise during sampling.
+Each (size, mode) runs in its own ComfyUI process (so peak memory is its own), as a folder run does: one painting,
+`--photos` different photos, each encoded, styled by a fresh Style From Image (as a new queued prompt would) and
+sampled with euler at CFG 1, denoise 1, `--steps` steps. The first photo is excluded from the mean (it pays for
+loading the weights and, styled, for the painting's features, which later photos reuse). Peak memory is the
+process's max RSS and its rise over the RSS after loading.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+MODES = ("plain", "fast", "paper")
 
 
-def measure(pack: str, ckpt: str, size: int, steps: int, styled: bool) -> dict:
-    """Runs inside ComfyUI's python: one (size, mode) measurement."""
+def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, mode: str) -> dict:
+    """Runs inside ComfyUI's python: one (size, mode) folder run."""
     import resource
     import time
 
@@ -29,6 +33,7 @@ def measure(pack: str, ckpt: str, size: int, steps: int, styled: bool) -> dict:
     from comfyui_env import load_pack, start_comfy
 
     start_comfy()
+    import comfy.ldm.modules.attention
     import comfy.sd
     import torch
 
@@ -37,24 +42,26 @@ def measure(pack: str, ckpt: str, size: int, steps: int, styled: bool) -> dict:
     module = load_pack(pack)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     gen = torch.Generator().manual_seed(0)
+    seconds = []
     with torch.inference_mode():
-        photo, painting = torch.rand(1, size, size, 3, generator=gen), torch.rand(1, size, size, 3, generator=gen)
-        latent = {"samples": vae.encode(photo)}
+        painting = torch.rand(1, size, size, 3, generator=gen)
         (cond,), (uncond,) = nodes.CLIPTextEncode().encode(clip, ""), nodes.CLIPTextEncode().encode(clip, "")
-        if styled:
-            (model,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent)
-
-        def sample(n: int) -> float:
+        rss_loaded = _rss_mib()
+        for _ in range(photos):
+            photo = torch.rand(1, size, size, 3, generator=gen)
             start = time.perf_counter()
-            nodes.common_ksampler(model, 0, n, 5.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
-            return time.perf_counter() - start
-
-        sample(1)  # warm-up: weights loaded and cast
-        rss_before = _rss_mib()
-        seconds = sample(steps)
+            latent = {"samples": vae.encode(photo)}
+            styled = model
+            if mode != "plain":
+                (styled,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent,
+                                                                                 mode=mode)
+            nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
+            seconds.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"size": size, "styled": styled, "s_per_step": seconds / steps, "peak_rss_mib": round(peak),
-            "rise_mib": round(peak - rss_before)}
+    later = seconds[1:] or seconds
+    return {"size": size, "mode": mode, "photos": photos, "steps": steps, "s_per_photo": sum(later) / len(later),
+            "first_photo_s": seconds[0], "peak_rss_mib": round(peak), "rise_mib": round(peak - rss_loaded),
+            "attention": comfy.ldm.modules.attention.optimized_attention.__name__}
 
 
 def _rss_mib() -> float:
@@ -66,12 +73,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-size SD1.5 .safetensors")
     p.add_argument("--sizes", type=int, nargs="+", default=[256])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "size,styled" run in ComfyUI's python
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--photos", type=int, default=8, help="photos in the folder run (the first is not counted)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "size,mode" run in ComfyUI's python
     args = p.parse_args()
     if args.one:
-        size, styled = args.one.split(",")
-        print(json.dumps(measure(str(REPO), args.checkpoint, int(size), args.steps, styled == "1")))
+        size, mode = args.one.split(",")
+        print(json.dumps(measure(str(REPO), args.checkpoint, int(size), args.steps, args.photos, mode)))
         return 0
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
@@ -82,22 +91,26 @@ def main() -> int:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     rows = []
     for size in args.sizes:
-        for styled in (False, True):
+        for mode in args.modes:
             proc = subprocess.run([python, str(Path(__file__).resolve()), "--checkpoint",
-                                   str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--one",
-                                   f"{size},{int(styled)}"], cwd=comfy_dir, env=env, capture_output=True, text=True)
+                                   str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--photos",
+                                   str(args.photos), "--one", f"{size},{mode}"], cwd=comfy_dir, env=env,
+                                  capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'size':>5} {'mode':>8} {'s/step':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"{'size':>5} {'mode':>6} {'photos':>6} {'s/photo':>8} {'first s':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
     for r in rows:
-        print(f"{r['size']:>5} {'StyleID' if r['styled'] else 'plain':>8} {r['s_per_step']:>8.2f} "
+        print(f"{r['size']:>5} {r['mode']:>6} {r['photos']:>6} {r['s_per_photo']:>8.1f} {r['first_photo_s']:>8.1f} "
               f"{r['peak_rss_mib']:>13} {r['rise_mib']:>9}")
     for size in args.sizes:
-        plain, styled = (next(r for r in rows if r["size"] == size and r["styled"] == s) for s in (False, True))
-        print(f"{size}px: StyleID / plain = {styled['s_per_step'] / plain['s_per_step']:.2f}x time, "
-              f"{styled['rise_mib'] / max(1, plain['rise_mib']):.2f}x sampling memory rise")
+        plain = next((r for r in rows if r["size"] == size and r["mode"] == "plain"), None)
+        for r in rows:
+            if plain and r["size"] == size and r["mode"] != "plain":
+                print(f"{size}px: {r['mode']} / plain = {r['s_per_photo'] / plain['s_per_photo']:.2f}x time per "
+                      f"photo (attention: {r['attention']})")
     return 0
 
 
