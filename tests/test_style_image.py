@@ -613,3 +613,79 @@ def test_paper_mode_settings_match_the_oracle(variant):
     oracle = _Oracle(**oracle_kw).run(photo, painting)
     assert _distance(node, oracle) < ORACLE_RTOL, variant
     assert _distance(node, _Oracle().run(photo, painting)) > 5 * ORACLE_RTOL, variant  # the setting matters
+
+
+# --- pinned details: the painting's crop, the declared ranges, the fast mode's reference rows, the cache ------
+
+def test_fit_to_keeps_the_middle_of_the_painting():
+    ramp = torch.arange(100.0) / 100  # value = row (or column) index / 100
+    tall = ramp.view(1, 100, 1, 1).expand(1, 100, 40, 3)
+    # Landscape 16x24 from 100x40: 40 * 16 / 24 = 26.7 -> 27 rows kept, from row (100 - 27) // 2 = 36. Output row 0
+    # samples input row (0 + 0.5) * 27 / 16 - 0.5 = 0.34 of the crop: value (36 + 0.34) / 100.
+    out = fit_to(tall, 16, 24)
+    assert out[0, 0, :, 0] == pytest.approx(torch.full((24,), 0.3634), abs=2e-3)
+    assert out[0, 8, 0, 0] == pytest.approx((36 + 8.5 * 27 / 16 - 0.5) / 100, abs=2e-3)
+    wide = ramp.view(1, 1, 100, 1).expand(1, 40, 100, 3)
+    out = fit_to(wide, 24, 16)  # portrait: 27 columns from column 36
+    assert out[0, :, 0, 0] == pytest.approx(torch.full((24,), 0.3634), abs=2e-3)
+
+
+def test_declared_ranges():
+    req, opt = StyleFromImage.INPUT_TYPES()["required"], StyleFromImage.INPUT_TYPES()["optional"]
+    spec = {name: {k: v for k, v in group[name][1].items() if k in ("default", "min", "max", "step")}
+            for group, names in ((req, ("gamma", "temperature", "adain")),
+                                 (opt, ("start_percent", "end_percent"))) for name in names}
+    assert spec == {"gamma": {"default": 0.75, "min": 0.0, "max": 1.0, "step": 0.05},
+                    "temperature": {"default": 1.5, "min": 0.1, "max": 5.0, "step": 0.05},
+                    "adain": {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05},
+                    "start_percent": {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01},
+                    "end_percent": {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}}
+    assert opt["gamma_schedule"][1]["default"] == ""
+
+
+def test_fast_reference_rows_are_the_latents_plus_sigma_times_the_fixed_noise():
+    _, styled, latent = _styled()
+    injection = styled.get_attachment(INJECTION_ATTACHMENT)
+    like = torch.zeros(1, 4, 5, 7)
+    noise = torch.randn((1, 4, 5, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(injection._noised(injection.content, 2.0, like), latent["samples"] * 0.18215 + 2 * noise)
+    # A latent of another size is resized to the batch's first (bilinear), then noised.
+    small = injection._noised(injection.style, 0.0, torch.zeros(1, 4, 10, 14))
+    assert small.shape == (1, 4, 10, 14)
+    assert torch.allclose(small, F.interpolate(injection.style, size=(10, 14), mode="bilinear", align_corners=False))
+
+
+def test_the_node_encodes_the_painting_at_the_photos_size_and_removal_keeps_other_patches():
+    seen = []
+
+    class _RecordingVAE(_VAE):
+        def encode(self, pixels):
+            seen.append(tuple(pixels.shape))
+            return super().encode(pixels)
+
+    base = _fake_model()
+    base.set_model_attn1_replace(attention, "input", 4, 0)  # another node's patch on an input block
+    latent = {"samples": torch.zeros(1, 4, 5, 7)}
+    (styled,) = StyleFromImage().apply(base, torch.rand(1, 30, 50, 4), _RecordingVAE(), latent)
+    assert seen == [(1, 40, 56, 3)]  # 5 x 7 latent = 40 x 56 pixels, RGB only
+    zero = StyleStrength().apply(styled, 0.0)[0]
+    assert zero.model_options["transformer_options"]["patches_replace"]["attn1"] == {("input", 4, 0): attention}
+
+
+def test_gamma_schedule_parsing_and_feature_cache_bound():
+    from stylora.nodes.style_image import FeatureCache, gamma_at, parse_gamma_schedule
+
+    schedule = parse_gamma_schedule("6-7:0.9>0.5, 10:0.2")
+    assert schedule == ((6, 0.9, 0.5), (7, 0.9, 0.5), (10, 0.2, 0.2))
+    assert gamma_at(0.75, schedule, 6, 0.25) == pytest.approx(0.8) and gamma_at(0.75, schedule, 9, 0.5) == 0.75
+    assert parse_gamma_schedule("") == ()
+    for bad in ("6:x", "6:1.5", "2:0.5"):
+        with pytest.raises(ValueError, match="gamma_schedule|blocks"):
+            parse_gamma_schedule(bad)
+    cache = FeatureCache(max_bytes=3 * 400)  # three 10x10 float32 tensors
+    for i in range(4):
+        cache.put(i, {"k": torch.zeros(10, 10)})
+    assert list(cache.entries) == [1, 2, 3] and cache.nbytes == 1200  # the oldest went
+    assert cache.get(1) is not None and list(cache.entries) == [2, 3, 1]  # a hit is the newest
+    cache.put(9, {"k": torch.zeros(20, 20)})  # larger than the bound: not kept, nothing evicted
+    assert 9 not in cache.entries and len(cache.entries) == 3
