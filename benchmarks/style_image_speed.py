@@ -4,11 +4,13 @@ ComfyUI, on a full-size SD1.5 checkpoint (random weights cost the same as real o
     source /tmp/comfy_env.sh   # COMFYUI_DIR, COMFYUI_PYTHON, COMFYUI_PYTHONPATH
     python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 2] [--photos 8]
 
-Each (size, mode) runs in its own ComfyUI process (so peak memory is its own), as a folder run does: one painting,
+Each size runs in its own ComfyUI process (the checkpoint loaded once), as a folder run does: one painting,
 `--photos` different photos, each encoded, styled by a fresh Style From Image (as a new queued prompt would) and
-sampled with euler at CFG 1, denoise 1, `--steps` steps. The first photo is excluded from the mean (it pays for
-loading the weights and, styled, for the painting's features, which later photos reuse). Peak memory is the
-process's max RSS and its rise over the RSS after loading.
+sampled with euler at CFG 1, denoise 1, `--steps` steps. The modes take turns photo by photo (plain, fast, paper,
+plain, ...), so a change in the load of a shared machine reaches all three alike. Each mode's first photo is
+excluded from its mean (it pays for the painting's features, which later photos reuse). Peak memory is the
+process's peak RSS during that photo (the kernel's high-water mark, reset before each photo), and its rise over
+the RSS before it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 MODES = ("plain", "fast", "paper")
 
 
-def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, mode: str) -> dict:
-    """Runs inside ComfyUI's python: one (size, mode) folder run."""
-    import resource
+def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, modes: list[str]) -> list[dict]:
+    """Runs inside ComfyUI's python: one size's folder run, the modes taking turns."""
     import time
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -42,31 +43,43 @@ def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, mode: str)
     module = load_pack(pack)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     gen = torch.Generator().manual_seed(0)
-    seconds = []
+    runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     with torch.inference_mode():
         painting = torch.rand(1, size, size, 3, generator=gen)
         (cond,), (uncond,) = nodes.CLIPTextEncode().encode(clip, ""), nodes.CLIPTextEncode().encode(clip, "")
-        rss_loaded = _rss_mib()
         for _ in range(photos):
             photo = torch.rand(1, size, size, 3, generator=gen)
-            start = time.perf_counter()
-            latent = {"samples": vae.encode(photo)}
-            styled = model
-            if mode != "plain":
-                (styled,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent,
-                                                                                 mode=mode)
-            nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
-            seconds.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    later = seconds[1:] or seconds
-    return {"size": size, "mode": mode, "photos": photos, "steps": steps, "s_per_photo": sum(later) / len(later),
-            "first_photo_s": seconds[0], "peak_rss_mib": round(peak), "rise_mib": round(peak - rss_loaded),
-            "attention": comfy.ldm.modules.attention.optimized_attention.__name__}
+            for mode in modes:
+                before = _reset_peak()
+                start = time.perf_counter()
+                latent = {"samples": vae.encode(photo)}
+                styled = model
+                if mode != "plain":
+                    (styled,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent,
+                                                                                     mode=mode)
+                nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
+                runs[mode].append((time.perf_counter() - start, _status_mib("VmHWM"), before))
+                print(json.dumps({"size": size, "mode": mode, "s": runs[mode][-1][0]}), file=sys.stderr, flush=True)
+    out = []
+    for mode, rs in runs.items():
+        later = rs[1:] or rs
+        out.append({"size": size, "mode": mode, "photos": photos, "steps": steps,
+                    "s_per_photo": sum(r[0] for r in later) / len(later), "first_photo_s": rs[0][0],
+                    "peak_rss_mib": round(max(r[1] for r in later)), "rise_mib": round(max(r[1] - r[2] for r in later)),
+                    "attention": comfy.ldm.modules.attention.optimized_attention.__name__})
+    return out
 
 
-def _rss_mib() -> float:
+def _reset_peak() -> float:
+    """Resets the process's peak RSS to the current RSS (Linux: clear_refs 5); returns the current RSS, MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def main() -> int:
@@ -76,11 +89,10 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--photos", type=int, default=8, help="photos in the folder run (the first is not counted)")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "size,mode" run in ComfyUI's python
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: the size run in ComfyUI's python
     args = p.parse_args()
     if args.one:
-        size, mode = args.one.split(",")
-        print(json.dumps(measure(str(REPO), args.checkpoint, int(size), args.steps, args.photos, mode)))
+        print(json.dumps(measure(str(REPO), args.checkpoint, int(args.one), args.steps, args.photos, args.modes)))
         return 0
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
@@ -91,16 +103,14 @@ def main() -> int:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     rows = []
     for size in args.sizes:
-        for mode in args.modes:
-            proc = subprocess.run([python, str(Path(__file__).resolve()), "--checkpoint",
-                                   str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--photos",
-                                   str(args.photos), "--one", f"{size},{mode}"], cwd=comfy_dir, env=env,
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--checkpoint",
+                               str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--photos",
+                               str(args.photos), "--modes", *args.modes, "--one", str(size)], cwd=comfy_dir, env=env,
+                              stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            return 1
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[-len(args.modes):]), flush=True)
     print(f"{'size':>5} {'mode':>6} {'photos':>6} {'s/photo':>8} {'first s':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
     for r in rows:
         print(f"{r['size']:>5} {r['mode']:>6} {r['photos']:>6} {r['s_per_photo']:>8.1f} {r['first_photo_s']:>8.1f} "

@@ -94,3 +94,28 @@ def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):
     assert report["injected_vs_plain_d05"] > 0.5  # mean 8-bit difference: the injection changes the image
     assert report["two_paintings"] > 0.5
     assert report["fast_s0_equals_plain_d0"] and report["paper_vs_fast"] > 0.5  # paper mode (default) is not fast
+
+
+def test_paper_mode_in_comfyui_agrees_with_the_styleid_oracle(tiny_model, tmp_path):
+    """Paper mode sampled by ComfyUI itself (its sampler wrapper, calc_cond_batch, euler, its UNet with our attn1
+    patches) on the tiny weights, against the StyleID oracle of tests/test_style_image.py on the same weights
+    (tiny_model's UNet is built from the same config and seed as the oracle's)."""
+    import torch
+    from test_style_image import ORACLE_RTOL, ORACLE_TIMESTEPS, _context, _distance, _latents, _Oracle
+
+    photo, painting = _latents()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"photo": photo.tolist(), "painting": painting.tolist(), "context": _context().tolist(),
+                                "timesteps": list(ORACLE_TIMESTEPS)}))
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_style_oracle.py", str(REPO),
+                            str(tiny_model["single_file"]), str(spec), limit_s=900)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        oracle = _Oracle().run(photo, painting)
+        plain = _Oracle(inject=lambda step: False, adain_start=False).run(photo, painting)
+    finally:
+        torch.set_num_threads(threads)
+    node = torch.tensor(report["latent"])
+    print(f"paper mode in ComfyUI vs StyleID oracle: {_distance(node, oracle):.2e}")
+    assert _distance(node, oracle) < ORACLE_RTOL and _distance(node, plain) > 50 * ORACLE_RTOL
