@@ -1,11 +1,16 @@
-"""Seconds per sampling step and peak memory of KSampler with and without Style From Image's injection, in
+"""Seconds per photo and peak memory of a folder run: plain img2img vs Style From Image's fast and paper modes, in
 ComfyUI, on a full-size SD1.5 checkpoint (random weights cost the same as real ones).
 
     source /tmp/comfy_env.sh   # COMFYUI_DIR, COMFYUI_PYTHON, COMFYUI_PYTHONPATH
-    python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 3]
+    python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 2] [--photos 8]
 
-Each (size, mode) runs in its own ComfyUI process (so peak memory is its own): one warm-up step, then `--steps`
-steps of euler with CFG on one photo, timed. Peak memory is the process's max RSS and its rise during sampling.
+Each size runs in its own ComfyUI process (the checkpoint loaded once), as a folder run does: one painting,
+`--photos` different photos, each encoded, styled by a fresh Style From Image (as a new queued prompt would) and
+sampled with euler at CFG 1, denoise 1, `--steps` steps. The modes take turns photo by photo (plain, fast, paper,
+plain, ...), so a change in the load of a shared machine reaches all three alike. Each mode's first photo is
+excluded from its mean (it pays for the painting's features, which later photos reuse). Peak memory is the
+process's peak RSS during that photo (the kernel's high-water mark, reset before each photo), and its rise over
+the RSS before it.
 """
 
 from __future__ import annotations
@@ -18,17 +23,18 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+MODES = ("plain", "fast", "paper")
 
 
-def measure(pack: str, ckpt: str, size: int, steps: int, styled: bool) -> dict:
-    """Runs inside ComfyUI's python: one (size, mode) measurement."""
-    import resource
+def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, modes: list[str]) -> list[dict]:
+    """Runs inside ComfyUI's python: one size's folder run, the modes taking turns."""
     import time
 
     sys.path.insert(0, str(REPO / "tests"))
     from comfyui_env import load_pack, start_comfy
 
     start_comfy()
+    import comfy.ldm.modules.attention
     import comfy.sd
     import torch
 
@@ -37,41 +43,56 @@ def measure(pack: str, ckpt: str, size: int, steps: int, styled: bool) -> dict:
     module = load_pack(pack)
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=True, output_clip=True)
     gen = torch.Generator().manual_seed(0)
+    runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     with torch.inference_mode():
-        photo, painting = torch.rand(1, size, size, 3, generator=gen), torch.rand(1, size, size, 3, generator=gen)
-        latent = {"samples": vae.encode(photo)}
+        painting = torch.rand(1, size, size, 3, generator=gen)
         (cond,), (uncond,) = nodes.CLIPTextEncode().encode(clip, ""), nodes.CLIPTextEncode().encode(clip, "")
-        if styled:
-            (model,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent)
+        for _ in range(photos):
+            photo = torch.rand(1, size, size, 3, generator=gen)
+            for mode in modes:
+                before = _reset_peak()
+                start = time.perf_counter()
+                latent = {"samples": vae.encode(photo)}
+                styled = model
+                if mode != "plain":
+                    (styled,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent,
+                                                                                     mode=mode)
+                nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
+                runs[mode].append((time.perf_counter() - start, _status_mib("VmHWM"), before))
+                print(json.dumps({"size": size, "mode": mode, "s": runs[mode][-1][0]}), file=sys.stderr, flush=True)
+    out = []
+    for mode, rs in runs.items():
+        later = rs[1:] or rs
+        out.append({"size": size, "mode": mode, "photos": photos, "steps": steps,
+                    "s_per_photo": sum(r[0] for r in later) / len(later), "first_photo_s": rs[0][0],
+                    "peak_rss_mib": round(max(r[1] for r in later)), "rise_mib": round(max(r[1] - r[2] for r in later)),
+                    "attention": comfy.ldm.modules.attention.optimized_attention.__name__})
+    return out
 
-        def sample(n: int) -> float:
-            start = time.perf_counter()
-            nodes.common_ksampler(model, 0, n, 5.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
-            return time.perf_counter() - start
 
-        sample(1)  # warm-up: weights loaded and cast
-        rss_before = _rss_mib()
-        seconds = sample(steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"size": size, "styled": styled, "s_per_step": seconds / steps, "peak_rss_mib": round(peak),
-            "rise_mib": round(peak - rss_before)}
+def _reset_peak() -> float:
+    """Resets the process's peak RSS to the current RSS (Linux: clear_refs 5); returns the current RSS, MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mib("VmRSS")
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="full-size SD1.5 .safetensors")
     p.add_argument("--sizes", type=int, nargs="+", default=[256])
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: "size,styled" run in ComfyUI's python
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--photos", type=int, default=8, help="photos in the folder run (the first is not counted)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: the size run in ComfyUI's python
     args = p.parse_args()
     if args.one:
-        size, styled = args.one.split(",")
-        print(json.dumps(measure(str(REPO), args.checkpoint, int(size), args.steps, styled == "1")))
+        print(json.dumps(measure(str(REPO), args.checkpoint, int(args.one), args.steps, args.photos, args.modes)))
         return 0
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
@@ -82,22 +103,24 @@ def main() -> int:
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     rows = []
     for size in args.sizes:
-        for styled in (False, True):
-            proc = subprocess.run([python, str(Path(__file__).resolve()), "--checkpoint",
-                                   str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--one",
-                                   f"{size},{int(styled)}"], cwd=comfy_dir, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"{'size':>5} {'mode':>8} {'s/step':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
+        proc = subprocess.run([python, str(Path(__file__).resolve()), "--checkpoint",
+                               str(Path(args.checkpoint).resolve()), "--steps", str(args.steps), "--photos",
+                               str(args.photos), "--modes", *args.modes, "--one", str(size)], cwd=comfy_dir, env=env,
+                              stdout=subprocess.PIPE, text=True)
+        if proc.returncode:
+            return 1
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+        print(json.dumps(rows[-len(args.modes):]), flush=True)
+    print(f"{'size':>5} {'mode':>6} {'photos':>6} {'s/photo':>8} {'first s':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
     for r in rows:
-        print(f"{r['size']:>5} {'StyleID' if r['styled'] else 'plain':>8} {r['s_per_step']:>8.2f} "
+        print(f"{r['size']:>5} {r['mode']:>6} {r['photos']:>6} {r['s_per_photo']:>8.1f} {r['first_photo_s']:>8.1f} "
               f"{r['peak_rss_mib']:>13} {r['rise_mib']:>9}")
     for size in args.sizes:
-        plain, styled = (next(r for r in rows if r["size"] == size and r["styled"] == s) for s in (False, True))
-        print(f"{size}px: StyleID / plain = {styled['s_per_step'] / plain['s_per_step']:.2f}x time, "
-              f"{styled['rise_mib'] / max(1, plain['rise_mib']):.2f}x sampling memory rise")
+        plain = next((r for r in rows if r["size"] == size and r["mode"] == "plain"), None)
+        for r in rows:
+            if plain and r["size"] == size and r["mode"] != "plain":
+                print(f"{size}px: {r['mode']} / plain = {r['s_per_photo'] / plain['s_per_photo']:.2f}x time per "
+                      f"photo (attention: {r['attention']})")
     return 0
 
 

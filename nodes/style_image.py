@@ -7,25 +7,35 @@ attends to the painting's keys and values at the same noise level:
     q~  = gamma * q_content + (1 - gamma) * q_stylized            query preservation, gamma = 0.75
     out = softmax(T * q~ k_style^T / sqrt(d)) v_style             attention temperature T = 1.5
 
-and the latent being denoised is given the painting latent's per-channel mean and std (AdaIN, Huang and
-Belongie 2017), which carries the painting's colour tone.
+and the latent takes the painting latent's per-channel mean and std (AdaIN, Huang and Belongie 2017), which
+carries the painting's colour tone. gamma may vary over the injected blocks and the steps (Scheduled Style
+Injection, Kulkarni 2026, reports ArtFID 27.04 against StyleID's 28.80 with StyleID's pipeline); the default is
+the paper's constant 0.75.
 
-Deviations from the paper, because ComfyUI's samplers run no DDIM inversion:
-- the painting's and the photo's features come from their VAE latents noised to the current sigma with one fixed
-  noise (seed 0, the same at every step), not from DDIM-inverted latents;
-- AdaIN is applied to the latent the UNet sees at every injected step (StyleID sets it once on the inverted
-  starting latent; a model wrapper cannot replace the sampler's starting latent).
-Cost: both reference branches ride in the UNet batch ComfyUI already forms (cond and uncond together), so each
-step runs the UNet on B_content + S_style more rows: one photo with CFG is 4 rows instead of 2, about twice the
-sampling time (benchmarks/style_image_speed.py).
+Two modes:
+- `paper`: StyleID's algorithm along the sampler's own sigmas. A SAMPLER_SAMPLE wrapper DDIM-inverts the photo
+  and the painting (deterministic, the negative prompt's conditioning: empty in the bundled workflow, as StyleID's
+  unconditional inversion), keeping the photo's queries and the painting's keys/values per sigma and block, and
+  hands the sampler the AdaIN of the two inverted latents as its start (the seed's noise is not used). Sampling then
+  runs one UNet row per photo and prompt; the features come from the inversion.
+- `fast`: no inversion. The photo's and the painting's latents, noised to the step's sigma with one fixed noise,
+  ride in the UNet batch as reference rows, and the latent being denoised is AdaIN'd toward the noised painting at
+  every injected step.
+In both modes the painting's features are computed once per (painting, model, conditioning, sigmas) and kept in a
+process-wide LRU cache of at most FEATURE_CACHE_BYTES, so a folder of photos pays for the painting once: per step
+and photo, 2 UNet rows at CFG 1 (paper: inversion + sampling; fast: photo reference + the photo).
 
-The tensor functions here (attention, blend_queries, styled_attention, adain) need no ComfyUI; `comfy` is imported
-only inside the functions that run in it.
+The tensor functions (attention, blend_queries, styled_attention, adain, invert, ...) need no ComfyUI; every ComfyUI
+internal is reached through nodes/host.py.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import hashlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,15 +43,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .host import has_attrs, has_module
+from . import host
 
-INJECTION_ATTACHMENT = "stylora_style_injection"  # ModelPatcher attachment: the StyleInjection installed
-ROWS_KEY = "stylora_style_rows"  # transformer_options key the wrapper sets for the attention patches
-NOISE_SEED = 0  # one fixed noise for the reference branches: the same at every step, so features do not flicker
+logger = logging.getLogger(__name__)
+
+INJECTION_ATTACHMENT = "stylora_style_injection"  # ModelPatcher attachment and sampler-wrapper key of the injection
+ROWS_KEY = "stylora_style_rows"  # transformer_options key the model wrapper sets for the attention patches
+RUN_KEY = "stylora_style_run"  # transformer_options key the sampler wrapper sets for the model wrapper
+NOISE_SEED = 0  # fast mode: one fixed noise for the reference rows, the same at every step (features do not flicker)
 TRANSFORMER_OUTPUT_BLOCKS = range(3, 12)  # SD1.5 output blocks that carry a transformer
 PAPER_BLOCKS = "6-11"
-
-
+MODES = ("paper", "fast")
+DEFAULT_MODE = "paper"
+# The painting-feature cache's bound. Per sigma, SD1.5's blocks 6-11 hold about 47 MB of keys and values for one
+# 512x512 painting (fp32), so 2 GiB keeps about 40 sampled sigmas: one painting at 40 steps, or two at 20.
+FEATURE_CACHE_BYTES = 2 * 1024 ** 3
 # --- tensor functions -----------------------------------------------------------------------------------------
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, temperature: float = 1.0) -> torch.Tensor:
@@ -116,7 +132,144 @@ def fit_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x.clamp(0, 1).movedim(1, -1)
 
 
-# --- the injection under ComfyUI's sampling ---------------------------------------------------------------------
+
+
+def parse_gamma_schedule(text: str) -> tuple[tuple[int, float, float], ...]:
+    """'6-8:0.9>0.6, 9-11:0.75' -> per output block (block, gamma at the first sampled step, gamma at the last),
+    linear in between; blocks not named keep the constant gamma. '' -> () (the constant everywhere)."""
+    out: dict[int, tuple[float, float]] = {}
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        blocks, _, values = part.partition(":")
+        first, _, last = values.partition(">")
+        try:
+            lo, hi = float(first), float(last or first)
+        except ValueError:
+            raise ValueError(f"gamma_schedule: {part!r} is not like '6-8:0.9>0.6' or '9-11:0.75'") from None
+        if not (0 <= lo <= 1 and 0 <= hi <= 1):
+            raise ValueError(f"gamma_schedule: {part!r}: gammas must be in 0..1")
+        for i in parse_blocks(blocks):
+            out[i] = (lo, hi)
+    return tuple((i, lo, hi) for i, (lo, hi) in sorted(out.items()))
+
+
+def gamma_at(gamma: float, schedule: tuple[tuple[int, float, float], ...], block: int, progress: float) -> float:
+    """gamma of `block` at `progress` (0: the first sampled step, 1: the last) under `schedule`; else `gamma`."""
+    for i, first, last in schedule:
+        if i == block:
+            return first + (last - first) * progress
+    return gamma
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """A content hash of tensors (shape, dtype and values), for cache keys."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+class FeatureCache:
+    """Least-recently-used map of feature dicts, at most `max_bytes` of tensors in all; an entry larger than the
+    bound is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.entries: collections.OrderedDict[Any, tuple[dict, int]] = collections.OrderedDict()
+
+    def get(self, key: Any) -> dict | None:
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
+
+    def put(self, key: Any, value: dict) -> None:
+        size = _nbytes(value)
+        if key in self.entries:
+            self.nbytes -= self.entries.pop(key)[1]
+        if size > self.max_bytes:
+            return
+        self.entries[key] = (value, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= self.entries.popitem(last=False)[1][1]
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
+
+
+PAINTING_FEATURES = FeatureCache(FEATURE_CACHE_BYTES)  # shared by every Style From Image in the process
+
+
+@dataclasses.dataclass(eq=False)
+class StyleRun:
+    """One sampling run's state, handed from the sampler wrapper to the model wrapper (mutable: the inversion fills
+    `record` step by step)."""
+
+    model_key: tuple = dataclasses.field(metadata={"help": "the UNet's identity and patches, for the cache"})
+    sigmas: list[float] = dataclasses.field(metadata={"help": "the sampled sigmas, decreasing"})
+    record: dict | None = dataclasses.field(default=None, metadata={
+        "help": "inversion: {(step, block): kept tensors} being filled; None while sampling"})
+    keep: str = dataclasses.field(default="q", metadata={"help": "inversion: 'q' (photo) or 'kv' (painting)"})
+    step: int = dataclasses.field(default=0, metadata={"help": "inversion: index of the sigma being evaluated"})
+    photo: dict = dataclasses.field(default_factory=dict, metadata={
+        "help": "paper: {(step, block): (q,)} photo queries [B, T, C]"})
+    painting: dict = dataclasses.field(default_factory=dict, metadata={
+        "help": "paper: {(step, block): (k, v)} painting keys/values [S, T, C] and 'latent' [S, 4, h, w]"})
+
+    def step_of(self, sigma: float) -> int:
+        """Index of the sampled sigma nearest to `sigma` (in log sigma): samplers that evaluate between the
+        schedule's sigmas (heun, dpm_2, ...) take the nearest step's features."""
+        logs = torch.tensor(self.sigmas).clamp_min(1e-8).log()
+        return int((logs - math.log(max(sigma, 1e-8))).abs().argmin())
+
+
+def invert(predict: Callable[[torch.Tensor, float, dict], torch.Tensor], latent: torch.Tensor, sigmas: list[float],
+           model_options: dict, keep: str) -> tuple[torch.Tensor, dict]:
+    """Deterministic DDIM inversion of a clean latent along the sampled sigmas, as StyleID inverts.
+
+    latent: [B, 4, h, w], model space (sigma 0). sigmas: the sampled sigmas s_0 > ... > s_{N-1} > 0. predict(x,
+    sigma, model_options) -> the model's denoised latent (k-diffusion scaling: x = x0 + sigma * eps). Step i goes from
+    the level below (s_{i+1}, 0 for the clean latent) up to s_i: the UNet sees the latent at the level below labelled
+    with timestep s_i (StyleID's inversion, the DDIM-inversion update), its features at s_i are kept (`keep`: 'q'
+    or 'kv'), and x_i = x0_pred + s_i * eps. Returns (the latent at s_0 [B, 4, h, w], {(i, block): tensors}).
+    """
+    run = StyleRun(model_key=(), sigmas=list(sigmas), record={}, keep=keep)
+    options = host.with_transformer_option(model_options, RUN_KEY, run)
+    x, level = latent, 0.0
+    for i in reversed(range(len(sigmas))):
+        s = float(sigmas[i])
+        run.step = i
+        # The UNet's input is x / sqrt(1 + sigma^2) (EPS scaling): rescaled so that it sees the VP latent of the
+        # level below, x / sqrt(1 + level^2), while labelled s.
+        x_in = x * math.sqrt((1 + s * s) / (1 + level * level))
+        eps = (x_in - predict(x_in, s, options)) / s
+        x = x + (s - level) * eps
+        level = s
+    return x, run.record
+
+
+def _resized(latent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """latent on like's device and dtype, resized to its h x w (bilinear) when they differ."""
+    latent = latent.to(like.device, like.dtype)
+    if latent.shape[-2:] != like.shape[-2:]:
+        latent = F.interpolate(latent, size=like.shape[-2:], mode="bilinear", align_corners=False)
+    return latent
+
 
 def _extend_rows(value: Any, n: int, row: int, extra: int) -> Any:
     """Every tensor in `value` (nested dicts/lists) whose first dim is the batch `n` gets `extra` copies of `row`
@@ -130,20 +283,33 @@ def _extend_rows(value: Any, n: int, row: int, extra: int) -> Any:
     return value
 
 
+def _row_tensors(value: Any, n: int, row: int) -> list[torch.Tensor]:
+    """Row `row` of every batch tensor in `value` (nested), for the conditioning part of a cache key."""
+    if isinstance(value, torch.Tensor):
+        return [value[row]] if value.ndim and value.shape[0] == n else []
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _row_tensors(value[k], n, row)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _row_tensors(v, n, row)]
+    return []
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class StyleInjection:
-    """The model wrapper StyleFromImage installs (ComfyUI's `model_function_wrapper`).
+    """What StyleFromImage installs: a model wrapper (`__call__`, ComfyUI's model_function_wrapper) and a sampler
+    wrapper (`sample`, ComfyUI's SAMPLER_SAMPLE wrapper).
 
-    Each step it appends the photo's and the painting's latents, noised to the step's sigma, to the batch the
-    sampler runs, AdaINs the rows being denoised toward the painting, and tells the attention patches which rows
-    are which. Holds tensors but is never changed after creation, so ComfyUI's clone() shares it (__deepcopy__).
+    Holds tensors but is never changed after creation, so ComfyUI's clone() shares it (__deepcopy__).
     """
 
     style: torch.Tensor = dataclasses.field(metadata={"help": "painting latents [S, 4, h, w], model space"})
-    content: torch.Tensor = dataclasses.field(metadata={"help": "photo latents [B, 4, h, w], model space"})
+    content: torch.Tensor = dataclasses.field(metadata={"help": "photo latents [B, 4, h, w], model space (fast)"})
+    mode: str = dataclasses.field(default=DEFAULT_MODE, metadata={"help": "'paper' (inversion) or 'fast'"})
     blocks: tuple[int, ...] = dataclasses.field(default=(6, 7, 8, 9, 10, 11),
                                                 metadata={"help": "output blocks whose self-attention is injected"})
     gamma: float = dataclasses.field(default=0.75, metadata={"help": "query preservation (StyleID: 0.75)"})
+    gamma_schedule: tuple[tuple[int, float, float], ...] = dataclasses.field(default=(), metadata={
+        "help": "per block (block, gamma at the first step, at the last); others keep gamma"})
     temperature: float = dataclasses.field(default=1.5, metadata={"help": "attention logit scale (StyleID: 1.5)"})
     adain: float = dataclasses.field(default=1.0, metadata={"help": "how far the latent moves to the painting's "
                                                                     "channel statistics, 0..1"})
@@ -156,85 +322,198 @@ class StyleInjection:
     def __deepcopy__(self, memo: dict) -> StyleInjection:
         return self
 
+    @functools.cached_property
+    def style_digest(self) -> str:
+        return tensor_digest(self.style)
+
+    def _model(self, apply_model: Callable, args: dict) -> torch.Tensor:
+        if self.inner is not None:
+            return self.inner(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def _with_rows(self, args: dict, rows: dict) -> dict:
+        c = dict(args["c"])
+        c["transformer_options"] = {**c.get("transformer_options", {}), ROWS_KEY: rows}
+        return {**args, "c": c}
+
+    def _gammas(self, progress: float) -> dict[int, float]:
+        return {i: gamma_at(self.gamma, self.gamma_schedule, i, progress) for i in self.blocks}
+
     def _noised(self, latent: torch.Tensor, sigma: float, like: torch.Tensor) -> torch.Tensor:
-        """latent resized to like's h x w, plus sigma * the fixed noise (SD1.5's EPS noise scaling)."""
-        h, w = like.shape[-2:]
-        latent = latent.to(like.device, like.dtype)
-        if latent.shape[-2:] != (h, w):
-            latent = F.interpolate(latent, size=(h, w), mode="bilinear", align_corners=False)
+        """fast: latent resized to like's h x w, plus sigma * the fixed noise (SD1.5's EPS noise scaling)."""
+        latent = _resized(latent, like)
         gen = torch.Generator().manual_seed(NOISE_SEED)
-        noise = torch.randn((1, latent.shape[1], h, w), generator=gen).to(like.device, like.dtype)
+        noise = torch.randn((1, *latent.shape[1:]), generator=gen).to(like.device, like.dtype)
         return latent + sigma * noise
 
     def __call__(self, apply_model: Callable, args: dict) -> torch.Tensor:
-        x, t, c, cond_or_uncond = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
-
-        def run(a: dict) -> torch.Tensor:
-            return self.inner(apply_model, a) if self.inner else apply_model(a["input"], a["timestep"], **a["c"])
-
-        sigma = float(t.max())
+        run = args["c"].get("transformer_options", {}).get(RUN_KEY)
+        sigma = float(args["timestep"].max())
+        # 1. Inversion (paper): plain attention everywhere, the features kept for the sampling.
+        if run is not None and run.record is not None:
+            return self._model(apply_model, self._with_rows(args, {"record": run.record, "step": run.step,
+                                                                   "keep": run.keep}))
+        # 2. Outside the injected steps, or at strength 0: the model as it was.
         if self.strength == 0 or not self.sigma_end <= sigma <= self.sigma_start:
-            return run(args)
+            return self._model(apply_model, args)
+        if self.mode == "paper":
+            if run is None or not run.photo:
+                logger.warning("Style From Image (paper mode): this sampling ran without ComfyUI's sampler wrapper "
+                               "(no inversion); the step is left uninjected")
+                return self._model(apply_model, args)
+            return self._paper_step(apply_model, args, run, sigma)
+        return self._fast_step(apply_model, args, run, sigma)
+
+    def _paper_step(self, apply_model: Callable, args: dict, run: StyleRun, sigma: float) -> torch.Tensor:
+        """One sampling call in paper mode: only the rows being denoised; queries, keys and values from the
+        inversion at the nearest sampled sigma."""
+        x, cond_or_uncond = args["input"], args["cond_or_uncond"]
+        n = x.shape[0]
+        b = max(1, n // max(1, len(cond_or_uncond)))
+        image = torch.arange(n) % b
+        i = run.step_of(sigma)
+        photos, paintings = run.photo[(i, self.blocks[0])][0].shape[0], run.painting["latent"].shape[0]
+        rows = {"n": n, "gamma": self._gammas(i / max(1, len(run.sigmas) - 1)), "temperature": self.temperature,
+                "strength": self.strength, "photo_pick": image % photos, "style_pick": image % paintings,
+                "q": {blk: run.photo[(i, blk)][0] for blk in self.blocks},
+                "kv": {blk: run.painting[(i, blk)] for blk in self.blocks}}
+        return self._model(apply_model, self._with_rows(args, rows))
+
+    def _fast_step(self, apply_model: Callable, args: dict, run: StyleRun | None, sigma: float) -> torch.Tensor:
+        """One sampling call in fast mode: the rows being denoised, then the photos noised to sigma, then (when the
+        painting's keys/values at this sigma are not cached) the paintings noised to sigma."""
+        x, t, c, cond_or_uncond = args["input"], args["timestep"], args["c"], args["cond_or_uncond"]
         # 1. Rows: n being denoised (chunks of b, one chunk per cond/uncond), then photos, then paintings.
         n = x.shape[0]
         b = max(1, n // max(1, len(cond_or_uncond)))
         image = torch.arange(n, device=x.device) % b
         ref = self._noised(self.content, sigma, x)
         sty = self._noised(self.style, sigma, x)
-        ref_index, style_index = image % ref.shape[0], image % sty.shape[0]
         # 2. AdaIN of the rows being denoised toward the painting at the same noise level.
         w = self.adain * self.strength
         if w:
-            x = x + w * (adain(x, sty[style_index]) - x)
-        # 3. One UNet pass over all rows; the reference rows take the negative prompt's conditioning.
-        extra = ref.shape[0] + sty.shape[0]
+            x = x + w * (adain(x, sty[image % sty.shape[0]]) - x)
+        # 3. The painting's keys/values at this sigma: cached per (painting, model, conditioning, sigma, blocks).
         row = cond_or_uncond.index(1) * b if 1 in cond_or_uncond else 0
-        c2 = _extend_rows({k: v for k, v in c.items() if k != "transformer_options"}, n, row, extra)
-        c2["transformer_options"] = {**c.get("transformer_options", {}), ROWS_KEY: {
-            "n": n, "ref_index": ref_index + n, "style_index": style_index + n + ref.shape[0],
-            "gamma": self.gamma, "temperature": self.temperature, "strength": self.strength}}
-        out = run({"input": torch.cat([x, ref, sty]), "timestep": torch.cat([t, t[:1].expand(extra)]), "c": c2,
-                   "cond_or_uncond": cond_or_uncond})
+        c_rows = {k: v for k, v in c.items() if k != "transformer_options"}
+        key = None if run is None else (
+            "fast", self.style_digest, run.model_key, tensor_digest(*_row_tensors(c_rows, n, row)),
+            round(sigma, 6), self.blocks)
+        cached = None if key is None else PAINTING_FEATURES.get(key)
+        extra = [ref] if cached is not None else [ref, sty]
+        rows = {"n": n, "gamma": self._gammas(0.0 if run is None else
+                                              run.step_of(sigma) / max(1, len(run.sigmas) - 1)),
+                "temperature": self.temperature, "strength": self.strength,
+                "ref_index": image % ref.shape[0] + n, "style_pick": image % sty.shape[0]}
+        if cached is not None:
+            rows["kv"] = cached
+        else:
+            rows["style_rows"] = (n + ref.shape[0], n + ref.shape[0] + sty.shape[0])
+            rows["store"] = {}
+        # 4. One UNet pass over all rows; the reference rows take the negative prompt's conditioning.
+        count = sum(e.shape[0] for e in extra)
+        c2 = _extend_rows(c_rows, n, row, count)
+        c2["transformer_options"] = {**c.get("transformer_options", {}), ROWS_KEY: rows}
+        out = self._model(apply_model, {"input": torch.cat([x, *extra]), "timestep": torch.cat(
+            [t, t[:1].expand(count)]), "c": c2, "cond_or_uncond": cond_or_uncond})
+        if key is not None and cached is None:
+            PAINTING_FEATURES.put(key, rows["store"])
         return out[:n]
 
+    def paper_start(self, predict: Callable[[torch.Tensor, float, dict], torch.Tensor], latent_image: torch.Tensor,
+                    run: StyleRun, model_options: dict, conditioning_key: str) -> torch.Tensor:
+        """paper: invert the painting (or take it from the cache) and the photo along run.sigmas, keep their
+        features on `run`, and return the sampler's start: the photo's inverted latent moved toward the painting's
+        channel statistics (AdaIN, times adain * strength). latent_image: [B, 4, h, w] model space, clean."""
+        # 1. The painting: inverted latent and keys/values, once per (painting, model, conditioning, sigmas, blocks).
+        key = ("paper", self.style_digest, run.model_key, conditioning_key, tuple(run.sigmas), self.blocks)
+        painting = PAINTING_FEATURES.get(key)
+        if painting is None:
+            style_t, kv = invert(predict, _resized(self.style, latent_image), run.sigmas, model_options, "kv")
+            painting = {"latent": style_t, **{k: v for k, v in kv.items() if k[1] in self.blocks}}
+            PAINTING_FEATURES.put(key, painting)
+        # 2. The photo, its queries kept.
+        photo_t, q = invert(predict, latent_image, run.sigmas, model_options, "q")
+        run.photo = {k: v for k, v in q.items() if k[1] in self.blocks}
+        run.painting = painting
+        # 3. The start: AdaIN of the two inverted latents (photo i takes painting i mod S).
+        style_t = painting["latent"][torch.arange(photo_t.shape[0]) % painting["latent"].shape[0]]
+        w = self.adain * self.strength
+        return photo_t + w * (adain(photo_t, style_t.to(photo_t)) - photo_t)
 
-def _plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """What the block computes without the patch: ComfyUI's optimized attention (inside ComfyUI), else ours."""
-    try:
-        from comfy.ldm.modules.attention import optimized_attention
-    except ImportError:
-        return attention(q, k, v, extra_options["n_heads"])
-    return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
-                               transformer_options=extra_options)
+    def sample(self, executor: Callable, guider: Any, sigmas: torch.Tensor, extra_args: dict, callback: Any,
+               noise: torch.Tensor, latent_image: torch.Tensor, denoise_mask: Any, disable_pbar: bool) -> torch.Tensor:
+        """ComfyUI's SAMPLER_SAMPLE wrapper: the run's state for the model wrapper; in paper mode the inversion and
+        the start latent (given to the sampler as the noise that lands on it)."""
+        sampled = [float(s) for s in sigmas[:-1]]
+        if self.strength == 0 or not sampled:
+            return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+        # 1. The run: which model (for the cache) and the sigmas (for the features' steps).
+        run = StyleRun(model_key=host.sampler_model_key(guider), sigmas=sampled)
+        model_options = extra_args["model_options"]
+        # 2. paper: inversion under the negative prompt's conditioning, then the AdaIN start.
+        if self.mode == "paper":
+            conds = host.negative_conditioning(guider)
+            start = self.paper_start(_Predict(guider, conds), latent_image, run, model_options,
+                                     tensor_digest(*host.conditioning_tensors(conds)))
+            noise = host.noise_for_start(executor.class_obj, guider, sigmas, latent_image, start)
+        extra_args = {**extra_args, "model_options": host.with_transformer_option(model_options, RUN_KEY, run)}
+        return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Predict:
+    """predict(x, sigma, model_options) for `invert`: the guider's model under one conditioning."""
+
+    guider: Any
+    conds: list
+
+    def __call__(self, x: torch.Tensor, sigma: float, model_options: dict) -> torch.Tensor:
+        return host.predict_denoised(self.guider, self.conds, x, sigma, model_options)
+
+
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    return host.plain_attention(q, k, v, extra_options, attention)
 
 
 def styled_attn1(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """ComfyUI attn1 replace patch (after the q/k/v projections): injects the painting's keys and values into the
-    rows being denoised; the reference rows and any call without StyleInjection's rows get plain attention."""
+    """ComfyUI attn1 replace patch (after the q/k/v projections). Inversion: plain attention, q or k/v kept.
+    Sampling: the rows being denoised (the first n) take the injected attention; reference rows and calls without
+    StyleInjection's rows get plain attention."""
     rows = extra_options.get(ROWS_KEY)
     if rows is None:
-        return _plain_attention(q, k, v, extra_options)
+        return _plain(q, k, v, extra_options)
+    block = host.attention_block(extra_options)
+    if "record" in rows:
+        rows["record"][(rows["step"], block)] = (q,) if rows["keep"] == "q" else (k, v)
+        return _plain(q, k, v, extra_options)
     n, heads = rows["n"], extra_options["n_heads"]
-    ri, si = rows["ref_index"].to(q.device), rows["style_index"].to(q.device)
-    out = styled_attention(q[ri], q[:n], k[si], v[si], rows["gamma"], rows["temperature"], heads)
+    q_content = rows["q"][block][rows["photo_pick"]] if "q" in rows else q[rows["ref_index"].to(q.device)]
+    if "kv" in rows:
+        k_style, v_style = rows["kv"][block]
+    else:
+        lo, hi = rows["style_rows"]
+        k_style, v_style = k[lo:hi], v[lo:hi]
+        rows["store"][block] = (k_style, v_style)
+    pick = rows["style_pick"].to(k_style.device)
+    out = styled_attention(q_content.to(q), q[:n], k_style[pick].to(q), v_style[pick].to(q), rows["gamma"][block],
+                           rows["temperature"], heads)
     if rows["strength"] < 1:
-        out = rows["strength"] * out + (1 - rows["strength"]) * _plain_attention(q[:n], k[:n], v[:n], extra_options)
-    return torch.cat([out.to(q.dtype), _plain_attention(q[n:], k[n:], v[n:], extra_options)])
+        out = rows["strength"] * out + (1 - rows["strength"]) * _plain(q[:n], k[:n], v[:n], extra_options)
+    if q.shape[0] == n:
+        return out.to(q.dtype)
+    return torch.cat([out.to(q.dtype), _plain(q[n:], k[n:], v[n:], extra_options)])
 
 
 def install(model: Any, injection: StyleInjection) -> None:
-    """Put the wrapper and the attention patches on `model` (a clone) and record the injection on it."""
-    has_attrs(model, "ModelPatcher", "set_model_unet_function_wrapper", "set_model_attn1_replace", "set_attachments",
-              used_by="Style From Image")
-    has_module("comfy.ldm.modules.attention", "optimized_attention", used_by="Style From Image")
-    model.set_model_unet_function_wrapper(injection)
-    for i in injection.blocks:
-        model.set_model_attn1_replace(styled_attn1, "output", i, 0)
-    model.set_attachments(INJECTION_ATTACHMENT, injection)
+    """Put the model wrapper, the attention patches and the sampler wrapper on `model` (a clone) and record the
+    injection on it."""
+    host.install_style_injection(model, injection, styled_attn1, injection.blocks, injection.sample,
+                                 INJECTION_ATTACHMENT)
 
 
 def rescale_injection(model: Any, factor: float) -> None:
-    """On a clone: the recorded injection's strength times `factor`; factor 0 removes the wrapper, the patches and
+    """On a clone: the recorded injection's strength times `factor`; factor 0 removes the wrappers, the patches and
     the record, so the model behaves as the one StyleFromImage was given, bit for bit."""
     injection = model.get_attachment(INJECTION_ATTACHMENT)
     if injection is None:
@@ -242,15 +521,7 @@ def rescale_injection(model: Any, factor: float) -> None:
     if factor:
         install(model, dataclasses.replace(injection, strength=injection.strength * factor))
         return
-    if injection.inner is None:
-        model.model_options.pop("model_function_wrapper", None)
-    else:
-        model.model_options["model_function_wrapper"] = injection.inner
-    to = model.model_options["transformer_options"]
-    replace = {k: v for k, v in to["patches_replace"]["attn1"].items()
-               if k not in {("output", i, 0) for i in injection.blocks}}
-    to["patches_replace"] = {**to["patches_replace"], "attn1": replace}
-    model.remove_attachments(INJECTION_ATTACHMENT)
+    host.remove_style_injection(model, injection.inner, injection.blocks, INJECTION_ATTACHMENT)
 
 
 class StyleFromImage:
@@ -264,8 +535,10 @@ class StyleFromImage:
                        "Style Strength to set how strongly).",)
     DESCRIPTION = ("Training-free style from one painting (StyleID, Chung et al. CVPR 2024). In the UNet decoder's "
                    "self-attention the photo keeps its queries and attends to the painting's keys and values; the "
-                   "latent takes the painting's colour statistics (AdaIN). Costs about one extra UNet pass per step "
-                   "(twice the sampling time with CFG on one photo).")
+                   "latent takes the painting's colour statistics (AdaIN). paper: the photo and the painting are "
+                   "DDIM-inverted along the sampler's sigmas and sampling starts from their AdaIN (the seed is not "
+                   "used); fast: noised reference rows, no inversion. Either costs about twice plain img2img at "
+                   "CFG 1; the painting's features are computed once and reused across photos.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -278,6 +551,11 @@ class StyleFromImage:
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE, to encode the painting."}),
                 "latent": ("LATENT", {"tooltip": "The photo's latent (Content Encode), the same one KSampler "
                                                  "samples: its queries are the ones preserved."}),
+                "mode": (list(MODES), {"default": DEFAULT_MODE,
+                                       "tooltip": "paper: StyleID as published (DDIM inversion of photo and "
+                                                  "painting along the sampler's sigmas, start from their AdaIN; "
+                                                  "deterministic, the seed is not used). fast: no inversion, "
+                                                  "noised reference features (the seed's noise is sampled)."}),
                 "gamma": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 1.0, "step": 0.05,
                                     "tooltip": "Query preservation: 1 keeps the photo's layout most, 0 follows "
                                                "the image being denoised (StyleID: 0.75)."}),
@@ -297,13 +575,20 @@ class StyleFromImage:
                                                        "noisiest)."}),
                 "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                           "tooltip": "Inject until this point of the noise schedule (1: the end)."}),
+                "gamma_schedule": ("STRING", {"default": "",
+                                              "tooltip": "gamma per block and over the steps (Scheduled Style "
+                                                         "Injection, Kulkarni 2026), e.g. '6-8:0.9>0.6, 9-11:0.7' "
+                                                         "(first step > last step, linear); empty: the constant "
+                                                         "gamma everywhere."}),
             },
         }
 
-    def apply(self, model: Any, style_image: torch.Tensor, vae: Any, latent: dict, gamma: float = 0.75,
-              temperature: float = 1.5, adain: float = 1.0, blocks: str = PAPER_BLOCKS, start_percent: float = 0.0,
-              end_percent: float = 1.0):
+    def apply(self, model: Any, style_image: torch.Tensor, vae: Any, latent: dict, mode: str = DEFAULT_MODE,
+              gamma: float = 0.75, temperature: float = 1.5, adain: float = 1.0, blocks: str = PAPER_BLOCKS,
+              start_percent: float = 0.0, end_percent: float = 1.0, gamma_schedule: str = ""):
         # 1. Settings.
+        if mode not in MODES:
+            raise ValueError(f"StyleFromImage: mode must be one of {MODES}, got {mode!r}")
         if not 0 <= gamma <= 1:
             raise ValueError(f"StyleFromImage: gamma must be in 0..1, got {gamma}")
         if not temperature > 0:
@@ -312,6 +597,7 @@ class StyleFromImage:
             raise ValueError(f"StyleFromImage: need 0 <= start_percent <= end_percent <= 1, got {start_percent}, "
                              f"{end_percent}")
         block_ids = parse_blocks(blocks)
+        schedule = parse_gamma_schedule(gamma_schedule)
         replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
         taken = [i for i in block_ids if ("output", i, 0) in replace]
         if taken:
@@ -329,9 +615,10 @@ class StyleFromImage:
         if start_percent > 0 or end_percent < 1:
             sampling = model.get_model_object("model_sampling")
             sigma_start, sigma_end = sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent)
-        # 5. On a clone (the input model stays as it is): wrapper, attention patches, and the record of both.
+        # 5. On a clone (the input model stays as it is): wrappers, attention patches, and the record of them.
         out = model.clone()
-        install(out, StyleInjection(style=style, content=content, blocks=block_ids, gamma=gamma,
-                                    temperature=temperature, adain=adain, sigma_start=sigma_start,
-                                    sigma_end=sigma_end, inner=model.model_options.get("model_function_wrapper")))
+        install(out, StyleInjection(style=style, content=content, mode=mode, blocks=block_ids, gamma=gamma,
+                                    gamma_schedule=schedule, temperature=temperature, adain=adain,
+                                    sigma_start=sigma_start, sigma_end=sigma_end,
+                                    inner=model.model_options.get("model_function_wrapper")))
         return (out,)

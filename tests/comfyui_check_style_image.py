@@ -78,6 +78,8 @@ def main(pack: str, ckpt: str, graphs_json: str) -> None:
         "s0_equals_plain_d05": same("styled_s0_d05", "plain_d05"),
         "injected_vs_plain_d05": diff("styled_s05_d05", "plain_d05"),
         "two_paintings": diff("styled", "styled_other"),
+        "fast_s0_equals_plain_d0": same("styled_fast_s0", "plain_d0"),
+        "paper_vs_fast": diff("styled", "styled_fast"),
     }))
 
 

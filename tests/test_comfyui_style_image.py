@@ -19,11 +19,11 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
 def style_from_image_graph(content: str = "stylora_content.jpg", painting: str = "stylora_style.jpg",
                            checkpoint: str = "v1-5-pruned-emaonly.safetensors", strength: float = 0.5,
                            denoise: float | None = None, steps: int = 20, max_side: int = 512, seed: int = 0,
-                           styled: bool = True) -> dict:
+                           styled: bool = True, mode: str = "paper") -> dict:
     """API-format graph: photo + one painting -> styled photo. Titles are what `stylora run --set` addresses.
 
     denoise None wires Style Strength's denoise into KSampler (as bundled); a number fixes it. styled False
-    leaves out Style From Image and Style Strength (plain img2img, for comparisons).
+    leaves out Style From Image and Style Strength (plain img2img, for comparisons). mode: Style From Image's.
     """
     g = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint},
@@ -35,7 +35,7 @@ def style_from_image_graph(content: str = "stylora_content.jpg", painting: str =
                          "rounding": "stretch", "resize_mode": "shrink only"}},
         "5": {"class_type": "StyleFromImage", "_meta": {"title": "Style from image"},
               "inputs": {"model": ["1", 0], "style_image": ["3", 0], "vae": ["1", 2], "latent": ["4", 0],
-                         "gamma": 0.75, "temperature": 1.5, "adain": 1.0, "blocks": "6-11"}},
+                         "mode": mode, "gamma": 0.75, "temperature": 1.5, "adain": 1.0, "blocks": "6-11"}},
         "6": {"class_type": "StyleStrength", "_meta": {"title": "Style strength"},
               "inputs": {"model": ["5", 0], "strength": strength, "max_denoise": 0.75}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}, "_meta": {"title": "Prompt"}},
@@ -80,6 +80,8 @@ def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):
         "styled_s0_d05": style_from_image_graph(**fast, strength=0.0, denoise=0.5),
         "styled_s05_d05": style_from_image_graph(**fast, strength=0.5, denoise=0.5),
         "plain_d05": style_from_image_graph(**fast, styled=False, denoise=0.5),
+        "styled_fast": style_from_image_graph(**fast, mode="fast"),
+        "styled_fast_s0": style_from_image_graph(**fast, mode="fast", strength=0.0),
     }
     spec = tmp_path / "graphs.json"
     spec.write_text(json.dumps({"graphs": graphs, "images": images}))
@@ -91,3 +93,29 @@ def test_style_from_image_in_comfyui(sd15_checkpoint, tmp_path):
     assert report["s0_equals_plain_d0"] and report["s0_equals_plain_d05"]  # strength 0: plain img2img, exactly
     assert report["injected_vs_plain_d05"] > 0.5  # mean 8-bit difference: the injection changes the image
     assert report["two_paintings"] > 0.5
+    assert report["fast_s0_equals_plain_d0"] and report["paper_vs_fast"] > 0.5  # paper mode (default) is not fast
+
+
+def test_paper_mode_in_comfyui_agrees_with_the_styleid_oracle(tiny_model, tmp_path):
+    """Paper mode sampled by ComfyUI itself (its sampler wrapper, calc_cond_batch, euler, its UNet with our attn1
+    patches) on the tiny weights, against the StyleID oracle of tests/test_style_image.py on the same weights
+    (tiny_model's UNet is built from the same config and seed as the oracle's)."""
+    import torch
+    from test_style_image import ORACLE_RTOL, ORACLE_TIMESTEPS, _context, _distance, _latents, _Oracle
+
+    photo, painting = _latents()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"photo": photo.tolist(), "painting": painting.tolist(), "context": _context().tolist(),
+                                "timesteps": list(ORACLE_TIMESTEPS)}))
+    report = run_in_comfyui(REPO / "tests" / "comfyui_check_style_oracle.py", str(REPO),
+                            str(tiny_model["single_file"]), str(spec), limit_s=900)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        oracle = _Oracle().run(photo, painting)
+        plain = _Oracle(inject=lambda step: False, adain_start=False).run(photo, painting)
+    finally:
+        torch.set_num_threads(threads)
+    node = torch.tensor(report["latent"])
+    print(f"paper mode in ComfyUI vs StyleID oracle: {_distance(node, oracle):.2e}")
+    assert _distance(node, oracle) < ORACLE_RTOL and _distance(node, plain) > 50 * ORACLE_RTOL

@@ -193,9 +193,11 @@ def style_from_image() -> list[Node]:
     n = _nodes()
     painting = Node(12, "LoadImage", roles.STYLE_IMAGE.title, {"image": "stylora_style.jpg"},
                     size=(320, 320))
-    inject = Node(13, "StyleFromImage", "Style from image", {},
+    # paper mode: StyleID's inversion runs inside KSampler (the node's sampler wrapper), along KSampler's own
+    # sigmas, under the negative prompt (empty here, as StyleID's unconditional inversion); the seed is not used.
+    inject = Node(13, "StyleFromImage", "Style from image", {"mode": "paper"},
                   {"model": (1, "MODEL"), "style_image": (12, "IMAGE"), "vae": (1, "VAE"), "latent": (7, "latent")},
-                  size=(320, 330))
+                  size=(320, 380))
     n[3].links = {"model": (13, "model"), "clip": (1, "CLIP")}
     n[4].links = {"clip": (3, "clip")}  # no trigger: the painting's style comes from the attention, not the prompt
     n[10].values["filename_prefix"] = "stylora/from_image"
@@ -203,8 +205,11 @@ def style_from_image() -> list[Node]:
 Style From Image (Chung et al., CVPR 2024, StyleID): in the UNet decoder's self-attention the photo keeps
 its queries and takes keys and values from the painting's features at the same step; gamma blends the
 queries (0.75: more layout), temperature sharpens the attention (1.5), adain moves the latent's colour
-statistics toward the painting's. No training, one painting. Style Strength drives it like a LoRA style
-(0 = the photo unchanged). Costs about one extra UNet batch row per painting and photo.
+statistics toward the painting's. mode paper (as published): KSampler first DDIM-inverts the photo and the
+painting along its own steps and starts from their AdaIN (keep the negative prompt empty; the seed does
+nothing); mode fast: no inversion, the seed's noise. No training, one painting. Style Strength drives it
+like a LoRA style (0 = the photo unchanged). About twice plain img2img per photo at CFG 1; the painting's
+features are computed once and reused for the next photos.
 
 Headless: stylora run ... --workflow style_from_image --content photo.jpg --style-image painting.jpg""")
     return layout([n[1], n[6], n[7]], [painting, inject], [n[3], n[4], n[5]], [n[8], n[9], n[20]], [n[10], text])
