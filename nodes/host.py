@@ -381,6 +381,29 @@ def raise_cancelled(message: str, used_by: str = "Train Style") -> None:
 # The sampler wrapper (ComfyUI's SAMPLER_SAMPLE wrapper, comfy/patcher_extension.py) sees the sampler's sigmas, its
 # clean starting latent and the guider: Style From Image's paper mode inverts there and hands the sampler its start.
 SAMPLER_SAMPLE = "sampler_sample"  # comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE
+INJECTION_ATTACHMENT = "stylora_style_injection"  # ModelPatcher attachment and sampler-wrapper key of the injection
+STYLE_IMAGE = "Style From Image"
+
+
+def rescale_style_injection(model: Any, factor: float, used_by: str) -> None:
+    """On a clone: the injection Style From Image recorded (if any) rescaled by `factor` through its own
+    `rescaled_onto(model, factor)` (factor 0 removes it), so Style Strength needs nothing of the node's module."""
+    injection = attachment(model, INJECTION_ATTACHMENT, used_by)
+    if injection is not None:
+        injection.rescaled_onto(model, factor)
+
+
+def attn1_replaced_blocks(model: Any, blocks: tuple[int, ...], used_by: str = STYLE_IMAGE) -> list[int]:
+    """The output blocks among `blocks` whose self-attention (transformer 0) already has an attn1 replace patch."""
+    _require(model, "ModelPatcher", ("model_options",), used_by)
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
+    return [i for i in blocks if ("output", i, 0) in replace]
+
+
+def model_function_wrapper(model: Any, used_by: str = STYLE_IMAGE) -> Any:
+    """The model_function_wrapper already on a ModelPatcher (another node's), or None."""
+    _require(model, "ModelPatcher", ("model_options",), used_by)
+    return model.model_options.get("model_function_wrapper")
 
 
 def install_style_injection(model: Any, wrapper: Any, attn_patch: Any, blocks: tuple[int, ...], sampler_wrapper: Any,
@@ -388,9 +411,9 @@ def install_style_injection(model: Any, wrapper: Any, attn_patch: Any, blocks: t
     """On a ModelPatcher clone: `wrapper` as model_function_wrapper, `attn_patch` as the attn1 replace patch of
     output blocks `blocks` (transformer 0), `sampler_wrapper` as the SAMPLER_SAMPLE wrapper under `key` (replacing
     one of ours already there), and `wrapper` recorded as attachment `key`."""
-    has_attrs(model, "ModelPatcher", "set_model_unet_function_wrapper", "set_model_attn1_replace", "set_attachments",
-              "add_wrapper_with_key", "remove_wrappers_with_key", used_by="Style From Image")
-    has_module("comfy.ldm.modules.attention", "optimized_attention", used_by="Style From Image")
+    _require(model, "ModelPatcher", ("set_model_unet_function_wrapper", "set_model_attn1_replace", "set_attachments",
+                                     "add_wrapper_with_key", "remove_wrappers_with_key"), STYLE_IMAGE)
+    _module("comfy.ldm.modules.attention", "optimized_attention", used_by=STYLE_IMAGE)
     model.set_model_unet_function_wrapper(wrapper)
     for i in blocks:
         model.set_model_attn1_replace(attn_patch, "output", i, 0)
@@ -402,6 +425,7 @@ def install_style_injection(model: Any, wrapper: Any, attn_patch: Any, blocks: t
 def remove_style_injection(model: Any, inner: Any, blocks: tuple[int, ...], key: str) -> None:
     """Undo install_style_injection on a clone: the model wrapper it had before (`inner`, or none), the attn1
     patches of `blocks`, our sampler wrapper and the attachment."""
+    _require(model, "ModelPatcher", ("model_options", "remove_wrappers_with_key", "remove_attachments"), STYLE_IMAGE)
     if inner is None:
         model.model_options.pop("model_function_wrapper", None)
     else:
@@ -452,12 +476,9 @@ def conditioning_tensors(conds: list) -> list:
 def predict_denoised(guider: Any, conds: list, x: Any, sigma: float, model_options: dict) -> Any:
     """The model's denoised prediction for latent x [B, 4, h, w] at `sigma` under `conds` alone (no CFG; one UNet
     row per latent), through ComfyUI's calc_cond_batch, so model wrappers and patches run as in sampling."""
-    has_module("comfy.samplers", "calc_cond_batch", used_by="Style From Image")
-    import comfy.samplers
-    import torch
-
+    samplers = _module("comfy.samplers", "calc_cond_batch", used_by=STYLE_IMAGE, needed=True)
     timestep = torch.full((x.shape[0],), float(sigma), device=x.device, dtype=x.dtype)
-    return comfy.samplers.calc_cond_batch(guider.inner_model, [conds], x, timestep, model_options)[0]
+    return samplers.calc_cond_batch(guider.inner_model, [conds], x, timestep, model_options)[0]
 
 
 def noise_for_start(sampler: Any, guider: Any, sigmas: Any, latent_image: Any, start: Any) -> Any:

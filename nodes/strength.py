@@ -28,8 +28,15 @@ from ..core.strength_rule import (
     guard_weight,
     style_schedule,
 )
-from .host import CALIBRATION_ATTACHMENT, STYLE_ATTACHMENT, attachment, rescale_clip_style, scaled_clone
-from .style_image import INJECTION_ATTACHMENT, rescale_injection
+from .host import (
+    CALIBRATION_ATTACHMENT,
+    INJECTION_ATTACHMENT,
+    STYLE_ATTACHMENT,
+    attachment,
+    rescale_clip_style,
+    rescale_style_injection,
+    scaled_clone,
+)
 
 USED_BY = "Style Strength"
 
@@ -102,7 +109,7 @@ class StyleStrength:
         #    re-bakes the weights instead of reusing those of the unscaled model.
         out = scaled_clone(model, lora_scale, USED_BY)
         # 4. Style From Image's injection follows the same ramp (0: removed, the input model's behaviour).
-        rescale_injection(out, lora_scale)
+        rescale_style_injection(out, lora_scale, USED_BY)
         # 5. The same for the text encoder's style patches (LoRAs with lora_te_* keys), on a clone of the CLIP.
         out_clip = clip if clip is None else rescale_clip_style(clip, lora_scale, USED_BY)
         return (out, denoise, out_clip, guard, mapping)

@@ -47,7 +47,7 @@ from . import host
 
 logger = logging.getLogger(__name__)
 
-INJECTION_ATTACHMENT = "stylora_style_injection"  # ModelPatcher attachment and sampler-wrapper key of the injection
+INJECTION_ATTACHMENT = host.INJECTION_ATTACHMENT  # the attachment and sampler-wrapper key of the injection
 ROWS_KEY = "stylora_style_rows"  # transformer_options key the model wrapper sets for the attention patches
 RUN_KEY = "stylora_style_run"  # transformer_options key the sampler wrapper sets for the model wrapper
 NOISE_SEED = 0  # fast mode: one fixed noise for the reference rows, the same at every step (features do not flicker)
@@ -322,6 +322,15 @@ class StyleInjection:
     def __deepcopy__(self, memo: dict) -> StyleInjection:
         return self
 
+    def rescaled_onto(self, model: Any, factor: float) -> None:
+        """On `model` (a clone carrying this injection): this injection at `factor` times its strength; factor 0
+        removes the wrappers, the patches and the record, so the model behaves as the one StyleFromImage was given,
+        bit for bit (Style Strength's ramp)."""
+        if factor:
+            install(model, dataclasses.replace(self, strength=self.strength * factor))
+            return
+        host.remove_style_injection(model, self.inner, self.blocks, INJECTION_ATTACHMENT)
+
     @functools.cached_property
     def style_digest(self) -> str:
         return tensor_digest(self.style)
@@ -515,13 +524,7 @@ def install(model: Any, injection: StyleInjection) -> None:
 def rescale_injection(model: Any, factor: float) -> None:
     """On a clone: the recorded injection's strength times `factor`; factor 0 removes the wrappers, the patches and
     the record, so the model behaves as the one StyleFromImage was given, bit for bit."""
-    injection = model.get_attachment(INJECTION_ATTACHMENT)
-    if injection is None:
-        return
-    if factor:
-        install(model, dataclasses.replace(injection, strength=injection.strength * factor))
-        return
-    host.remove_style_injection(model, injection.inner, injection.blocks, INJECTION_ATTACHMENT)
+    host.rescale_style_injection(model, factor, host.STYLE_IMAGE)
 
 
 class StyleFromImage:
@@ -598,8 +601,7 @@ class StyleFromImage:
                              f"{end_percent}")
         block_ids = parse_blocks(blocks)
         schedule = parse_gamma_schedule(gamma_schedule)
-        replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn1", {})
-        taken = [i for i in block_ids if ("output", i, 0) in replace]
+        taken = host.attn1_replaced_blocks(model, block_ids)
         if taken:
             raise ValueError(f"StyleFromImage: output blocks {taken} already have an attention patch (another "
                              "style-from-image or attention node upstream); chain only one")
@@ -620,5 +622,5 @@ class StyleFromImage:
         install(out, StyleInjection(style=style, content=content, mode=mode, blocks=block_ids, gamma=gamma,
                                     gamma_schedule=schedule, temperature=temperature, adain=adain,
                                     sigma_start=sigma_start, sigma_end=sigma_end,
-                                    inner=model.model_options.get("model_function_wrapper")))
+                                    inner=host.model_function_wrapper(model)))
         return (out,)

@@ -56,12 +56,20 @@ class FakePatcher:
         self.attachments = dict(attachments or {})
         self.patches_uuid = "base"
         self.model_options: dict[str, Any] = {"transformer_options": {}}
+        self.wrappers: dict[str, dict[str, list]] = {}
 
     def clone(self) -> FakePatcher:
         n = type(self)(self.model, {k: v[:] for k, v in self.patches.items()}, self.attachments)
         n.patches_uuid = self.patches_uuid
         n.model_options = copy.deepcopy(self.model_options)
+        n.wrappers = {t: {k: w[:] for k, w in ws.items()} for t, ws in self.wrappers.items()}
         return n
+
+    def add_wrapper_with_key(self, wrapper_type: str, key: str, wrapper: Any) -> None:
+        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
+
+    def remove_wrappers_with_key(self, wrapper_type: str, key: str) -> None:
+        self.wrappers.get(wrapper_type, {}).pop(key, None)
 
     def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
         for key, adapter in patches.items():

@@ -19,7 +19,7 @@ from stylora.eval.weights import ALEXNET, FID_INCEPTION, LPIPS_LINEAR, VGG19
 from stylora.nodes.mask import MaskedStyleApply, feather_mask, fit_mask
 from stylora.nodes.metrics import StyleMetrics
 from stylora.nodes.style_lora import LoadStyleLoRA
-from stylora.trainer import lora as lora_training
+from stylora.trainer import losses as training_losses
 from stylora.trainer.config import DreamBoothConfig, LoraTrainConfig
 from stylora.trainer.dreambooth import train_dreambooth
 from stylora.trainer.lora import train_lora
@@ -162,14 +162,14 @@ def _run_losses(cfg: LoraTrainConfig, tmp_path, name: str, perceptual=None, **ch
 def test_perceptual_terms_enter_the_loss_with_their_weights_below_the_timestep_gate(tiny_model, style_folder,
                                                                                     tmp_path, monkeypatch):
     drawn: list[list[int]] = []  # the timesteps of each step's batch
-    real_loss = lora_training.denoising_loss
+    real_loss = training_losses.denoising_loss  # style_loss draws its timesteps here
 
     def recording_loss(*args, **kwargs):
         loss, noisy, pred, t = real_loss(*args, **kwargs)
         drawn.append(t.tolist())
         return loss, noisy, pred, t
 
-    monkeypatch.setattr(lora_training, "denoising_loss", recording_loss)
+    monkeypatch.setattr(training_losses, "denoising_loss", recording_loss)
     cfg = LoraTrainConfig(data=str(style_folder), output=str(tmp_path / "x.safetensors"),
                           base_model=str(tiny_model["diffusers"]), resolution=64, steps=4, batch_size=6, min_images=1,
                           checkpoint_every=0, warmup_steps=0, seed=0)

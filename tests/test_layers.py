@@ -236,7 +236,6 @@ def test_a_marked_heavy_import_inside_a_function_is_allowed(tmp_path):
 # goes through nodes/host.py's functions.
 HOST_ADAPTERS = (
     "stylora.nodes.host",
-    "stylora.nodes.style_image",  # temporary exception: its attention patches are to move into nodes/host.py
 )
 COMFY_PACKAGES = ("comfy", "folder_paths", "comfy_extras", "comfy_api", "nodes")
 # ModelPatcher / CLIP / VAE / folder_paths fields and methods that are ComfyUI internals (not a stable API).
@@ -251,8 +250,6 @@ NODE_TO_NODE = {
     ("stylora.nodes", "*"): "the package lists the nodes",
     ("stylora.nodes.help_pages", "stylora.nodes"): "the help pages are written for the registered nodes",
     ("stylora.nodes.training", "stylora.nodes.style_lora"): "a trained style comes back applied by Load Style LoRA",
-    ("stylora.nodes.strength", "stylora.nodes.style_image"): "temporary: Style From Image's injection follows the "
-                                                               "strength through its own function",
 }
 
 

@@ -375,14 +375,16 @@ def test_a_painting_injection_beside_a_calibrated_style_keeps_todays_ramps():
     attachments = {STYLE_ATTACHMENT: (adapter,), CALIBRATION_ATTACHMENT: ((cal, 1.0),)}
     alone = FakePatcher(patches={"w": [(1.0, adapter, 1.0, None, None)]}, attachments=attachments)
     assert "-> calibrated: raw strength 0.300" in StyleStrength().apply(alone, 0.5)[4]
-    injection = types.SimpleNamespace(inner=None, blocks=(6,))
+    removed = []
+    injection = types.SimpleNamespace(inner=None, blocks=(6,),
+                                      rescaled_onto=lambda model, factor: removed.append(factor))
     both = FakePatcher(patches={"w": [(1.0, adapter, 1.0, None, None)]},
                        attachments={**attachments, INJECTION_ATTACHMENT: injection})
     both.model_options = {"model_function_wrapper": injection,
                           "transformer_options": {"patches_replace": {"attn1": {("output", 6, 0): "patch"}}}}
     out, denoise, _, _, mapping = StyleStrength().apply(both, 0.0)
     assert mapping.startswith("strength 0.000 -> uncalibrated: raw strength 0.000") and denoise == 0.0
-    assert out.patches == {} and out.get_attachment(INJECTION_ATTACHMENT) is None
+    assert out.patches == {} and removed == [0.0]  # the injection is rescaled to 0 through its own method
 
 
 def test_the_rescaled_style_is_what_comfyui_bakes_into_the_weights(host):

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_host import FakePatcher
 from stylora import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from stylora.nodes.strength import StyleStrength
 from stylora.nodes.style_image import (
@@ -112,55 +113,12 @@ def test_declaration_and_registration():
     assert len(StyleFromImage.RETURN_TYPES) == len(StyleFromImage.OUTPUT_TOOLTIPS) == 1
 
 
-class _Model:
-    """BaseModel stand-in: the latent scaling of SD1.5."""
-
-    def process_latent_in(self, x):
-        return x * 0.18215
-
-
-class _Patcher:
-    """The parts of ComfyUI's ModelPatcher the nodes use; clone() deep-copies model_options as ComfyUI's does."""
-
-    def __init__(self):
-        self.model, self.patches, self.attachments, self.wrappers = _Model(), {}, {}, {}
-        self.model_options = {"transformer_options": {}}
-
-    def clone(self):
-        n = _Patcher()
-        n.model, n.patches = self.model, {k: v[:] for k, v in self.patches.items()}
-        n.model_options, n.attachments = copy.deepcopy(self.model_options), dict(self.attachments)
-        n.wrappers = {t: {k: w[:] for k, w in ws.items()} for t, ws in self.wrappers.items()}
-        return n
-
-    def add_wrapper_with_key(self, wrapper_type, key, wrapper):
-        self.wrappers.setdefault(wrapper_type, {}).setdefault(key, []).append(wrapper)
-
-    def remove_wrappers_with_key(self, wrapper_type, key):
-        self.wrappers.get(wrapper_type, {}).pop(key, None)
+class _Patcher(FakePatcher):
+    """The one fake ModelPatcher (tests/fake_host.py) with SD1.5's noise schedule as its model_sampling."""
 
     def get_model_object(self, name):
         assert name == "model_sampling"
         return _Sampling()
-
-    def set_model_unet_function_wrapper(self, f):
-        self.model_options["model_function_wrapper"] = f
-
-    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
-        to = dict(self.model_options["transformer_options"])
-        to["patches_replace"] = dict(to.get("patches_replace", {}))
-        to["patches_replace"]["attn1"] = {**to["patches_replace"].get("attn1", {}),
-                                          (block_name, number, transformer_index): patch}
-        self.model_options["transformer_options"] = to
-
-    def get_attachment(self, key):
-        return self.attachments.get(key)
-
-    def set_attachments(self, key, value):
-        self.attachments[key] = value
-
-    def remove_attachments(self, key):
-        self.attachments.pop(key, None)
 
 
 class _Sampling:
