@@ -64,7 +64,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
             kwargs["choices"] = list(args)
         elif origin is tuple:
             kwargs["nargs"] = "+"
-            kwargs["type"] = str
+            kwargs["type"] = args[0] if args and args[0] in (int, float) else str  # numbers parsed as typed
         elif origin in (typing.Union, types.UnionType) and type(None) in args:
             inner = next(a for a in args if a is not type(None))
             kwargs["type"] = _float_or_none if inner is float else inner

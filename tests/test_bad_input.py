@@ -122,7 +122,7 @@ def test_config_file_values_of_the_wrong_type_name_the_key(style_folder, tmp_pat
 
 def test_a_diverging_loss_stops_the_run_keeping_the_last_good_checkpoint(tiny_model, style_folder, tmp_path,
                                                                          monkeypatch, capsys):
-    import stylora.trainer.lora as lora
+    import stylora.trainer.losses as lora  # the style loss draws its noise here
 
     real = lora.denoising_loss
     calls = {"n": 0}

@@ -281,7 +281,7 @@ def test_style_metrics_node_scores_every_registry_metric_including_lpips_vgg(tmp
     assert rows[0]["label"] == "mine" and rows[0]["images"] == "2" and float(rows[0]["lpips"]) == pytest.approx(0.125)
     assert node_module.StyleMetrics.IS_CHANGED(style_folder="") == ""
     assert node_module.StyleMetrics.IS_CHANGED(style_folder=" x ") != ""
-    assert node_module._device().type in ("cpu", "cuda")
+    assert node_module.torch_device().type in ("cpu", "cuda")
     out = node.measure(flat(0.5).permute(0, 2, 3, 1), styled, csv_path=" ")
     assert not (tmp_path / " ").exists() and "fid" in json.loads(out["result"][1])["unavailable"]
 
@@ -476,7 +476,7 @@ def test_style_metrics_node_declares_its_inputs_logs_its_text_and_asks_the_host_
     host.model_management = types.SimpleNamespace(get_torch_device=lambda: torch.device("cpu", 0))
     monkeypatch.setitem(sys.modules, "comfy", host)
     monkeypatch.setitem(sys.modules, "comfy.model_management", host.model_management)
-    assert node_module._device() == torch.device("cpu", 0)  # ComfyUI's choice, not the fallback's
+    assert node_module.torch_device() == torch.device("cpu", 0)  # ComfyUI's choice, not the fallback's
 
 
 def test_eval_plots_what_it_says(tmp_path, capsys, drawn):  # noqa: F811

@@ -346,7 +346,7 @@ def test_a_trained_style_is_reused_only_for_the_same_paintings(tmp_path, monkeyp
 
     def train(cfg, **kw):  # what the trainer leaves: the file with its settings, and the resource record
         calls.append(kw)
-        save_file({"x": torch.zeros(1)}, cfg.output, metadata={"stylora.config": json.dumps(cfg.to_dict())})
+        save_file({"x": torch.zeros(1)}, cfg.output, metadata={"stylora.config": json.dumps(cfg.to_metadata())})
         Path(cfg.output).with_suffix(".resources.json").write_text("{}")
 
     monkeypatch.setattr(runner, "train_lora", train)

@@ -109,17 +109,18 @@ def test_node_defaults_are_the_cli_defaults_and_nothing_comfy_is_needed_to_list_
 
 def test_node_trains_into_models_styles_with_the_clis_file_and_progress(comfy, tiny_model, monkeypatch):
     from stylora.core.lora_file import read_lora
+    from stylora.trainer import loop as trainer_loop
     from stylora.trainer import lora as trainer
     from stylora.trainer.config import LoraTrainConfig
 
     held = []
-    real_load = trainer.load_base_model
+    real_load = trainer_loop.load_base_model
 
     def load_and_watch(*args, **kwargs):  # weak references to the trainer's model copies
         base = real_load(*args, **kwargs)
         held.extend(weakref.ref(m) for m in (base.unet, base.vae, base.text_encoder))
         return base
-    monkeypatch.setattr(trainer, "load_base_model", load_and_watch)
+    monkeypatch.setattr(trainer_loop, "load_base_model", load_and_watch)
 
     with torch.inference_mode():  # as ComfyUI runs every node
         model, clip, name = TrainStyle().train(steps=3, **RUN)
