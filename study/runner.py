@@ -103,18 +103,13 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
 
     # 4. Place trained files where the servers see them: styles in models/styles, checkpoints in models/checkpoints,
     #    embeddings in models/embeddings.
-    names: dict[tuple[str, str], str] = {}
     with manifest.stage("place"):
-        for (style, method), path in artifacts.items():
-            kind = MODEL_FOLDERS.get(method, "styles")
-            names[style, method] = f"stylora-study-{style}-{method}-{_settings_digest(path)}.safetensors"
-            for root in models:
-                place(path, root / kind / names[style, method])
+        names = place_artifacts(artifacts, models)
 
     # 5. Stylise on the servers (a job at a time; run_workflow spreads its photos over the servers and skips
     #    outputs that exist, so a killed run loses at most the images in flight); AdaIN here, in-process.
     missing_nodes = missing_node(cfg.server, IMAGE_NODE) if "image" in cfg.methods else []
-    adain, adain_missing = None, None
+    adain = AdaINModel(cfg.eval_device)
     with manifest.stage("stylize"):
         for job in jobs:
             bar.set_postfix_str(f"stylize {job.style} {job.method} s={job.strength:g}")
@@ -122,32 +117,19 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
             if manifest.done("stylize", job.key) and _count_images(folder) >= len(photos):
                 bar.update(len(photos))
                 continue
-            if job.method == "image":
-                why = (f"node {IMAGE_NODE} not available on this server ({', '.join(missing_nodes)})"
-                       if missing_nodes else None)
-                if why is None and not (API_DIR / f"{IMAGE_WORKFLOW}.json").is_file():
-                    why = f"no bundled workflow {IMAGE_WORKFLOW!r} for node {IMAGE_NODE}"
-                if why is not None:
-                    logger.warning("method image, style %s: skipped: %s", job.style, why)
-                    manifest.record("skipped", job.key, why)
-                    bar.update(len(photos))
-                    continue
+            why = image_skip_reason(missing_nodes) if job.method == "image" else None
+            if job.method in IN_PROCESS and adain.load() is None:
+                why = adain.missing
+            if why is not None:
+                logger.warning("method %s, style %s: skipped: %s", job.method, job.style, why)
+                manifest.record("skipped", job.key, why)
+                bar.update(len(photos))
+                continue
             if job.method in IN_PROCESS:
-                if adain is None and adain_missing is None:
-                    try:
-                        adain = AdaIN().to(_device(cfg.eval_device))
-                    except WeightsUnavailable as e:
-                        adain_missing = str(e).splitlines()[0]
-                if adain_missing is not None:
-                    logger.warning("method adain, style %s: skipped: %s", job.style, adain_missing)
-                    manifest.record("skipped", job.key, adain_missing)
-                    bar.update(len(photos))
-                    continue
-                result = stylize_adain(adain, photos, examples[job.style], folder, job.strength,
+                result = stylize_adain(adain.load(), photos, examples[job.style], folder, job.strength,
                                        cfg.max_side or 512)
             else:
-                run_cfg = job_run_config(cfg, job, styles, names, folder, examples)
-                result = run_workflow(run_cfg, say=logger.info)
+                result = run_workflow(job_run_config(cfg, job, styles, names, folder, examples), say=logger.info)
             earlier = manifest.get("stylize", job.key) or {}
             seconds = {**earlier.get("seconds", {}), **{Path(p).stem: s for p, _, s in result.done}}
             manifest.record("stylize", job.key, {"done": not result.failed, "seconds": seconds,
@@ -160,23 +142,9 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
     with manifest.stage("evaluate"):
         for style, style_folder in styles.items():
             bar.set_postfix_str(f"evaluate {style}")
-            style_jobs = [j for j in jobs if j.style in (style, BASE) and _count_images(out / "styled" / j.key)]
-            eval_out = out / "eval" / style
-            if not style_jobs:
-                logger.warning("style %s: nothing stylised to score", style)
-                bar.update(1)
-                continue
-            folders = [out / "styled" / j.key for j in style_jobs]
-            fingerprint = _folders_fingerprint(folders + [Path(style_folder), content], cfg.metrics)
-            if manifest.get("evaluate", style) == fingerprint and (eval_out / "report.json").is_file():
-                reports[style] = json.loads((eval_out / "report.json").read_text(encoding="utf-8"))
-            else:
-                eval_cfg = EvalConfig(content=str(content), styled=tuple(str(f) for f in folders), out=str(eval_out),
-                                      style=str(style_folder), names=tuple(j.key for j in style_jobs),
-                                      metrics=cfg.metrics, device=cfg.eval_device, grid_rows=cfg.grid_rows,
-                                      resize_content=True)  # the workflows shrink photos above max_side
-                reports[style] = evaluate(eval_cfg, nets=nets, progress=False)
-                manifest.record("evaluate", style, fingerprint)
+            report = score_style(cfg, manifest, style, Path(style_folder), jobs, content, nets)
+            if report is not None:
+                reports[style] = report
             bar.update(1)
 
     # 7. The report: comparison table, targets, grids, strength sweeps, costs and where the time went.
@@ -190,6 +158,66 @@ def run_study(cfg: StudyConfig, *, progress: bool = True, nets: dict | None = No
                               loss_logs={f"{s}/{m}": loss_log_path(p) for (s, m), p in artifacts.items()})
         bar.update(1)
     bar.close()
+    return report
+
+
+def place_artifacts(artifacts: dict[tuple[str, str], Path], models: list[Path]) -> dict[tuple[str, str], str]:
+    """Copy each trained file into every server's models folder of its kind (styles, checkpoints, embeddings) under a
+    name carrying its settings' digest; returns those names by (style, method)."""
+    names: dict[tuple[str, str], str] = {}
+    for (style, method), path in artifacts.items():
+        kind = MODEL_FOLDERS.get(method, "styles")
+        names[style, method] = f"stylora-study-{style}-{method}-{_settings_digest(path)}.safetensors"
+        for root in models:
+            place(path, root / kind / names[style, method])
+    return names
+
+
+def image_skip_reason(missing_nodes: list[str]) -> str | None:
+    """Why the Style From Image method cannot run on these servers (the node or its bundled workflow missing), or
+    None."""
+    if missing_nodes:
+        return f"node {IMAGE_NODE} not available on this server ({', '.join(missing_nodes)})"
+    if not (API_DIR / f"{IMAGE_WORKFLOW}.json").is_file():
+        return f"no bundled workflow {IMAGE_WORKFLOW!r} for node {IMAGE_NODE}"
+    return None
+
+
+class AdaINModel:
+    """AdaIN's network, loaded at its first use; `missing` says why it cannot be (its weights not found)."""
+
+    def __init__(self, device: str | None):
+        self.device, self.net, self.missing = device, None, None
+
+    def load(self) -> AdaIN | None:
+        if self.net is None and self.missing is None:
+            try:
+                self.net = AdaIN().to(_device(self.device))
+            except WeightsUnavailable as e:
+                self.missing = str(e).splitlines()[0]
+        return self.net
+
+
+def score_style(cfg: StudyConfig, manifest: Manifest, style: str, style_folder: Path, jobs: list[Job], content: Path,
+                nets: dict | None) -> dict | None:
+    """The evaluation report of one style's stylised folders (and the base model's) against its paintings, reused
+    when no output changed since the last scoring; None when nothing was stylised."""
+    out = Path(cfg.out)
+    style_jobs = [j for j in jobs if j.style in (style, BASE) and _count_images(out / "styled" / j.key)]
+    eval_out = out / "eval" / style
+    if not style_jobs:
+        logger.warning("style %s: nothing stylised to score", style)
+        return None
+    folders = [out / "styled" / j.key for j in style_jobs]
+    fingerprint = _folders_fingerprint(folders + [style_folder, content], cfg.metrics)
+    if manifest.get("evaluate", style) == fingerprint and (eval_out / "report.json").is_file():
+        return json.loads((eval_out / "report.json").read_text(encoding="utf-8"))
+    eval_cfg = EvalConfig(content=str(content), styled=tuple(str(f) for f in folders), out=str(eval_out),
+                          style=str(style_folder), names=tuple(j.key for j in style_jobs), metrics=cfg.metrics,
+                          device=cfg.eval_device, grid_rows=cfg.grid_rows,
+                          resize_content=True)  # the workflows shrink photos above max_side
+    report = evaluate(eval_cfg, nets=nets, progress=False)
+    manifest.record("evaluate", style, fingerprint)
     return report
 
 
