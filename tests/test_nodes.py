@@ -523,3 +523,39 @@ def test_style_metrics_never_sends_nan_to_the_browser(tmp_path):
     assert json_safe({"a": [float("inf"), 1.0], "b": (float("nan"),)}) == {"a": [None, 1.0], "b": [None]}
     nan_fid = {"images": 1, "metrics": {"fid": float("nan")}, "unavailable": {}}
     assert format_scores(nan_fid) == "1 image(s)\nfid: n/a (not a finite number)"
+
+
+def test_load_style_lora_blends_three_styles_at_strength_times_weight_and_records_them(tmp_path, monkeypatch):
+    """A blend of three styles: each patched at strength x its normalised weight (worked by hand below), the added
+    patches and each style's calibration recorded for Style Strength, and the suggested denoise the weighted mean."""
+    from fake_host import STYLE_KEY, FakeCLIP, FakeComfy
+    from stylora.core.lora_file import save_lora
+    from stylora.core.strength_rule import CALIBRATION_KEY, Calibration
+    from stylora.nodes.host import CALIBRATION_ATTACHMENT
+
+    unet = {"lora_unet_x.lora_down.weight": torch.zeros(2, 8), "lora_unet_x.lora_up.weight": torch.zeros(8, 2)}
+    cal = Calibration((0.0, 0.5, 1.0), (0.95, 0.45, 0.35)).to_json()
+    files = {"a": str(save_lora(tmp_path / "a.safetensors", unet, {"stylora.suggested_denoise": "0.4",
+                                                                   CALIBRATION_KEY: cal})),
+             "b": str(save_lora(tmp_path / "b.safetensors", unet, {"stylora.suggested_denoise": "0.8"})),
+             "c": str(save_lora(tmp_path / "c.safetensors", unet, {"stylora.suggested_denoise": "0.6"})),
+             "broken": str(save_lora(tmp_path / "broken.safetensors", unet, {CALIBRATION_KEY: "{not json"}))}
+    comfy = FakeComfy(files).install(monkeypatch)
+    base = comfy.model()
+    # weights 1 (the first style's), 2 (style_2's default 1.0 would give 1/3 each) and 1: normalised 1/4, 1/2, 1/4.
+    model, _, info, _ = LoadStyleLoRA().load(base, FakeCLIP(), "a", 0.8, style_2="b", weight_2=2.0, style_3="c")
+    assert [s for _, s, _ in comfy.loaded] == pytest.approx([0.2, 0.4, 0.2])  # the UNet's strength
+    assert [s for _, _, s in comfy.loaded] == pytest.approx([0.2, 0.4, 0.2])  # the text encoder's
+    added = tuple(p[1] for p in model.patches[STYLE_KEY])
+    assert len(added) == 3 and model.get_attachment(STYLE_ATTACHMENT) == added
+    assert base.get_attachment(STYLE_ATTACHMENT) is None  # the input model is left as it was
+    recorded = model.get_attachment(CALIBRATION_ATTACHMENT)
+    assert [c for c, _ in recorded] == [cal, None, None] and [w for _, w in recorded] == pytest.approx([0.2, 0.4, 0.2])
+    assert [s["calibrated"] for s in info["styles"]] == [True, False, False] and info["calibrated"] is False
+    assert [s["weight"] for s in info["styles"]] == pytest.approx([0.25, 0.5, 0.25])
+    assert info["suggested_denoise"] == pytest.approx(0.25 * 0.4 + 0.5 * 0.8 + 0.25 * 0.6)  # 0.6
+    comfy.loaded.clear()
+    LoadStyleLoRA().load(comfy.model(), FakeCLIP(), "a", 1.0, style_2="b")  # weight_2 default 1.0: half each
+    assert [s for _, s, _ in comfy.loaded] == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"style 'broken' \(.*broken.safetensors\): .*run stylora calibrate again"):
+        LoadStyleLoRA().load(comfy.model(), FakeCLIP(), "broken", 1.0)
