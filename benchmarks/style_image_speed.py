@@ -5,10 +5,11 @@ ComfyUI, on a full-size SD1.5 checkpoint (random weights cost the same as real o
     python benchmarks/style_image_speed.py --checkpoint sd15.safetensors [--sizes 256 512] [--steps 2] [--photos 8]
 
 Each size runs in its own ComfyUI process (the checkpoint loaded once), as a folder run does: one painting,
-`--photos` different photos, each encoded, styled by a fresh Style From Image (as a new queued prompt would) and
-sampled with euler at CFG 1, denoise 1, `--steps` steps. The modes take turns photo by photo (plain, fast, paper,
-plain, ...), so a change in the load of a shared machine reaches all three alike. Each mode's first photo is
-excluded from its mean (it pays for the painting's features, which later photos reuse). Peak memory is the
+`--photos` different photos, each encoded, styled by a fresh Style From Image (as a new queued prompt would),
+sampled with euler at CFG 1, denoise 1, `--steps` steps, and decoded. The modes take turns photo by photo (plain,
+fast, paper, plain, ...), so a change in the load of a shared machine reaches all three alike; the median per photo
+is printed beside the mean because another process's burst lands on single photos. Each mode's first photo is
+excluded (it pays for the painting's features, which later photos reuse). Peak memory is the
 process's peak RSS during that photo (the kernel's high-water mark, reset before each photo), and its rise over
 the RSS before it.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -57,15 +59,21 @@ def measure(pack: str, ckpt: str, size: int, steps: int, photos: int, modes: lis
                 if mode != "plain":
                     (styled,) = module.NODE_CLASS_MAPPINGS["StyleFromImage"]().apply(model, painting, vae, latent,
                                                                                      mode=mode)
-                nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
-                runs[mode].append((time.perf_counter() - start, _status_mib("VmHWM"), before))
-                print(json.dumps({"size": size, "mode": mode, "s": runs[mode][-1][0]}), file=sys.stderr, flush=True)
+                (samples,) = nodes.common_ksampler(styled, 0, steps, 1.0, "euler", "normal", cond, uncond, latent,
+                                                   denoise=1.0)
+                sampled = time.perf_counter() - start
+                vae.decode(samples["samples"])  # a folder run saves every photo
+                runs[mode].append((time.perf_counter() - start, sampled, _status_mib("VmHWM"), before))
+                print(json.dumps({"size": size, "mode": mode, "s": runs[mode][-1][0], "sampling_s": sampled}),
+                      file=sys.stderr, flush=True)
     out = []
     for mode, rs in runs.items():
         later = rs[1:] or rs
         out.append({"size": size, "mode": mode, "photos": photos, "steps": steps,
-                    "s_per_photo": sum(r[0] for r in later) / len(later), "first_photo_s": rs[0][0],
-                    "peak_rss_mib": round(max(r[1] for r in later)), "rise_mib": round(max(r[1] - r[2] for r in later)),
+                    "s_per_photo": statistics.mean(r[0] for r in later),
+                    "median_s": statistics.median(r[0] for r in later),
+                    "sampling_s": statistics.median(r[1] for r in later), "first_photo_s": rs[0][0],
+                    "peak_rss_mib": round(max(r[2] for r in later)), "rise_mib": round(max(r[2] - r[3] for r in later)),
                     "attention": comfy.ldm.modules.attention.optimized_attention.__name__})
     return out
 
@@ -111,16 +119,19 @@ def main() -> int:
             return 1
         rows += json.loads(proc.stdout.strip().splitlines()[-1])
         print(json.dumps(rows[-len(args.modes):]), flush=True)
-    print(f"{'size':>5} {'mode':>6} {'photos':>6} {'s/photo':>8} {'first s':>8} {'peak RSS MiB':>13} {'rise MiB':>9}")
+    print(f"{'size':>5} {'mode':>6} {'photos':>6} {'mean s':>7} {'median s':>9} {'sampling s':>11} {'first s':>8} "
+          f"{'peak RSS MiB':>13} {'rise MiB':>9}")
     for r in rows:
-        print(f"{r['size']:>5} {r['mode']:>6} {r['photos']:>6} {r['s_per_photo']:>8.1f} {r['first_photo_s']:>8.1f} "
-              f"{r['peak_rss_mib']:>13} {r['rise_mib']:>9}")
+        print(f"{r['size']:>5} {r['mode']:>6} {r['photos']:>6} {r['s_per_photo']:>7.1f} {r['median_s']:>9.1f} "
+              f"{r['sampling_s']:>11.1f} {r['first_photo_s']:>8.1f} {r['peak_rss_mib']:>13} {r['rise_mib']:>9}")
     for size in args.sizes:
         plain = next((r for r in rows if r["size"] == size and r["mode"] == "plain"), None)
         for r in rows:
             if plain and r["size"] == size and r["mode"] != "plain":
-                print(f"{size}px: {r['mode']} / plain = {r['s_per_photo'] / plain['s_per_photo']:.2f}x time per "
-                      f"photo (attention: {r['attention']})")
+                print(f"{size}px: {r['mode']} / plain = {r['s_per_photo'] / plain['s_per_photo']:.2f}x mean, "
+                      f"{r['median_s'] / plain['median_s']:.2f}x median time per photo, "
+                      f"{r['sampling_s'] / plain['sampling_s']:.2f}x median encode+sampling "
+                      f"(attention: {r['attention']})")
     return 0
 
 

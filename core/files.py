@@ -3,6 +3,8 @@ folder indexing."""
 
 from __future__ import annotations
 
+import csv
+import functools
 import logging
 import os
 import tempfile
@@ -38,6 +40,19 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _write_csv_rows(fields: list[str], rows: list[dict], tmp: str) -> None:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def atomic_write_csv(path: str | Path, fields: list[str], rows: list[dict]) -> Path:
+    """A CSV with header `fields` and one line per row (keys outside `fields` left out, missing ones empty),
+    written atomically."""
+    return atomic_write(path, functools.partial(_write_csv_rows, list(fields), list(rows)))
 
 
 @dataclass(frozen=True)

@@ -95,10 +95,6 @@ def coerce(value: Any, hint: Any, name: str, where: str = "") -> Any:
     """`value` as the type `hint` of field `name`: ints stay ints (2.0 -> 2, 2.5 refused), an int is a float, lists
     become tuples, "none"/"off" is None for optional fields. Anything else is a ValueError naming the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def bad(expected: str) -> ValueError:
-        return ValueError(f"{where}{name}: expected {expected}, got {value!r} ({type(value).__name__})")
-
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in NONE_WORDS):
             return None
@@ -107,36 +103,40 @@ def coerce(value: Any, hint: Any, name: str, where: str = "") -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise bad("true or false")
+        raise _type_error(where, name, value, "true or false")
     if hint is int:
         if isinstance(value, bool):
-            raise bad("a whole number")
+            raise _type_error(where, name, value, "a whole number")
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         if isinstance(value, int):
             return value
-        raise bad("a whole number")
+        raise _type_error(where, name, value, "a whole number")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise bad("a number")
+        raise _type_error(where, name, value, "a number")
     if hint is str:
         if isinstance(value, str):
             return value
-        raise bad("a string")
+        raise _type_error(where, name, value, "a string")
     if origin is typing.Literal:
         if value in args:
             return value
         raise ValueError(f"{where}{name}: expected one of {list(args)}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise bad(f"a list of {_NAMES.get(args[0], 'values')}")
+            raise _type_error(where, name, value, f"a list of {_NAMES.get(args[0], 'values')}")
         if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
             return tuple(coerce(v, args[0], f"{name}[{i}]", where) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise bad(f"{len(args)} values")
+            raise _type_error(where, name, value, f"{len(args)} values")
         return tuple(coerce(v, a, f"{name}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
     return value
+
+
+def _type_error(where: str, name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{where}{name}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
 _NAMES = {str: "strings", int: "whole numbers", float: "numbers", bool: "true/false values"}

@@ -11,7 +11,6 @@ image is cropped to the training resolution, and a manifest records where each c
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..core.files import atomic_write, atomic_write_text, scan_folder
+from ..core.files import atomic_write, atomic_write_csv, atomic_write_text, scan_folder
 from ..core.images import ImageLoadError, image_grid, load_image, resize_cover
 
 logger = logging.getLogger(__name__)
@@ -115,22 +114,22 @@ def kaggle_candidates(root: Path) -> Iterator[Candidate]:
 def _parquet_label_names(pf, root: Path) -> dict[str, list[str]]:
     """ClassLabel names per column from the parquet's schema metadata or a dataset_info json nearby."""
     names: dict[str, list[str]] = {}
-
-    def collect(features: dict[str, Any]) -> None:
-        for col, feat in (features or {}).items():
-            if isinstance(feat, dict) and feat.get("names"):
-                names[col] = list(feat["names"])
-
     meta = pf.schema_arrow.metadata or {}
     if b"huggingface" in meta:
-        collect(json.loads(meta[b"huggingface"]).get("info", {}).get("features", {}))
+        names.update(_class_label_names(json.loads(meta[b"huggingface"]).get("info", {}).get("features", {})))
     for folder in (root, root.parent):
         for fname in ("dataset_info.json", "dataset_infos.json"):
             if not names and (folder / fname).is_file():
                 info = json.loads((folder / fname).read_text(encoding="utf-8"))
                 info = next(iter(info.values())) if fname == "dataset_infos.json" and info else info
-                collect(info.get("features", {}))
+                names.update(_class_label_names(info.get("features", {})))
     return names
+
+
+def _class_label_names(features: dict[str, Any] | None) -> dict[str, list[str]]:
+    """{column: names} of the ClassLabel features in a datasets `features` mapping."""
+    return {col: list(feat["names"]) for col, feat in (features or {}).items()
+            if isinstance(feat, dict) and feat.get("names")}
 
 
 def _label(value: Any, names: list[str] | None) -> str:
@@ -262,18 +261,23 @@ def prepare(cfg: PrepareConfig, kind: str, progress: bool = True) -> dict[str, A
     manifest = {"kind": kind, "config": asdict(cfg), "count": len(kept), "candidates": len(candidates),
                 "images": kept, "skipped": skipped}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2))
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(kept[0]))
-            w.writeheader()
-            w.writerows(kept)
-
-    atomic_write(out / "manifest.csv", write_csv)
+    atomic_write_csv(out / "manifest.csv", list(kept[0]), kept)
     return manifest
 
 
 # --- statistics (what a style set holds before training on it) ---
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _spread(values: np.ndarray) -> dict[str, float]:
+    return {"min": float(values.min()), "median": float(np.median(values)), "max": float(values.max())}
+
 
 def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: int = 8) -> dict[str, Any]:
     """Counts per style, size and aspect histograms and a sample grid of image folders, as PNGs and summary.md.
@@ -329,39 +333,31 @@ def dataset_stats(folders: list[str | Path], out: str | Path, grid_per_folder: i
     heights = np.array([r["height"] for r in records])
     aspects = widths / heights
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-        plt.close(fig)
-
     fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(per_style) + 2), 3.6))
     ax.bar(list(per_style), list(per_style.values()), color="#4c72b0")
     ax.set_ylabel("images")
     ax.set_title("Images per style")
     ax.tick_params(axis="x", rotation=45)
-    save(fig, "style_counts.png")
+    _save_figure(fig, out / "style_counts.png")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.hist([widths, heights], bins=20, label=["width", "height"])
     ax.set_xlabel("pixels")
     ax.legend()
     ax.set_title("Source image sizes")
-    save(fig, "size_hist.png")
+    _save_figure(fig, out / "size_hist.png")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     ax.hist(aspects, bins=20, color="#dd8452")
     ax.set_xlabel("width / height")
     ax.set_title("Aspect ratios")
-    save(fig, "aspect_hist.png")
+    _save_figure(fig, out / "aspect_hist.png")
 
     rows = [(name, files[:grid_per_folder]) for name, files in samples.items()]
     canvas = image_grid([files for _, files in rows], 128, grid_per_folder,
                         row_titles=tuple(name for name, _ in rows), unreadable=None)
     atomic_write(out / "sample_grid.png", lambda tmp: canvas.save(tmp, format="PNG"))
 
-    def spread(v: np.ndarray) -> dict[str, float]:
-        return {"min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}
-
-    summary = {"images": len(records), "per_style": per_style, "width": spread(widths), "height": spread(heights),
-               "aspect": spread(aspects), "skipped": skipped}
+    summary = {"images": len(records), "per_style": per_style, "width": _spread(widths), "height": _spread(heights),
+               "aspect": _spread(aspects), "skipped": skipped}
     lines = ["# Dataset statistics", "", f"{len(records)} images in {len(samples)} folder(s).", "",
              "| style | images |", "|---|---|", *[f"| {s} | {n} |" for s, n in per_style.items()], "",
              "| | min | median | max |", "|---|---|---|---|",

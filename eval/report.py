@@ -3,7 +3,6 @@ a report a person reads out: report.json, report.csv, report.md, bar charts, a s
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.files import atomic_write, atomic_write_text, image_files, index_by_stem
+from ..core.files import atomic_write, atomic_write_csv, atomic_write_text, image_files, index_by_stem
 from ..core.images import ImageLoadError, image_grid, load_image
 from .config import EvalConfig
 from .registry import (
@@ -215,15 +214,8 @@ def _content_photo(row: dict[str, Any], width: int, height: int, resize_content:
 def _write_csv(path: Path, methods: list[MethodResult], metrics: list[str]) -> None:
     fields = ["method", "image", *metrics, "content_file", "styled_file", "error"]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            w.writeheader()
-            for m in methods:
-                for r in m.rows:
-                    w.writerow({"method": m.name, **{k: r.get(k, "") for k in fields if k != "method"}})
-
-    atomic_write(path, write)
+    rows = [{"method": m.name, **{k: r.get(k, "") for k in fields if k != "method"}} for m in methods for r in m.rows]
+    atomic_write_csv(path, fields, rows)
 
 
 def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]) -> str:

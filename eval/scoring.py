@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.files import atomic_write, index_by_stem
+from ..core.files import atomic_write, atomic_write_csv, index_by_stem
 from ..core.images import ImageLoadError, load_image, resize_cover
 from .metrics import InceptionFeatures, VGGStyle, as_bchw, same_size
 from .registry import (
@@ -359,11 +359,4 @@ def append_csv(path: str | Path, row: dict[str, Any]) -> None:
     fields: list[str] = []
     for r in rows:
         fields += [k for k in r if k not in fields]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(path, write)
+    atomic_write_csv(path, fields, rows)

@@ -21,9 +21,10 @@ Two modes:
 - `fast`: no inversion. The photo's and the painting's latents, noised to the step's sigma with one fixed noise,
   ride in the UNet batch as reference rows, and the latent being denoised is AdaIN'd toward the noised painting at
   every injected step.
-In both modes the painting's features are computed once per (painting, model, conditioning, sigmas) and kept in a
-process-wide LRU cache of at most FEATURE_CACHE_BYTES, so a folder of photos pays for the painting once: per step
-and photo, 2 UNet rows at CFG 1 (paper: inversion + sampling; fast: photo reference + the photo).
+In both modes the painting's latent is encoded once per (painting, VAE, size) and its features are computed once
+per (painting, model, conditioning, sigmas), kept in a process-wide LRU cache of at most FEATURE_CACHE_BYTES, so a
+folder of photos pays for the painting once: per step and photo, 2 UNet rows at CFG 1 (paper: inversion +
+sampling; fast: photo reference + the photo).
 
 The tensor functions (attention, blend_queries, styled_attention, adain, invert, ...) need no ComfyUI; every ComfyUI
 internal is reached through nodes/host.py.
@@ -37,6 +38,7 @@ import functools
 import hashlib
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -213,6 +215,19 @@ class FeatureCache:
 
 
 PAINTING_FEATURES = FeatureCache(FEATURE_CACHE_BYTES)  # shared by every Style From Image in the process
+
+
+def encoded_painting(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """vae.encode(pixels): pixels [S, H, W, 3] in 0..1 -> latents [S, 4, H/8, W/8], taken from PAINTING_FEATURES
+    when this same VAE object encoded these pixels before (a weak reference tells a VAE that was freed and another
+    one that took its id apart)."""
+    key = ("latent", tensor_digest(pixels), id(vae))
+    kept = PAINTING_FEATURES.get(key)
+    if kept is not None and kept["vae"]() is vae:
+        return kept["latent"]
+    latent = vae.encode(pixels)
+    PAINTING_FEATURES.put(key, {"vae": weakref.ref(vae), "latent": latent})
+    return latent
 
 
 @dataclasses.dataclass(eq=False)
@@ -605,10 +620,11 @@ class StyleFromImage:
         if taken:
             raise ValueError(f"StyleFromImage: output blocks {taken} already have an attention patch (another "
                              "style-from-image or attention node upstream); chain only one")
-        # 2. The painting, cropped to the photo's aspect and encoded at the photo's size.
+        # 2. The painting, cropped to the photo's aspect and encoded at the photo's size (once per painting, VAE
+        #    and size: a folder of photos encodes it once).
         samples = latent["samples"]
         pixels = fit_to(style_image[..., :3], samples.shape[-2] * 8, samples.shape[-1] * 8)
-        style = vae.encode(pixels)
+        style = encoded_painting(vae, pixels)
         # 3. Both latents in the model's space (SD1.5: times 0.18215), as the sampler sees the photo's.
         style = model.model.process_latent_in(style.float()).cpu()
         content = model.model.process_latent_in(samples.float()).cpu()

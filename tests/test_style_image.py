@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import weakref
 
 import pytest
 import torch
@@ -647,3 +648,45 @@ def test_gamma_schedule_parsing_and_feature_cache_bound():
     assert cache.get(1) is not None and list(cache.entries) == [2, 3, 1]  # a hit is the newest
     cache.put(9, {"k": torch.zeros(20, 20)})  # larger than the bound: not kept, nothing evicted
     assert 9 not in cache.entries and len(cache.entries) == 3
+
+
+def test_a_folder_of_photos_encodes_the_painting_once_per_vae_and_size():
+    seen = []
+
+    class _CountingVAE(_VAE):
+        def encode(self, pixels):
+            seen.append(tuple(pixels.shape))
+            return super().encode(pixels)
+
+    painting = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    vae, base = _CountingVAE(), _fake_model()
+
+    def styled_latent(vae, painting, h=2, w=2, photo=0.0):
+        (m,) = StyleFromImage().apply(base, painting, vae, {"samples": torch.full((1, 4, h, w), photo)})
+        return m.get_attachment(INJECTION_ATTACHMENT).style
+
+    # Three photos, one painting, one VAE: encoded once; every photo's injection holds the same painting latent,
+    # the 8x8 average of the painting times 4 - 2, times SD1.5's 0.18215 (worked from _VAE's formula).
+    first = styled_latent(vae, painting, photo=0.1)
+    assert styled_latent(vae, painting, photo=0.2).equal(first)
+    assert styled_latent(vae, painting, photo=0.3).equal(first)
+    assert seen == [(1, 16, 16, 3)]
+    pooled = painting.movedim(-1, 1).reshape(1, 3, 2, 8, 2, 8).mean((3, 5))
+    expected = torch.cat([pooled, pooled[:, :1]], 1) * 4 - 2
+    assert torch.allclose(first, expected * 0.18215, atol=1e-6)
+    # Another painting, another size, another VAE object: each encoded anew.
+    styled_latent(vae, painting.flip(1))
+    styled_latent(vae, painting, h=3, w=3)
+    other = _CountingVAE()
+    styled_latent(other, painting)
+    assert seen == [(1, 16, 16, 3)] * 2 + [(1, 24, 24, 3), (1, 16, 16, 3)]
+    # Two VAEs taking turns keep an entry each; an entry left by a freed VAE whose id another one took is not used.
+    styled_latent(vae, painting)
+    styled_latent(other, painting)
+    assert len(seen) == 4
+    from stylora.nodes.style_image import PAINTING_FEATURES, encoded_painting, tensor_digest
+
+    third = _CountingVAE()
+    PAINTING_FEATURES.put(("latent", tensor_digest(painting), id(third)),
+                          {"vae": weakref.ref(_CountingVAE()), "latent": torch.zeros(1, 4, 2, 2)})
+    assert torch.allclose(encoded_painting(third, painting), expected, atol=1e-6) and len(seen) == 5
