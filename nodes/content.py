@@ -91,6 +91,13 @@ def resize_images(images: torch.Tensor, plan: SizePlan) -> torch.Tensor:
     return out[:, top:top + fh, left:left + fw, :]
 
 
+def _encode(vae: Any, pixels: torch.Tensor, tile: int | None) -> torch.Tensor:
+    """vae.encode of the RGB channels, or encode_tiled in `tile`-pixel tiles overlapping by an eighth."""
+    if tile is not None:
+        return vae.encode_tiled(pixels[..., :3], tile_x=tile, tile_y=tile, overlap=tile // 8)
+    return vae.encode(pixels[..., :3])
+
+
 def encode_images(vae: Any, pixels: torch.Tensor, tiling: str = "auto", tile_size: int = 512,
                   fp32_vae: Any = None) -> tuple[torch.Tensor, str]:
     """pixels [B, H, W, 3] in 0..1, H and W multiples of the VAE's factor -> latents [B, 4, H/8, W/8] and a note.
@@ -101,20 +108,14 @@ def encode_images(vae: Any, pixels: torch.Tensor, tiling: str = "auto", tile_siz
     if tiling not in TILINGS:
         raise ValueError(f"tiling must be one of {TILINGS}, got {tiling!r}")
     h, w = pixels.shape[1:3]
-    tiled = tiling == "always" or (tiling == "auto" and h * w > TILE_AUTO_PIXELS)
-
-    def run(v):
-        if tiled:
-            return v.encode_tiled(pixels[..., :3], tile_x=tile_size, tile_y=tile_size, overlap=tile_size // 8)
-        return v.encode(pixels[..., :3])
-
-    notes = [f"tiled {tile_size}px"] if tiled else []
-    latents = run(vae)
+    tile = tile_size if tiling == "always" or (tiling == "auto" and h * w > TILE_AUTO_PIXELS) else None
+    notes = [f"tiled {tile_size}px"] if tile is not None else []
+    latents = _encode(vae, pixels, tile)
     if not torch.isfinite(latents).all():
         if fp32_vae is None:
             raise ValueError("vae: the encoded latent has NaN/inf values and no float32 VAE is available")
         logger.warning("ContentEncode: the VAE gave NaN/inf values; encoding again in float32")
-        latents = run(fp32_vae())
+        latents = _encode(fp32_vae(), pixels, tile)
         notes.append("re-encoded in float32 (the VAE overflowed)")
         if not torch.isfinite(latents).all():
             raise ValueError("vae: the latent has NaN/inf values even in float32; is the VAE damaged?")
