@@ -97,3 +97,76 @@ def test_without_a_gpu_training_says_how_long_and_what_to_pass(monkeypatch, caps
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cli.say_device(LoraTrainConfig(data="d", output="o.safetensors"))
     assert capsys.readouterr().err == ""
+
+
+def test_each_kind_of_error_is_one_line_with_its_exit_code():
+    from stylora.cli import error_line
+
+    unexpected = " (unexpected; rerun with --verbose or STYLORA_DEBUG=1 for the traceback)"
+    cases = [  # (exception, command) -> (line, exit code): 1 the run failed, 2 the command line or inputs are wrong
+        ((PermissionError(13, "Permission denied", "/x/out"), "train"),
+         ("/x/out: permission denied (check the path and its folder's permissions)", 1)),
+        ((IsADirectoryError(21, "Is a directory", "/x/d"), "eval"),
+         ("/x/d: is a folder, not a file (check the path and its folder's permissions)", 1)),
+        ((NotADirectoryError(20, "Not a directory", "/x/f/g"), "eval"),
+         ("/x/f/g: is not a folder (check the path and its folder's permissions)", 1)),
+        ((OSError(28, "No space left on device", "/x/o.png"), "run"),
+         ("/x/o.png: No space left on device (check the path and its folder's permissions)", 1)),
+        ((FileNotFoundError(2, "No such file or directory", "/x/y.png"), "run"),
+         ("/x/y.png: No such file or directory", 2)),
+        ((FileExistsError(17, "File exists", "/x/o"), "train"), ("/x/o: File exists", 2)),
+        ((FileNotFoundError("style s.safetensors: not found"), "run"), ("style s.safetensors: not found", 2)),
+        ((ValueError("--rank must be >= 1,\n  got 0"), "train"), ("--rank must be >= 1, got 0", 2)),
+        ((KeyError("rank"), "train"), ("'rank'", 2)),
+        ((OSError(5, "Input/output error"), "eval"), ("[Errno 5] Input/output error", 1)),  # no file named
+        ((RuntimeError("the loss is NaN at step 3"), "train"), ("the loss is NaN at step 3", 1)),
+        ((FloatingPointError("overflow"), "eval"), ("overflow", 1)),
+        ((ZeroDivisionError("division by zero"), "costs"), ("ZeroDivisionError: division by zero" + unexpected, 1)),
+        ((AssertionError(), "costs"), ("AssertionError: AssertionError" + unexpected, 1)),
+    ]
+    for (e, command), expected in cases:
+        assert error_line(e, command) == expected, (e, command)
+
+
+def test_out_of_memory_says_what_to_lower_for_the_command():
+    from stylora.cli import error_line
+
+    train_hint = ("lower --batch-size (raise --grad-accum to keep the effective batch) or --resolution, or add "
+                  "--gradient-checkpointing, --mixed-precision fp16, --use-8bit-adam; keep latent caching on "
+                  "(--no-cache-latents costs memory)")
+    assert error_line(MemoryError(), "train") == (f"out of memory (MemoryError); {train_hint}", 1)
+    cuda = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity) " + "x" * 300
+    line, code = error_line(RuntimeError(cuda.replace(". ", ".\n  ")), "eval")  # whitespace folds to one space
+    assert code == 1 and line == f"out of memory ({cuda[:200]}); pass --device cpu, or score smaller images"
+    assert len(line) == len("out of memory (); pass --device cpu, or score smaller images") + 200
+    assert error_line(RuntimeError("DefaultCPUAllocator: OUT OF MEMORY"), "run") == (
+        "out of memory (DefaultCPUAllocator: OUT OF MEMORY); use smaller inputs", 1)  # any case; other commands
+    # Only a MemoryError or a RuntimeError says the machine ran out: a setting named so is the user's to fix
+    assert error_line(ValueError("out of memory: the budget must be > 0"), "train") == (
+        "out of memory: the budget must be > 0", 2)
+
+
+def test_a_failing_command_prints_its_line_and_the_traceback_only_when_asked(monkeypatch, capsys):
+    from stylora import cli
+
+    def oom(args):
+        raise MemoryError
+
+    monkeypatch.setattr(cli, "cmd_costs", oom)
+    monkeypatch.delenv("STYLORA_DEBUG", raising=False)
+    assert main(["costs", "a.json"]) == 1
+    assert capsys.readouterr() == ("", "stylora: error: out of memory (MemoryError); use smaller inputs\n")
+    for argv, env in ((["-v", "costs", "a.json"], "0"), (["costs", "a.json"], "1")):
+        monkeypatch.setenv("STYLORA_DEBUG", env)
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "in oom" in err
+        assert err.endswith("MemoryError\nstylora: error: out of memory (MemoryError); use smaller inputs\n")
+    monkeypatch.setenv("STYLORA_DEBUG", "0")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_costs", interrupted)
+    assert main(["costs", "a.json"]) == 130
+    assert capsys.readouterr() == ("", "stylora: interrupted\n")
