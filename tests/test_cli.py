@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from stylora.cli import main, make_parser
@@ -170,3 +171,127 @@ def test_a_failing_command_prints_its_line_and_the_traceback_only_when_asked(mon
     monkeypatch.setattr(cli, "cmd_costs", interrupted)
     assert main(["costs", "a.json"]) == 130
     assert capsys.readouterr() == ("", "stylora: interrupted\n")
+
+
+def _trained(output, skipped=()):
+    """A training result as the trainers return it (TrainResult's fields)."""
+    import types
+
+    return types.SimpleNamespace(skipped=list(skipped), resumed_from=2, steps=5, output=output, seconds=12.3,
+                                 final_loss=0.12345, peak_memory_mb=321.4)
+
+
+@pytest.mark.parametrize("recipe, module, name", [
+    ("lora", "stylora.trainer.lora", "train_lora"),
+    ("dreambooth", "stylora.trainer.dreambooth", "train_dreambooth"),
+    ("textual-inversion", "stylora.trainer.textual_inversion", "train_textual_inversion"),
+])
+def test_train_commands_pass_the_flags_and_print_what_the_run_did(recipe, module, name, tmp_path, monkeypatch,
+                                                                  capsys):
+    import types
+
+    import torch
+
+    (tmp_path / "data").mkdir()
+    output = tmp_path / "o.safetensors"
+    output.write_bytes(b"\0" * 1_500_000)  # 1.5 MB
+    calls = []
+
+    def train(cfg, **kwargs):
+        calls.append((cfg.output, kwargs))
+        return _trained(output, [types.SimpleNamespace(path="bad.png", reason="not an image")])
+
+    monkeypatch.setattr(f"{module}.{name}", train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no CPU estimate
+    argv = ["train", recipe, "--data", str(tmp_path / "data"), "--output", str(output), "--base-model", str(tmp_path)]
+    assert main([*argv, "--resume"]) == 0
+    assert main([*argv, "--overwrite", "--no-progress"]) == 0
+    assert calls == [(str(output), {"resume": True, "overwrite": False, "progress": True}),
+                     (str(output), {"resume": False, "overwrite": True, "progress": False})]
+    printed = ("Skipped 1 file(s):\n  bad.png: not an image\nResumed from step 2; finished at step 5.\n"
+               f"Wrote {output} (1.50 MB) after 5 steps in 12 s; final loss 0.1235; peak memory 321 MB "
+               "(cost record: o.resources.json)\n")
+    if recipe == "textual-inversion":
+        printed += "Use it as embedding:o in a ComfyUI prompt (file in models/embeddings)\n"
+    assert capsys.readouterr().out == printed * 2
+
+
+def test_prepare_run_adain_and_study_commands_print_their_results_and_exit_codes(tmp_path, monkeypatch, capsys):
+    import types
+
+    from conftest import make_style_folder
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "p.png")
+    seen = {}
+
+    def prepare(cfg, what, progress):
+        seen["prepare"] = (cfg.source, what, progress)
+        return {"count": 2, "candidates": 5, "skipped": ["x", "y", "z"]}
+
+    monkeypatch.setattr("stylora.data.prepare.prepare", prepare)
+    assert main(["prepare", "coco", "--source", str(photos), "--out", "o", "--count", "2", "--no-progress"]) == 0
+    assert seen["prepare"] == (str(photos), "coco", False)
+    assert capsys.readouterr().out == "Kept 2 of 5 candidate images in o (3 skipped; see manifest.json)\n"
+    seen.clear()
+    assert main(["prepare", "coco", "--source", str(tmp_path / "gone"), "--out", "o"]) == 2  # checked first
+    assert "prepare" not in seen and capsys.readouterr().err == (
+        f"stylora: error: --source {tmp_path / 'gone'}: not a folder (expected a COCO image folder, e.g. "
+        "coco/val2017)\n")
+    stats = {"images": 3, "per_style": {"a": 3}, "skipped": [{"file": "x.png", "reason": "broken"}]}
+    monkeypatch.setattr("stylora.data.prepare.dataset_stats", lambda folders, out: stats)
+    assert main(["prepare", "stats", str(photos), "--out", "s"]) == 0
+    assert capsys.readouterr().out == ("3 images; per style: {'a': 3}\nSkipped 1 file(s) (not counted):\n"
+                                       "  x.png: broken\nWrote s/summary.md, style_counts.png, size_hist.png, "
+                                       "aspect_hist.png, sample_grid.png\n")
+    stats["skipped"] = []
+    assert main(["prepare", "stats", str(photos), "--out", "s"]) == 0
+    assert "Skipped" not in capsys.readouterr().out
+
+    result = types.SimpleNamespace(done=[("p.png", "o/p.png", 1.0)], skipped=[], failed=[("q.png", "node 8 failed")])
+    monkeypatch.setattr("stylora.workflows.client.run_workflow", lambda cfg, say: result)
+    run = ["run", "--server", "http://127.0.0.1:8188", "--content", str(photos), "--out", str(tmp_path / "out")]
+    assert main(run) == 1  # a failed photo: a failed run
+    assert capsys.readouterr() == ("1 done, 0 skipped (output existed), 1 failed\n", "  q.png: node 8 failed\n")
+    result.failed = []
+    assert main(run) == 0
+    assert main(["run", "--list"]) == 0 and "style_transfer\n" in capsys.readouterr().out
+
+    monkeypatch.setattr("stylora.baseline.adain.run_adain", lambda cfg: cfg.out)
+    assert main(["adain", "--content", str(photos / "p.png"), "--style", str(photos / "p.png"), "--out", "a.png"]) == 0
+    assert capsys.readouterr().out == "Wrote a.png\n"
+
+    def run_study(cfg, progress):
+        seen["study"] = progress
+        (Path(cfg.out) / "report").mkdir(parents=True)
+        (Path(cfg.out) / "report" / "report.md").write_text("# Study\n\n| method | ssim |\n|---|---|\n| lora | 0.5 |\n")
+        return {"total_seconds": 61.6}
+
+    monkeypatch.setattr("stylora.study.runner.run_study", run_study)
+    out = tmp_path / "study"
+    assert main(["study", "--style", f"monet={make_style_folder(tmp_path / 'monet')}", "--content", str(photos),
+                 "--out", str(out), "--methods", "adain", "--no-progress"]) == 0
+    assert seen["study"] is False
+    assert capsys.readouterr().out == (f"| method | ssim |\n|---|---|\n| lora | 0.5 |\nReport written to {out}/report "
+                                       "(report.md, report.json, grids, sweeps); 62 s in all\n")
+
+
+def test_a_command_without_its_subcommand_is_refused_by_the_parser(capsys):
+    for argv in (["train"], ["prepare"], ["lora"], []):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and "the following arguments are required" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:'stylora.cli' found in sys.modules:RuntimeWarning")  # runpy on an imported module
+def test_python_dash_m_runs_the_command_with_its_exit_code(monkeypatch, capsys):
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["stylora", "costs", "missing.resources.json"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("stylora.cli", run_name="__main__")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith("stylora: error: missing.resources.json: not a readable resource record")
