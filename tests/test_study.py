@@ -535,7 +535,7 @@ def test_stage_seconds_add_up_over_reruns_and_count_the_running_stage(tmp_path, 
     assert again.stage_seconds() == {"train": 15.0}
 
 
-def test_the_progress_bar_counts_every_task_to_its_total(study_inputs, tmp_path, monkeypatch):
+def test_a_progress_bar_counts_every_task_to_its_total(study_inputs, tmp_path, monkeypatch):
     import tqdm.auto
 
     bars = []
