@@ -327,6 +327,10 @@ def test_content_encode_keeps_a_one_pixel_side_and_resamples_at_pixel_centres():
     assert plan_size(1, 2000, 500) == SizePlan((1, 2000), (1, 500), (8, 496), None)
     assert plan_size(2000, 1, 500).describe() == \
         "2000x1 -> 496x8, scaled by 0.25 to 500x1, stretched -4x+7 px to a multiple (aspect 2000.0000 -> 62.0000)"
+    assert plan_size(1, 2000, 500).describe().startswith("1x2000 -> 8x496, scaled by 0.25 to 1x500,")  # not by 1/1
+    # A portrait: 683 x 0.5 = 341.5 rounds to 342, but the scale applied (and said) is 0.5, not 342 / 683
+    assert plan_size(683, 1024, 512).describe() == \
+        "683x1024 -> 344x512, scaled by 0.5 to 342x512, stretched +2x+0 px to a multiple (aspect 0.6670 -> 0.6719)"
     # A 2x shrink of a linear ramp: a symmetric, normalised (antialiased bicubic) kernel reproduces a line, so away
     # from the borders output pixel i is the ramp at its centre, input pixel 2i + 0.5 (align_corners=False: pixel
     # centres, not corners, line up)
