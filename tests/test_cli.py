@@ -235,6 +235,8 @@ def test_prepare_run_adain_and_study_commands_print_their_results_and_exit_codes
     assert main(["prepare", "coco", "--source", str(photos), "--out", "o", "--count", "2", "--no-progress"]) == 0
     assert seen["prepare"] == (str(photos), "coco", False)
     assert capsys.readouterr().out == "Kept 2 of 5 candidate images in o (3 skipped; see manifest.json)\n"
+    assert main(["prepare", "wikiart", "--source", str(photos), "--style", "Impressionism", "--out", "o"]) == 0
+    assert seen["prepare"] == (str(photos), "wikiart", True) and capsys.readouterr().out.startswith("Kept 2 of 5")
     seen.clear()
     assert main(["prepare", "coco", "--source", str(tmp_path / "gone"), "--out", "o"]) == 2  # checked first
     assert "prepare" not in seen and capsys.readouterr().err == (
@@ -246,6 +248,9 @@ def test_prepare_run_adain_and_study_commands_print_their_results_and_exit_codes
     assert capsys.readouterr().out == ("3 images; per style: {'a': 3}\nSkipped 1 file(s) (not counted):\n"
                                        "  x.png: broken\nWrote s/summary.md, style_counts.png, size_hist.png, "
                                        "aspect_hist.png, sample_grid.png\n")
+    assert main(["prepare", "stats", str(photos), str(tmp_path / "gone"), "--out", "s"]) == 2
+    gone = tmp_path / "gone"
+    assert capsys.readouterr().err == f"stylora: error: DIR {gone}: not a folder (expected image folders)\n"
     stats["skipped"] = []
     assert main(["prepare", "stats", str(photos), "--out", "s"]) == 0
     assert "Skipped" not in capsys.readouterr().out
