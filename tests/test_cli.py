@@ -190,7 +190,7 @@ def test_train_commands_pass_the_flags_and_print_what_the_run_did(recipe, module
                                                                   capsys):
     import types
 
-    import torch
+    from stylora import cli
 
     (tmp_path / "data").mkdir()
     output = tmp_path / "o.safetensors"
@@ -202,7 +202,8 @@ def test_train_commands_pass_the_flags_and_print_what_the_run_did(recipe, module
         return _trained(output, [types.SimpleNamespace(path="bad.png", reason="not an image")])
 
     monkeypatch.setattr(f"{module}.{name}", train)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no CPU estimate
+    monkeypatch.setattr(cli, "say_device", lambda cfg: None)  # no CPU estimate (accelerate caches the device: no
+    #                                                            torch.cuda.is_available stand-in here)
     argv = ["train", recipe, "--data", str(tmp_path / "data"), "--output", str(output), "--base-model", str(tmp_path)]
     assert main([*argv, "--resume"]) == 0
     assert main([*argv, "--overwrite", "--no-progress"]) == 0
