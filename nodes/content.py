@@ -39,7 +39,7 @@ class SizePlan:
             return f"{sw}x{sh}: encoded at its own size"
         parts = [f"{sw}x{sh} -> {fw}x{fh}"]
         if (w, h) != (sw, sh):
-            parts.append(f"scaled by {w / sw:.3g} to {w}x{h}")
+            parts.append(f"scaled by {max(w, h) / max(sw, sh):.3g} to {w}x{h}")  # the long side's: never rounded to 1
         if self.crop is not None and (w, h) != (fw, fh):
             parts.append(f"centre-cropped {w - fw}x{h - fh} px")
         elif (w, h) != (fw, fh):

@@ -288,6 +288,88 @@ def test_content_encode_gives_the_mask_the_photos_resize_and_crop(rounding):
     assert no_alpha[3].shape == (1, 80, 128) and not no_alpha[3].any()
 
 
+def test_content_encode_declares_the_vaes_multiple_and_tiles_at_512_by_default():
+    """The VAE downsamples by 8: size_multiple moves in steps of 8 from 8. Without tile_size, tiles are 512 px with
+    a 64 px (1/8) overlap; "auto" tiles only above 1536 x 1536 pixels."""
+    from stylora.nodes.content import ContentEncode, encode_images
+
+    required, optional = ContentEncode.INPUT_TYPES()["required"], ContentEncode.INPUT_TYPES()["optional"]
+    assert {k: required["size_multiple"][1][k] for k in ("default", "min", "max", "step")} == {
+        "default": 8, "min": 8, "max": 128, "step": 8}
+    assert (required["rounding"][1]["default"], required["resize_mode"][1]["default"],
+            optional["tiling"][1]["default"]) == ("stretch", "shrink only", "auto")
+    seen = []
+
+    class Recording:  # records what reaches the VAE; a zero latent of the right shape
+        def encode(self, pixels):
+            seen.append(("encode", *pixels.shape[1:3]))
+            return torch.zeros(1, 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+        def encode_tiled(self, pixels, tile_x, tile_y, overlap):
+            seen.append(("tiled", tile_x, tile_y, overlap))
+            return torch.zeros(1, 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    ContentEncode().encode(torch.rand(1, 64, 64, 3), Recording(), 512, 8, "stretch", "shrink only", tiling="always")
+    encode_images(Recording(), torch.zeros(1, 1, 1, 3).expand(1, 64, 64, 3), tiling="always")
+    assert seen == [("tiled", 512, 512, 64)] * 2
+    seen.clear()
+    for h, w in ((1536, 1536), (1536, 1544), (1544, 1536)):  # 1536 * 1536 pixels exactly: one encode
+        encode_images(Recording(), torch.zeros(1, 1, 1, 3).expand(1, h, w, 3))
+    assert seen == [("encode", 1536, 1536), ("tiled", 512, 512, 64), ("tiled", 512, 512, 64)]
+
+
+def test_content_encode_keeps_a_one_pixel_side_and_resamples_at_pixel_centres():
+    from stylora.nodes.content import SizePlan, plan_size, resize_images
+
+    # 2000x1 to max_side 500: scale 0.25, the 1 px side rounds to 0 and is kept at 1; stretched to 8, and the long
+    # side 500 -> 504 (half rounds up) is capped at 496, the largest multiple of 8 within max_side
+    assert plan_size(2000, 1, 500) == SizePlan((2000, 1), (500, 1), (496, 8), None)
+    assert plan_size(1, 2000, 500) == SizePlan((1, 2000), (1, 500), (8, 496), None)
+    assert plan_size(2000, 1, 500).describe() == \
+        "2000x1 -> 496x8, scaled by 0.25 to 500x1, stretched -4x+7 px to a multiple (aspect 2000.0000 -> 62.0000)"
+    assert plan_size(1, 2000, 500).describe().startswith("1x2000 -> 8x496, scaled by 0.25 to 1x500,")  # not by 1/1
+    # A portrait: 683 x 0.5 = 341.5 rounds to 342, but the scale applied (and said) is 0.5, not 342 / 683
+    assert plan_size(683, 1024, 512).describe() == \
+        "683x1024 -> 344x512, scaled by 0.5 to 342x512, stretched +2x+0 px to a multiple (aspect 0.6670 -> 0.6719)"
+    # A 2x shrink of a linear ramp: a symmetric, normalised (antialiased bicubic) kernel reproduces a line, so away
+    # from the borders output pixel i is the ramp at its centre, input pixel 2i + 0.5 (align_corners=False: pixel
+    # centres, not corners, line up)
+    ramp_x = (torch.arange(32.0) / 31).expand(1, 16, 32)[..., None].expand(1, 16, 32, 3)
+    ramp_y = (torch.arange(16.0) / 15)[:, None].expand(1, 16, 32)[..., None].expand(1, 16, 32, 3)
+    plan = plan_size(32, 16, 16)
+    assert plan.final == (16, 8) and plan.crop is None
+    centres = torch.arange(16.0) * 2 + 0.5
+    out_x, out_y = resize_images(ramp_x, plan), resize_images(ramp_y, plan)
+    assert out_x.shape == out_y.shape == (1, 8, 16, 3)
+    torch.testing.assert_close(out_x[0, 3, 2:14, 1], centres[2:14] / 31, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out_y[0, 2:6, 7, 2], centres[2:6] / 15, rtol=0, atol=1e-6)
+    # Already at the encoded size: returned as it is, not resampled (values, dtype and all)
+    exact = torch.rand(1, 16, 24, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert resize_images(exact, plan_size(24, 16, 512)) is exact
+
+
+def test_content_encode_resizes_a_mask_of_another_size_to_the_photo_then_like_the_photo():
+    """A mask at half the photo's size is first brought to the photo's size (bilinear, pixel centres); here the
+    photo is already 96x64 (multiples of 8), so that is the output. 2x bilinear with align_corners=False: output
+    pixel j samples the mask at j / 2 - 0.25, so a step between mask columns 23 and 24 becomes output columns
+    47 -> 0.25 and 48 -> 0.75 (rows: 31 -> 0.25, 32 -> 0.75)."""
+    from stylora.nodes.content import ContentEncode
+
+    mask = torch.zeros(1, 32, 48)
+    mask[:, 16:, 24:] = 1.0
+    step_w = torch.tensor([0.0] * 47 + [0.25, 0.75] + [1.0] * 47)
+    step_h = torch.tensor([0.0] * 31 + [0.25, 0.75] + [1.0] * 31)
+    photo = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(0))
+    for m in (mask, mask[0]):  # [B, H, W] and [H, W]
+        _, image, _, out = ContentEncode().encode(photo, FakeVAE(), 512, 8, "stretch", "shrink only", mask=m)
+        assert torch.equal(image, photo)
+        torch.testing.assert_close(out, (step_h[:, None] * step_w[None, :])[None], rtol=0, atol=1e-6)
+    # Values outside 0..1 (a mask from arithmetic nodes) come out clamped, also when no resize touches them
+    wild = torch.tensor([-1.0, 0.5, 2.0]).repeat(64, 32)[None]
+    out = ContentEncode().encode(photo, FakeVAE(), 512, 8, "stretch", "shrink only", mask=wild)[3]
+    assert torch.equal(out, torch.tensor([0.0, 0.5, 1.0]).repeat(64, 32)[None])
+
+
 # --- StyleStrength ------------------------------------------------------------------------------------------
 
 def test_style_strength_zero_is_the_identity_and_scales_only_style_patches(host):

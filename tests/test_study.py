@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -384,3 +386,179 @@ def test_prompted_methods_sample_at_their_bundled_workflows_cfg(tmp_path):
                                     {"monet": tmp_path / "p.png"})
         assert f"Sampler.cfg={bundled_cfg(workflow)}" in run.set
     assert bundled_cfg("dreambooth") == 7.0 and bundled_cfg("textual_inversion") == 5.0
+
+
+def test_each_method_runs_its_workflow_with_the_studys_settings(tmp_path):
+    cfg = load_study_config(None, {"styles": ["monet=m"], "content": "c", "out": "o", "checkpoint": "sd.safetensors",
+                                   "methods": ["base", "lora", "image"], "max_side": 384, "sampler_steps": 12,
+                                   "set": ["Sampler.sampler_name=euler"]})
+    names = {("monet", "lora"): "stylora-study-monet-lora-0123abcd.safetensors"}
+    examples = {"monet": tmp_path / "first.png"}
+
+    def run(method, config=cfg):
+        return runner.job_run_config(config, runner.Job("monet", method, 0.4, 7), {"monet": "m"}, names,
+                                     tmp_path / "out", examples)
+
+    sets = ("Sampler.sampler_name=euler", "Content encode.max_side=384", "Sampler.steps=12")
+    base, lora, image = run("base"), run("lora"), run("image")
+    assert (base.workflow, base.style) == ("dreambooth", ("sd.safetensors",))  # the base checkpoint, no style
+    assert base.set == (*sets, "Positive prompt.text=", "Negative prompt.text=", "Sampler.cfg=1.0")
+    assert (lora.workflow, lora.style, lora.checkpoint, lora.set) == (
+        "style_transfer", ("stylora-study-monet-lora-0123abcd.safetensors",), "sd.safetensors", sets)
+    assert (image.workflow, image.style_image, image.checkpoint, image.set) == (
+        "style_from_image", str(tmp_path / "first.png"), "sd.safetensors", sets)
+    for r in (base, lora, image):
+        assert (r.content, r.out, r.strength, r.seed) == ("c", str(tmp_path / "out"), 0.4, 7)
+    plain = load_study_config(None, {"styles": ["monet=m"], "content": "c", "out": "o", "methods": ["lora"]})
+    assert run("lora", plain).set == ()  # no max_side, no steps: the workflow's own
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        runner.Job("monet", "lora", 0.4, 7).strength = 0.5  # a job is a value: its key never changes under it
+
+
+def test_placing_links_the_file_and_keeps_a_placed_copy_of_the_same_size(tmp_path):
+    source = tmp_path / "train" / "a.safetensors"
+    source.parent.mkdir()
+    source.write_bytes(b"12345678")
+    target = tmp_path / "models" / "styles" / "a-1.safetensors"
+    target.parent.mkdir(parents=True)
+    (target.parent / f".{target.name}.{os.getpid()}.tmp").write_bytes(b"stale, from a killed run")
+    runner.place(source, target)
+    assert os.path.samefile(source, target)  # a hard link (one file system): no second copy of a 4 GB checkpoint
+    assert sorted(p.name for p in target.parent.iterdir()) == ["a-1.safetensors"]  # the stale temporary is gone
+    target.unlink()
+    target.write_bytes(b"ABCDEFGH")  # a server's copy of the same size: kept as it is
+    runner.place(source, target)
+    assert target.read_bytes() == b"ABCDEFGH"
+    target.write_bytes(b"ABC")  # another size: replaced
+    runner.place(source, target)
+    assert target.read_bytes() == b"12345678"
+
+
+def test_outputs_fingerprint_sees_new_and_resized_files_not_hidden_ones(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    (a / "1.png").write_bytes(b"x")
+    before = runner._folders_fingerprint([a, b], ("ssim",))
+    (a / ".partial.png").write_bytes(b"being written")
+    (a / "sub").mkdir()
+    assert runner._folders_fingerprint([a, b], ("ssim",)) == before  # hidden files and folders do not count
+    assert runner._folders_fingerprint([a, b], ("ssim", "fid")) != before  # other metrics: scored again
+    (a / "1.png").write_bytes(b"xx")
+    resized = runner._folders_fingerprint([a, b], ("ssim",))
+    b.mkdir()
+    (b / "2.png").write_bytes(b"y")
+    assert len({before, resized, runner._folders_fingerprint([a, b], ("ssim",))}) == 3
+
+
+def test_a_style_is_scored_again_only_when_its_outputs_changed(tmp_path, monkeypatch):
+    cfg = load_study_config(None, {"styles": ["monet=m"], "content": str(tmp_path / "photos"),
+                                   "out": str(tmp_path / "study"), "methods": ["lora"], "metrics": ["ssim"]})
+    calls = []
+
+    def evaluate(eval_cfg, nets=None, progress=True):
+        calls.append((eval_cfg.names, progress))
+        Path(eval_cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(eval_cfg.out) / "report.json").write_text(json.dumps({"scored": len(calls)}))
+        return {"scored": len(calls)}
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    jobs = [runner.Job("monet", "lora", 0.5, 0), runner.Job("other", "lora", 0.5, 0), runner.Job("monet", "lora", 1, 0)]
+    manifest = runner.Manifest(tmp_path / "study" / "study.json", cfg)
+    score = lambda: runner.score_style(cfg, manifest, "monet", tmp_path / "m", jobs, tmp_path / "photos", None)  # noqa: E731
+    assert score() is None and calls == []  # nothing stylised yet
+    for key in ("monet/lora/s0.50_seed0", "other/lora/s0.50_seed0"):
+        (tmp_path / "study" / "styled" / key).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "study" / "styled" / key / "p.png")
+    assert score() == {"scored": 1} and calls == [(("monet/lora/s0.50_seed0",), False)]  # its own style's, quietly
+    assert score() == {"scored": 1} and len(calls) == 1  # nothing changed: the saved report
+    Image.new("RGB", (16, 16)).save(tmp_path / "study" / "styled" / "monet/lora/s0.50_seed0" / "p.png")
+    assert score() == {"scored": 2}  # an output replaced: scored again
+    (tmp_path / "study" / "eval" / "monet" / "report.json").unlink()
+    assert score() == {"scored": 3}  # the report gone: scored again
+
+
+def test_adain_outputs_keep_earlier_ones_and_a_bad_photo_fails_alone(tmp_path, monkeypatch):
+    photos = [tmp_path / f"{n}.png" for n in ("a", "bad", "c", "d")]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "d.png").write_bytes(b"done earlier")
+
+    def stylize_file(model, photo, painting, out, strength, max_side, device):
+        if photo.stem == "bad":
+            raise ValueError("bad.png: cannot\n identify image")
+        return {"a": 1.5, "c": 2.5}[photo.stem]
+
+    monkeypatch.setattr(runner, "stylize_file", stylize_file)
+    result = runner.stylize_adain(torch.nn.Linear(1, 1), photos, tmp_path / "p.png", tmp_path / "out", 0.5, 512)
+    assert result.failed == [(str(photos[1]), "bad.png: cannot identify image")]
+    assert result.done == [(str(photos[0]), str(tmp_path / "out" / "a.png"), 1.5),
+                           (str(photos[2]), str(tmp_path / "out" / "c.png"), 2.5)]
+
+
+def test_training_returns_the_artifact_on_every_path_and_says_false_when_not_reusable(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "train_lora", lambda cfg, **kw: None)
+    (tmp_path / "paintings").mkdir()
+    cfg = LoraTrainConfig(data=str(tmp_path / "paintings"), output=str(tmp_path / "lora.safetensors"), steps=3)
+    output = Path(cfg.output)
+    assert runner.same_settings(output, cfg) is False  # nothing there
+    assert runner.train_artifact("lora", cfg, progress=False) == output  # fresh
+    (tmp_path / "lora.checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "lora.checkpoints" / "step-00000002" / "COMPLETE").write_text("")
+    assert runner.train_artifact("lora", cfg, progress=False) == output  # resumed
+    save_file({"x": torch.zeros(1)}, cfg.output, metadata={"stylora.config": "not json"})
+    output.with_suffix(".resources.json").write_text("{}")
+    assert runner.same_settings(output, cfg) is False  # unreadable settings: not reused
+    runner._write_data_record(output, cfg)  # the same paintings, but settings that cannot be read or compared
+    assert runner.same_settings(output, cfg) is False
+    for config in ("[]", None):  # a list; none saved
+        save_file({"x": torch.zeros(1)}, cfg.output, metadata={} if config is None else {"stylora.config": config})
+        assert runner.same_settings(output, cfg) is False
+    save_file({"x": torch.zeros(1)}, cfg.output, metadata={"stylora.config": json.dumps(cfg.to_metadata())})
+    assert runner.same_settings(output, cfg) is True
+    data_record = tmp_path / "lora.data.json"
+    data_record.write_text("[]")  # damaged: which paintings is unknown
+    assert runner.same_settings(output, cfg) is False
+    data_record.unlink()
+    assert runner.same_settings(output, cfg) is False
+
+
+def test_stage_seconds_add_up_over_reruns_and_count_the_running_stage(tmp_path, monkeypatch):
+    cfg = load_study_config(None, {"styles": ["monet=m"], "content": "c", "out": str(tmp_path)})
+    clock = iter([100.0, 103.0, 110.0, 200.0, 201.5, 205.0])
+    monkeypatch.setattr(runner, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    manifest = runner.Manifest(tmp_path / "study.json", cfg)
+    with manifest.stage("train"):  # starts at 100
+        assert manifest.stage_seconds() == {"train": 3.0}  # running: 103 - 100
+    assert manifest.stage_seconds() == {"train": 10.0}  # ended at 110
+    again = runner.Manifest(tmp_path / "study.json", cfg)  # a rerun reads the saved times
+    with again.stage("train"):  # starts at 200
+        assert again.stage_seconds() == {"train": 11.5}  # 10 earlier + 1.5 so far
+    assert again.stage_seconds() == {"train": 15.0}
+
+
+def test_a_progress_bar_counts_every_task_to_its_total(study_inputs, tmp_path, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, disable, **kw):
+            self.total, self.disable, self.n, self.closed = total, disable, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setenv("STYLORA_WEIGHTS_DIR", str(tmp_path / "nothing"))  # AdaIN skipped: no server, no scoring
+    monkeypatch.setenv("STYLORA_OFFLINE", "1")
+    flags = {"styles": [f"monet={study_inputs['style']}"], "content": str(study_inputs["photos"]),
+             "out": str(tmp_path / "study"), "methods": ["adain"], "strengths": [0.5, 1.0], "metrics": ["ssim"]}
+    runner.run_study(load_study_config(None, flags), progress=True)
+    # 2 jobs x 3 photos + 1 style scored + the report = 8 tasks
+    assert [(b.total, b.n, b.disable, b.closed) for b in bars] == [(8, 8, False, True)]
