@@ -226,8 +226,11 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
 
 def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tiny_model, style_folder, tmp_path):
     """SIGINT (Ctrl-C) a real `stylora train lora` mid-run: it exits 130 with a checkpoint of the last completed
-    step, although --checkpoint-every 0 writes none on its own, and `--resume` finishes the run from there."""
-    steps = 12
+    step, although --checkpoint-every 0 writes none on its own, and `--resume` finishes the run from there.
+
+    The run is long enough (a few seconds of steps) that a loaded machine, which may leave this test process waiting
+    while the run goes on, cannot let it finish before the signal arrives."""
+    steps = 40
     out = tmp_path / "stopped.safetensors"
     cmd = [sys.executable, "-m", "stylora.cli", "train", "lora", "--data", str(style_folder), "--output", str(out),
            "--base-model", str(tiny_model["diffusers"]), "--steps", str(steps), "--resolution", "64",
