@@ -482,10 +482,10 @@ def test_the_loop_steps_accumulates_schedules_logs_and_checkpoints_as_worked_out
 
     rows = (tmp_path / "line.train_log.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,steps_per_s,elapsed_s"
-    assert [r.split(",")[:3] for r in rows[1:]] == [
-        ["2", f"{(losses[0] + losses[1]) / 2:.6f}", "1.000e-01"], ["4", f"{(losses[2] + losses[3]) / 2:.6f}",
-                                                                   "3.333e-02"],
-        ["5", f"{losses[4]:.6f}", "0.000e+00"]]
+    logged = [r.split(",") for r in rows[1:]]
+    assert [(r[0], r[2]) for r in logged] == [("2", "1.000e-01"), ("4", "3.333e-02"), ("5", "0.000e+00")]
+    means = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]  # each logging window's
+    assert [float(r[1]) for r in logged] == pytest.approx(means, rel=1e-4, abs=2e-6)
     root = checkpoint_root(cfg.output)
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004", "step-00000005"]
     assert load_checkpoint(root / "step-00000004")[0]["w"].item() == pytest.approx(ws[3], rel=1e-5)
