@@ -383,6 +383,7 @@ class LineRecipe(Recipe):
 
     kind, title, invariants = "line", "Training a line", ("seed", "steps", "grad_accum", "learning_rate")
     nan_at: int | None = None
+    pause = 0.0  # seconds each micro-batch takes
 
     def __init__(self, run):
         super().__init__(run)
@@ -394,6 +395,7 @@ class LineRecipe(Recipe):
         return optimizer, lr_schedule
 
     def loss(self, index, g):
+        time.sleep(self.pause)
         a = torch.randn((), generator=g)
         return a * self.model.w * (float("nan") if index == self.nan_at else 1.0)
 
@@ -531,6 +533,17 @@ def test_no_checkpoints_at_checkpoint_every_0_and_an_overwrite_drops_the_earlier
     assert sorted(p.name for p in checkpoint_root(cfg.output).iterdir()) == ["step-00000001", "step-00000002"]
     line_run(cfg, overwrite=True)
     assert not checkpoint_root(cfg.output).exists()
+
+
+def test_each_step_is_timed_from_its_own_start(line_run, tmp_path, monkeypatch):
+    """A step's time lies between the callbacks around it, whatever the steps before it took."""
+    monkeypatch.setattr(LineRecipe, "pause", 0.02)
+    marks = []
+    result = line_run(_line_cfg(tmp_path, steps=3, grad_accum=1, checkpoint_every=0),
+                      on_step=lambda done, total: marks.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
+    assert len(result.step_seconds) == len(gaps) == 3
+    assert all(0.02 <= s <= gap for s, gap in zip(result.step_seconds, gaps)), (result.step_seconds, gaps)
 
 
 def test_a_nan_loss_stops_the_run_before_the_step_naming_the_last_checkpoint(line_run, tmp_path, monkeypatch):
