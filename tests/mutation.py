@@ -6,8 +6,9 @@ Each mutant is one small change made with `ast` (a comparison flipped, an arithm
 changed, a condition negated, `and`/`or` swapped, a `not` dropped, a return value replaced by None, a statement
 removed). The repository is copied to a temporary folder once and imported from there (PYTHONPATH before the
 editable install); a coverage run of the module's test files records which test covers which line; each mutant then
-runs only the tests covering its line, with a time limit. Prints killed / survived / timeout / uncovered per module
-and every survivor, to be killed by a new test or judged equivalent.
+runs only the tests covering its line (all the selected tests for a line run only at import, such as a dataclass
+field's default), with a time limit. Prints killed / survived / timeout / uncovered per module and every survivor, to
+be killed by a new test or judged equivalent.
 
 Why not mutmut 3 or cosmic-ray: the repository root is the package `stylora` (package-dir {"stylora": "."}).
 mutmut 3 names its trampolined mutants after the file path (`nodes.mask.x_...`) and copies the sources to
@@ -156,8 +157,9 @@ def make_mutants(module: str, source: str) -> list[Mutant]:
 # --- Which tests cover which line ------------------------------------------------------------------------------
 
 def covering_tests(work: Path, module: str, test_args: list[str], env: dict[str, str],
-                   limit_s: float) -> dict[int, set[str]]:
-    """line -> pytest node ids (test functions) that execute it, from one coverage run with per-test contexts."""
+                   limit_s: float) -> tuple[dict[int, set[str]], set[int]]:
+    """line -> pytest node ids (test functions) that execute it, from one coverage run with per-test contexts; and
+    the lines run outside every test, at import (class bodies such as dataclass defaults, decorators)."""
     import coverage
 
     rc = work / ".mutation-coveragerc"
@@ -170,14 +172,17 @@ def covering_tests(work: Path, module: str, test_args: list[str], env: dict[str,
     data.read()
     target = next((f for f in data.measured_files() if f.endswith(module)), None)
     if target is None:
-        return {}
+        return {}, set()
     by_line: dict[int, set[str]] = {}
+    at_import: set[int] = set()
     for line, contexts in data.contexts_by_lineno(target).items():
         for ctx in contexts:
             if ctx:  # "test_nodes.test_mask_feather" (module.function; a class adds a part)
                 test_module, _, name = ctx.partition(".")
                 by_line.setdefault(line, set()).add(f"tests/{test_module}.py::{name.replace('.', '::')}")
-    return by_line
+            else:  # the empty context: run while pytest imported the test files
+                at_import.add(line)
+    return by_line, at_import
 
 
 def _line_span(source: str) -> dict[int, int]:
@@ -220,7 +225,7 @@ def run(modules: list[str], test_args: list[str] | None, sample: int | None, see
                 chosen = [m for m in mutants if m.index in only]
             args = test_args or default_test_files(module)
             start = time.monotonic()
-            cover = covering_tests(work, module, args, env, limit_s * 20)
+            cover, at_import = covering_tests(work, module, args, env, limit_s * 20)
             span = _line_span(original)
             print(f"{module}: {len(mutants)} mutants, running {len(chosen)}; coverage map of {len(cover)} lines "
                   f"from {' '.join(args)} in {time.monotonic() - start:.0f} s", flush=True)
@@ -229,6 +234,10 @@ def run(modules: list[str], test_args: list[str] | None, sample: int | None, see
             survivors = []
             for m in chosen:
                 tests = sorted(cover.get(span.get(m.line, m.line), set()) | cover.get(m.line, set()))
+                if not tests and span.get(m.line, m.line) in at_import:
+                    # Run once at import (a dataclass default, a decorator; a def line maps to its body above): no
+                    # test function's context holds the line, but every candidate test may see its effect.
+                    tests = list(args)
                 if not tests:
                     counts["uncovered"] += 1
                     survivors.append((m, "no test runs this line"))

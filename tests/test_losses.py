@@ -169,3 +169,68 @@ def test_style_loss_adds_the_weighted_perceptual_terms_of_the_low_noise_samples_
     torch.testing.assert_close(without, 0.7 * per_sample.mean(), rtol=1e-5, atol=1e-7)
     assert not StyleLossWeights().perceptual and StyleLossWeights(lpips=0.1).perceptual
     assert StyleLossWeights(style=0.1).perceptual
+
+
+def test_the_perceptual_gate_leaves_out_a_sample_drawn_at_exactly_perceptual_max_timestep():
+    """t < perceptual_max_timestep, strictly: with 10 timesteps and 12 samples the draw holds samples at, below and
+    above the boundary (t = 4); those at t = 4 get no perceptual term."""
+    scheduler = DDPMScheduler(num_train_timesteps=10, beta_schedule="linear", beta_start=0.01, beta_end=0.2)
+    gen = torch.Generator().manual_seed(3)
+    z0, states = torch.randn(12, 4, 2, 2, generator=gen), torch.randn(12, 7, 8, generator=gen)
+    pixels = torch.randint(0, 256, (12, 3, 2, 2), generator=gen, dtype=torch.uint8)
+    seen = {}
+
+    def perceptual(image, target):  # "LPIPS" 1 and "Gram" 2 per sample: the sum counts the samples let through
+        seen["pixels"] = target
+        return torch.ones(len(image)), torch.full((len(image),), 2.0)
+
+    weights = StyleLossWeights(mse=0.0, lpips=1.0, style=1.0, perceptual_max_timestep=4)
+    loss = style_loss(AffineUNet(), scheduler, z0, states, torch.Generator().manual_seed(0), weights,
+                      PerceptualInputs(TanhVAE(), perceptual, 0.18215, pixels))
+    _, _, t = _reference(z0, states, 0, scheduler, 0.0, None)
+    below, at = t < 4, t == 4
+    assert below.any() and at.any() and (t > 4).any()  # the draw covers the boundary
+    # (1 + 2) per sample below the boundary, over the batch of 12.
+    torch.testing.assert_close(loss, torch.tensor(3.0 * int(below.sum()) / 12))
+    torch.testing.assert_close(seen["pixels"], pixels[below].float() / 255)
+
+
+def test_decoded_images_are_clamped_to_0_1_before_the_feature_networks():
+    """A decoder output beyond [-1, 1] (the SD VAE's can be) maps to 0 and 1, not below or above."""
+
+    class LinearVAE:  # decode(z) = 3 z: values far outside [-1, 1]
+        def decode(self, z):
+            return SimpleNamespace(sample=3 * z)
+
+    scheduler = _scheduler()
+    noisy = torch.tensor([-2.0, -0.05, 0.0, 0.05, 2.0]).view(1, 1, 1, 5).expand(1, 4, 1, 5).contiguous()
+    pred = torch.zeros_like(noisy)
+    t = torch.tensor([0])
+    seen = {}
+
+    def perceptual(image, target):
+        seen["image"] = image
+        return image.sum(dim=(1, 2, 3)), target.sum(dim=(1, 2, 3))
+
+    perceptual_terms(scheduler, LinearVAE(), perceptual, noisy, pred, t, torch.zeros(1, 3, 1, 5, dtype=torch.uint8),
+                     scaling=1.0)
+    # eps prediction 0: x0 = z_t / sqrt(abar_0); image = 3 x0 / 2 + 0.5, clamped.
+    abar = float(scheduler.alphas_cumprod[0])
+    x0 = torch.tensor([-2.0, -0.05, 0.0, 0.05, 2.0]) / abar ** 0.5
+    expected = (1.5 * x0 + 0.5).clamp(0, 1)
+    assert expected[0] == 0 and expected[-1] == 1 and 0 < expected[1] < expected[3] < 1
+    torch.testing.assert_close(seen["image"][0, 0, 0], expected)
+
+
+def test_style_loss_weights_defaults_and_immutability():
+    """The documented defaults (mse alone, perceptual terms off below t = 200, no offset, no min-SNR), and frozen:
+    a recipe's weights cannot change mid-run, and they hash (usable as a cache key)."""
+    import dataclasses
+
+    w = StyleLossWeights()
+    assert (w.mse, w.lpips, w.style, w.perceptual_max_timestep, w.noise_offset, w.min_snr_gamma) == \
+        (1.0, 0.0, 0.0, 200, 0.0, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.mse = 2.0  # type: ignore[misc]
+    assert hash(w) == hash(StyleLossWeights())
+    assert StyleLossWeights(lpips=0.5).perceptual and StyleLossWeights(style=0.5).perceptual

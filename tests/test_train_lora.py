@@ -13,9 +13,11 @@ import time
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from stylora.core.lora_file import kohya_modules, read_lora
 from stylora.trainer.checkpoint import checkpoint_root
 from stylora.trainer.config import LoraTrainConfig
+from stylora.trainer.loop import Recipe
 from stylora.trainer.lora import train_lora
 
 TRAIN = dict(resolution=64, batch_size=2, learning_rate=1e-3, warmup_steps=0, log_every=5, seed=0, min_images=4)
@@ -363,3 +365,352 @@ def test_the_loss_curve_is_drawn_beside_the_output_and_the_csv_kept(trained):
     for step, mean in zip(steps, means):
         window = losses[(step - 1) // every * every:step]
         assert mean == pytest.approx(sum(window) / len(window), rel=1e-5)
+
+
+# --- The loop itself (trainer/loop.py) with a one-weight recipe: no model, every value worked out ----------------
+
+class _Line(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+
+def _slope(seed: int, index: int) -> float:
+    """a_index of micro-batch `index`: the first normal draw of its stream (seed * 1_000_003 + index)."""
+    return torch.randn((), generator=torch.Generator().manual_seed(seed * 1_000_003 + index)).item()
+
+
+class LineRecipe(Recipe):
+    """Stand-in for a recipe: one weight w, micro-batch loss a_index * w (gradient a_index), a NaN loss at micro-batch
+    `nan_at`; writes w to the output."""
+
+    kind, title, invariants = "line", "Training a line", ("seed", "steps", "grad_accum", "learning_rate")
+    nan_at: int | None = None
+    pause = 0.0  # seconds each micro-batch takes
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.model = _Line()
+        self.params = [self.model.w]
+
+    def prepare(self, optimizer, lr_schedule):
+        self.model, optimizer, lr_schedule = self.run.accelerator.prepare(self.model, optimizer, lr_schedule)
+        return optimizer, lr_schedule
+
+    def loss(self, index, g):
+        time.sleep(self.pause)
+        a = torch.randn((), generator=g)
+        return a * self.model.w * (float("nan") if index == self.nan_at else 1.0)
+
+    def trainable_state(self):
+        return {"w": self.model.w.detach().clone()}
+
+    def load_trainable(self, state):
+        with torch.no_grad():
+            self.model.w.copy_(state["w"])
+
+    def write(self, steps, seconds, peak_mb):
+        save_file(self.trainable_state(), self.run.cfg.output)
+
+
+def _adamw_reference(seed, steps, grad_accum, lr, lrs, weight_decay=1e-2, max_norm=1.0, w=1.0):
+    """AdamW (Loshchilov & Hutter 2019; torch's defaults betas 0.9, 0.999, eps 1e-8) on loss a * w, written out:
+    the step's gradient is the mean of its micro-batches' a, clipped to norm `max_norm`; lr x lrs[k] at step k.
+    Returns (w after each step, each step's mean loss)."""
+    m = v = 0.0
+    ws, losses = [], []
+    for k in range(steps):
+        a = [_slope(seed, k * grad_accum + j) for j in range(grad_accum)]
+        losses.append(sum(x * w for x in a) / grad_accum)
+        g = sum(a) / grad_accum
+        if max_norm > 0:
+            g *= min(1.0, max_norm / (abs(g) + 1e-6))
+        step_lr = lr * lrs[k]
+        w *= 1 - step_lr * weight_decay
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        w -= step_lr / (1 - 0.9 ** (k + 1)) * m / ((v / (1 - 0.999 ** (k + 1))) ** 0.5 + 1e-8)
+        ws.append(w)
+    return ws, losses
+
+
+def _line_data(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64), (200, 100, 50)).save(folder / f"{name}.png")
+    return folder
+
+
+def _line_cfg(tmp_path, **changes):
+    from stylora.trainer.config import TrainingSettings
+
+    settings = dict(data=str(_line_data(tmp_path / "data")), output=str(tmp_path / "line.safetensors"),
+                    base_model="none", resolution=64, min_images=2, steps=5, grad_accum=2, learning_rate=0.1,
+                    lr_scheduler="linear", warmup_steps=2, seed=3, checkpoint_every=2, keep_checkpoints=0,
+                    log_every=2)
+    return TrainingSettings(**{**settings, **changes})
+
+
+@pytest.fixture
+def line_run(monkeypatch):
+    """run_training of the one-weight recipe; the base model is not loaded."""
+    from stylora.trainer import loop
+
+    monkeypatch.setattr(loop, "load_base_model", lambda *args: None)
+    def run(cfg, **kw):
+        return loop.run_training(cfg, LineRecipe, progress=False, **kw)
+
+    return run
+
+
+def _written_w(path) -> float:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["w"].item()
+
+
+def test_the_loop_steps_accumulates_schedules_logs_and_checkpoints_as_worked_out(line_run, tmp_path):
+    """5 steps of 2 micro-batches each (indices 0..9), linear schedule with 2 warm-up steps: lr x 0, 0.5, 1, 2/3,
+    1/3 at steps 1..5 (and 1/2, 1, 2/3, 1/3, 0 after them); AdamW over the clipped mean gradient; a CSV row every 2
+    steps and at the end; checkpoints at steps 2 and 4 and the last one at 5."""
+    from stylora.trainer.checkpoint import load_checkpoint
+
+    cfg = _line_cfg(tmp_path)
+    calls = []
+    result = line_run(cfg, on_step=lambda done, total: calls.append((done, total)))
+    ws, losses = _adamw_reference(3, 5, 2, 0.1, [0, 0.5, 1, 2 / 3, 1 / 3])
+    assert calls == [(0, 5), (1, 5), (2, 5), (3, 5), (4, 5), (5, 5)]
+    assert (result.steps, result.resumed_from, len(result.step_seconds)) == (5, 0, 5)
+    assert result.losses == pytest.approx(losses, rel=1e-5)
+    assert result.final_loss == pytest.approx((losses[3] + losses[4]) / 2, rel=1e-5)
+    assert _written_w(cfg.output) == pytest.approx(ws[-1], rel=1e-5)
+    assert ws[0] == 1.0 and len(set(ws)) == 5  # lr 0 at step 1; every later step moves w
+
+    rows = (tmp_path / "line.train_log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,steps_per_s,elapsed_s"
+    logged = [r.split(",") for r in rows[1:]]
+    assert [(r[0], r[2]) for r in logged] == [("2", "1.000e-01"), ("4", "3.333e-02"), ("5", "0.000e+00")]
+    means = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]  # each logging window's
+    assert [float(r[1]) for r in logged] == pytest.approx(means, rel=1e-4, abs=2e-6)
+    root = checkpoint_root(cfg.output)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004", "step-00000005"]
+    assert load_checkpoint(root / "step-00000004")[0]["w"].item() == pytest.approx(ws[3], rel=1e-5)
+    record = json.loads((tmp_path / "line.resources.json").read_text())
+    assert (record["kind"], record["steps"], record["resumed_from"], record["grad_accum"]) == ("line", 5, 0, 2)
+    assert (tmp_path / "line.loss_curve.png").is_file()
+
+
+def test_a_stopped_run_keeps_its_last_step_and_resumes_to_the_uninterrupted_result(line_run, tmp_path):
+    from stylora.trainer.loop import StopTraining
+
+    cfg = _line_cfg(tmp_path, checkpoint_every=0)
+
+    def stop_at_3(done, total):
+        if done == 3:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        line_run(cfg, on_step=stop_at_3)
+    assert not (tmp_path / "line.safetensors").exists()
+    assert sorted(p.name for p in checkpoint_root(cfg.output).iterdir()) == ["step-00000003"]
+    calls = []
+    resumed = line_run(cfg, resume=True, on_step=lambda done, total: calls.append(done))
+    ws, losses = _adamw_reference(3, 5, 2, 0.1, [0, 0.5, 1, 2 / 3, 1 / 3])
+    assert (resumed.resumed_from, resumed.steps, calls) == (3, 5, [3, 4, 5])
+    assert resumed.losses == pytest.approx(losses[3:], rel=1e-5)
+    assert _written_w(cfg.output) == pytest.approx(ws[-1], rel=1e-5)
+    rows = (tmp_path / "line.train_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["2", "4", "5"]  # the rows up to step 3, then this run's
+    record = json.loads((tmp_path / "line.resources.json").read_text())
+    assert (record["steps"], record["resumed_from"]) == (5, 3)
+    # checkpoint_every 0: the stop's checkpoint was the only one, and the end writes none.
+    assert sorted(p.name for p in checkpoint_root(cfg.output).iterdir()) == ["step-00000003"]
+
+
+def test_no_checkpoints_at_checkpoint_every_0_and_an_overwrite_drops_the_earlier_runs(line_run, tmp_path):
+    cfg = _line_cfg(tmp_path, checkpoint_every=0, steps=2)
+    line_run(cfg)
+    assert not checkpoint_root(cfg.output).exists()
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite to replace it"):
+        line_run(cfg)  # neither resume nor overwrite by default
+    line_run(_line_cfg(tmp_path, checkpoint_every=1, steps=2), overwrite=True)
+    assert sorted(p.name for p in checkpoint_root(cfg.output).iterdir()) == ["step-00000001", "step-00000002"]
+    line_run(cfg, overwrite=True)
+    assert not checkpoint_root(cfg.output).exists()
+
+
+def test_each_step_is_timed_from_its_own_start(line_run, tmp_path, monkeypatch):
+    """A step's time lies between the callbacks around it, whatever the steps before it took."""
+    monkeypatch.setattr(LineRecipe, "pause", 0.02)
+    marks = []
+    result = line_run(_line_cfg(tmp_path, steps=3, grad_accum=1, checkpoint_every=0),
+                      on_step=lambda done, total: marks.append(time.perf_counter()))
+    gaps = [b - a for a, b in zip(marks, marks[1:])]
+    assert len(result.step_seconds) == len(gaps) == 3
+    assert all(0.02 <= s <= gap for s, gap in zip(result.step_seconds, gaps)), (result.step_seconds, gaps)
+
+
+def test_a_nan_loss_stops_the_run_before_the_step_naming_the_last_checkpoint(line_run, tmp_path, monkeypatch):
+    from stylora.trainer.loop import TrainingDiverged
+
+    cfg = _line_cfg(tmp_path, grad_accum=1, checkpoint_every=1)
+    monkeypatch.setattr(LineRecipe, "nan_at", 2)  # step 3's only micro-batch
+    with pytest.raises(TrainingDiverged, match=r"the loss is nan at step 3; .*step-00000002"):
+        line_run(cfg)
+    assert not (tmp_path / "line.safetensors").exists()
+
+
+def test_the_base_recipe_scans_square_crops_without_captions(tmp_path):
+    cfg = _line_cfg(tmp_path)
+    (tmp_path / "data" / "a.txt").write_text("a caption")
+    ds = Recipe.scan(cfg, False)
+    assert ds.captions == ["", ""] and [tuple(p.shape) for p in ds.pixels] == [(3, 64, 64)] * 2
+
+
+def test_the_lr_schedule_counts_every_process_step():
+    """accelerate steps a prepared schedule once per process: with 2 processes, 4 steps and 1 warm-up step are 8 and
+    2 schedule steps. Linear: k/2 for k < 2, then (8 - k) / 6."""
+    from types import SimpleNamespace
+
+    from stylora.trainer.config import TrainingSettings
+    from stylora.trainer.loop import optimizer_and_schedule
+
+    cfg = TrainingSettings(data="d", output="o.safetensors", steps=4, warmup_steps=1, lr_scheduler="linear",
+                           learning_rate=0.6)
+    w = torch.nn.Parameter(torch.zeros(1))
+    optimizer, schedule = optimizer_and_schedule(SimpleNamespace(num_processes=2), [w], cfg, cfg.lr)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["weight_decay"] == 1e-2
+    lrs = []
+    for _ in range(9):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs == pytest.approx([0.6 * x for x in (0, 1 / 2, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6, 0)])
+
+
+def test_start_accelerator_forgets_the_previous_runs_settings():
+    from stylora.trainer.loop import start_accelerator
+
+    accelerator, dtype, show = start_accelerator("no", 1, progress=False)
+    assert (dtype, show, accelerator.gradient_accumulation_steps) == (torch.float32, False, 1)
+    accelerator, dtype, show = start_accelerator("bf16", 3, progress=True)
+    assert (dtype, show, accelerator.gradient_accumulation_steps) == (torch.bfloat16, True, 3)
+    assert accelerator.mixed_precision == "bf16"
+    accelerator, dtype, show = start_accelerator("no", 1, progress=True)
+    assert (dtype, accelerator.mixed_precision) == (torch.float32, "no")
+
+
+def test_lora_adapters_train_in_fp32_over_bf16_frozen_weights(tmp_path):
+    from conftest import TINY_CONFIG
+    from diffusers import UNet2DConditionModel
+    from stylora.trainer.loop import add_lora_adapters
+
+    for precision in ("bf16", "no"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(TINY_CONFIG / "unet"))
+        unet.requires_grad_(False)
+        unet.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        cfg = LoraTrainConfig(data="d", output="o.safetensors", rank=2, mixed_precision=precision)
+        params = add_lora_adapters(unet, cfg)
+        assert len(params) == 2 * 128 and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+        frozen = [p for n, p in unet.named_parameters() if "lora" not in n]
+        assert {p.dtype for p in frozen} == {torch.bfloat16 if precision == "bf16" else torch.float32}
+
+
+class _FakeTensorBoard:
+    """torch.utils.tensorboard's SummaryWriter, recorded (the package is optional)."""
+
+    writers: list = []
+
+    class SummaryWriter:
+        def __init__(self, folder):
+            self.folder, self.scalars, self.closed = folder, [], False
+            _FakeTensorBoard.writers.append(self)
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, round(value, 6), step))
+
+        def close(self):
+            self.closed = True
+
+
+def _progress(tmp_path, monkeypatch, **kw):
+    import types
+
+    from stylora.trainer.loop import TrainProgress
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = _FakeTensorBoard.SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    _FakeTensorBoard.writers = []
+    args = dict(output=tmp_path / "new" / "deeper" / "o.safetensors", total=5, start_step=0, log_every=2,
+                desc="t", show=False)
+    return TrainProgress(**{**args, **kw})
+
+
+def test_train_progress_rows_windows_and_final_loss(tmp_path, monkeypatch):
+    track = _progress(tmp_path, monkeypatch)  # its folders are made
+    assert track.tb is None and _FakeTensorBoard.writers == []  # CSV only unless asked
+    for step, loss in enumerate([1.0, 2.0, 3.0, 5.0, 8.0], start=1):
+        track.begin_step()
+        track.end_step(step, loss, 0.5)
+    assert track.final_loss == 6.5 and track.losses == [1.0, 2.0, 3.0, 5.0, 8.0] and len(track.step_seconds) == 5
+    track.close()
+    assert track.file.closed
+    rows = (tmp_path / "new" / "deeper" / "o.train_log.csv").read_text().splitlines()
+    assert [r.split(",")[:3] for r in rows[1:]] == [["2", "1.500000", "5.000e-01"], ["4", "4.000000", "5.000e-01"],
+                                                   ["5", "8.000000", "5.000e-01"]]
+    empty = _progress(tmp_path, monkeypatch, output=tmp_path / "e.safetensors")
+    assert empty.final_loss != empty.final_loss  # NaN: no step ran
+    empty.close()
+
+
+def test_train_progress_times_each_step_from_its_own_start(tmp_path, monkeypatch):
+    track = _progress(tmp_path, monkeypatch)
+    start = time.perf_counter()
+    for step in (1, 2, 3):
+        track.begin_step()
+        time.sleep(0.05)
+        track.end_step(step, 1.0, 0.1)
+    wall = time.perf_counter() - start
+    track.close()
+    assert all(s >= 0.05 for s in track.step_seconds) and sum(track.step_seconds) <= wall
+
+
+def test_train_progress_of_a_resumed_run_keeps_the_rows_up_to_its_step(tmp_path, monkeypatch):
+    log = tmp_path / "o.train_log.csv"
+    log.write_text("step,loss,lr,steps_per_s,elapsed_s\n2,1.0,0.1,1,1\nbroken,,,,\n4,2.0,0.1,1,2\n6,3.0,0.1,1,3\n")
+    track = _progress(tmp_path, monkeypatch, output=tmp_path / "o.safetensors", start_step=4)
+    track.end_step(5, 7.0, 0.1)
+    track.close()
+    assert [r.split(",")[:2] for r in log.read_text().splitlines()[1:]] == [["2", "1.0"], ["4", "2.0"],
+                                                                           ["5", "7.000000"]]
+    fresh = _progress(tmp_path, monkeypatch, output=tmp_path / "o.safetensors", start_step=0)
+    fresh.close()
+    assert log.read_text() == "step,loss,lr,steps_per_s,elapsed_s\n"  # a fresh run starts a new log
+
+
+def test_train_progress_logs_to_tensorboard_when_asked_and_closes_it(tmp_path, monkeypatch):
+    track = _progress(tmp_path, monkeypatch, output=tmp_path / "o.safetensors", log_with="tensorboard", total=2,
+                      log_every=1)
+    (writer,) = _FakeTensorBoard.writers
+    assert writer.folder == str(tmp_path / "o.tensorboard")
+    track.end_step(1, 1.5, 0.25)
+    track.end_step(2, 2.5, 0.5)
+    track.close()
+    assert writer.scalars == [("train/loss", 1.5, 1), ("train/lr", 0.25, 1), ("train/loss", 2.5, 2),
+                              ("train/lr", 0.5, 2)]
+    assert writer.closed
+
+
+def test_train_progress_bar_and_a_process_that_does_not_log(tmp_path, monkeypatch):
+    track = _progress(tmp_path, monkeypatch, output=tmp_path / "o.safetensors", show=True, total=3)
+    for step in (1, 2, 3):
+        track.end_step(step, 1.0, 0.1)
+    assert track.bar.n == 3
+    track.close()
+    quiet = _progress(tmp_path, monkeypatch, output=tmp_path / "q.safetensors", enabled=False, total=2,
+                      log_with="tensorboard")
+    quiet.end_step(1, 1.0, 0.1)
+    quiet.end_step(2, 1.0, 0.1)
+    quiet.close()
+    assert quiet.losses == [1.0, 1.0] and not (tmp_path / "q.train_log.csv").exists()
+    assert _FakeTensorBoard.writers == []
