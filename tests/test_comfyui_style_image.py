@@ -168,7 +168,9 @@ def test_paper_mode_composes_with_batch_cfg_mask_lora_and_samplers_in_comfyui(sd
         assert r["items_differ"] > 0.05, (sampler, r)  # the two photos give two results
         assert r["kept_vs_photo"] < 1e-5, (sampler, r)  # outside the mask: the photo's latent
         assert r["styled_vs_photo"] > 0.05, (sampler, r)  # inside: sampled
-    assert report["batch_vs_alone"] < 1e-3  # euler: each item is its photo sampled alone (float32 batching only)
+    # euler: each item is its photo sampled alone, to float32 batching order (measured 1.3e-7; item 2 given item
+    # 1's queries: 7.3e-4, a small change at 2 steps of denoise 0.5, hence the tight bound).
+    assert report["batch_vs_alone"] < 1e-5
     assert report["cfg1_vs_cfg"] > 0.01 and report["styled_vs_plain"] > 0.01
     assert report["image_finite"] and report["pixels_outside_equal"] and report["pixels_inside_changed"] > 0.01
     assert report["base_untouched"] and report["lora_model_untouched"]
