@@ -23,6 +23,7 @@ import copy
 import os
 import sys
 import types
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class FakePatcher:
     def add_patches(self, patches: dict[str, Any], strength_patch: float = 1.0, strength_model: float = 1.0) -> list:
         for key, adapter in patches.items():
             self.patches.setdefault(key, []).append((strength_patch, adapter, strength_model, None, None))
+        self.patches_uuid = uuid.uuid4()  # as ComfyUI's: the weights change, so their bake must not be reused
         return list(patches)
 
     def get_attachment(self, key: str) -> Any:

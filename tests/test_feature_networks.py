@@ -210,3 +210,97 @@ def test_fid_and_kid_on_values_worked_out_by_hand():
     # across: (1 + 1 + 8 + 27) / 4 = 9.25. Unbiased MMD^2 = 1 + 27 - 2 * 9.25 = 9.5.
     mean, std = kid(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]]), subsets=4, subset_size=2)
     assert mean == pytest.approx(9.5, abs=1e-9) and std == pytest.approx(0.0, abs=1e-12)
+
+
+# --- input layouts and ranges, the published weights' loading, the random stand-ins --------------------------
+
+def test_as_bchw_reads_every_layout_and_only_values_in_0_1():
+    from stylora.eval.metrics import as_bchw
+
+    g = torch.Generator().manual_seed(3)
+    rgb = torch.rand(2, 3, 5, 7, generator=g)
+    hwc = rgb.permute(0, 2, 3, 1)
+    assert torch.equal(as_bchw(hwc[0]), rgb[:1])  # one ComfyUI image without its batch dimension
+    assert torch.equal(as_bchw(rgb[0]), rgb[:1])  # one torch image
+    rgba = torch.cat([hwc, torch.full((2, 5, 7, 1), 0.5)], -1)
+    assert torch.equal(as_bchw(rgba), rgb)  # the alpha channel is dropped
+    assert torch.equal(as_bchw(rgb[:, :1]), rgb[:, :1].expand(-1, 3, -1, -1))  # grey: the one channel thrice
+    with pytest.raises(ValueError, match="1 or 3 colour channels"):
+        as_bchw(torch.rand(1, 2, 8, 8))
+    # 1e-3 of rounding either side of 0..1 is clamped; more is refused.
+    edge = torch.tensor([-0.0009, 0.0, 1.0, 1.0009]).view(1, 1, 1, 4).expand(1, 3, 1, 4)
+    assert as_bchw(edge)[0, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    for bad in (-0.002, 1.002):
+        with pytest.raises(ValueError, match="values must be in 0..1"):
+            as_bchw(torch.full((1, 3, 2, 2), bad))
+
+
+def test_lpips_refuses_images_of_different_sizes():
+    lpips = LPIPS("alex", pretrained=False)
+    with pytest.raises(ValueError, match="x is 40x32 but y is 41x32"):
+        lpips(torch.rand(1, 3, 32, 40), torch.rand(1, 3, 32, 41))
+
+
+def test_random_stand_in_networks_are_seeded_and_their_lpips_heads_are_small():
+    """pretrained=False: the same weights for the same seed (tests compare runs), other weights for another seed;
+    the LPIPS heads uniform in [0, 1/C), so the random distance stays of the order of the published one."""
+    a, b, c = (LPIPS("alex", pretrained=False, seed=s) for s in (0, 0, 1))
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert not torch.equal(a.features[0].weight, c.features[0].weight)
+    for conv, channels in zip(a.lins, LPIPS.CHANNELS["alex"]):
+        w = conv.weight
+        assert w.min() >= 0 and w.max() < 1 / channels and w.mean() > 0.3 / channels, channels
+
+
+def test_published_weights_are_loaded_layer_by_layer_and_strictly(monkeypatch):
+    """The published files hold whole torchvision networks (features.N.* and classifier.*) and LPIPS' heads
+    (linI.model.1.weight): each module takes the features up to its last tap, exactly those tensors, and refuses a
+    file that lacks one; its state is those weights only (the input normalisation is fixed, not a weight)."""
+    from stylora.eval import backbones, metrics, weights
+
+    g = torch.Generator().manual_seed(4)
+
+    def published(layers: nn.Sequential) -> dict[str, torch.Tensor]:
+        state = {f"features.{k}": torch.randn(v.shape, generator=g) for k, v in layers.state_dict().items()}
+        state.update({"classifier.1.weight": torch.randn(8, 4, generator=g), "classifier.1.bias": torch.zeros(8)})
+        return state
+
+    files = {weights.ALEXNET.name: published(backbones.alexnet_features()),
+             weights.VGG19.name: published(backbones.vgg_features(backbones.VGG19_LAYOUT)),
+             weights.LPIPS_LINEAR["alex"].name: {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g)
+                                                 for i, c in enumerate(LPIPS.CHANNELS["alex"])}}
+    monkeypatch.setattr(metrics, "load_state_dict", lambda spec: dict(files[spec.name]))
+    lpips, vgg = LPIPS("alex", pretrained=True), VGGStyle(pretrained=True)
+    for module, source, last in ((lpips, weights.ALEXNET.name, 11), (vgg, weights.VGG19.name, 29)):
+        state = module.features.state_dict()
+        expected = {k[len("features."):]: v for k, v in files[source].items()
+                    if k.startswith("features.") and int(k.split(".")[1]) <= last}
+        assert sorted(state) == sorted(expected) and all(torch.equal(state[k], expected[k]) for k in expected)
+        assert all(k.startswith(("features.", "lins.")) for k in module.state_dict()), sorted(module.state_dict())
+    for i, conv in enumerate(lpips.lins):
+        assert torch.equal(conv.weight, files[weights.LPIPS_LINEAR["alex"].name][f"lin{i}.model.1.weight"])
+    del files[weights.VGG19.name]["features.28.bias"]  # relu5_1's convolution, the last one VGGStyle keeps
+    with pytest.raises(RuntimeError, match="features.28.bias|28.bias"):
+        VGGStyle(pretrained=True)
+
+
+def test_kid_averages_100_random_subsets_by_default():
+    """Binkowski et al.'s KID estimate: the unbiased MMD^2 of the cubic kernel averaged over subsets drawn without
+    replacement; 100 subsets unless told. The reference draws the same subsets (numpy's generator, seed 0, x then
+    y) and computes each MMD^2 with explicit sums over pairs."""
+    rng = np.random.default_rng(7)
+    f1, f2 = rng.normal(0, 1, (9, 2)), rng.normal(0.5, 1, (8, 2))
+    m, d = 4, 2
+
+    def k(a, b):
+        return (float(a @ b) / d + 1) ** 3
+
+    draw, values = np.random.default_rng(0), []
+    for _ in range(100):
+        x, y = f1[draw.choice(9, m, replace=False)], f2[draw.choice(8, m, replace=False)]
+        within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+        values.append(within - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m ** 2)
+    mean, std = kid(f1, f2, subset_size=m)
+    assert mean == pytest.approx(np.mean(values), rel=1e-9) and std == pytest.approx(np.std(values), rel=1e-9)
+    assert std > 0
