@@ -187,8 +187,9 @@ def test_existing_output_is_not_overwritten(trained):
 
 
 def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, style_folder, tmp_path):
-    """kill -9 a real training process after its step-10 checkpoint, resume, compare with an unbroken run."""
-    steps = 40
+    """kill -9 a real training process after its step-10 checkpoint, resume, compare with an unbroken run. 100
+    steps leave seconds between that checkpoint and the run's end, for a loaded machine's delays."""
+    steps = 100
     args = ["--data", str(style_folder), "--base-model", str(tiny_model["diffusers"]), "--steps", str(steps),
             "--resolution", "64", "--batch-size", "2", "--learning-rate", "1e-3", "--warmup-steps", "0",
             "--checkpoint-every", "10", "--seed", "0", "--min-images", "4", "--no-progress"]
@@ -205,7 +206,7 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
     proc.wait()
     assert not out.exists()
     # A half-written checkpoint from the crash must be skipped, not loaded.
-    (checkpoint_root(out) / "step-00000039").mkdir()
+    (checkpoint_root(out) / "step-00000099").mkdir()
 
     cfg = LoraTrainConfig(data=str(style_folder), output=str(out), base_model=str(tiny_model["diffusers"]),
                           steps=steps, checkpoint_every=10, **TRAIN)
@@ -226,37 +227,56 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
     assert rows[-1].startswith(f"{steps},")
 
 
+def _wait_for_log_step(proc: subprocess.Popen, log, step: int, output) -> None:
+    """Wait (at most 240 s) until training `proc` has logged optimizer step `step` in its CSV `log`."""
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        rows = log.read_text().splitlines()[1:] if log.is_file() else []
+        if any(r.split(",")[0] == str(step) for r in rows):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"waited for step {step} in {log}: the run " + (
+        f"ended with {proc.poll()}: {output.read_text()[-2000:]}" if proc.poll() is not None else "timed out"))
+
+
 def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tiny_model, style_folder, tmp_path):
     """SIGINT (Ctrl-C) a real `stylora train lora` mid-run: it exits 130 with a checkpoint of the last completed
-    step, although --checkpoint-every 0 writes none on its own, and `--resume` finishes the run from there.
+    step, although --checkpoint-every 0 writes none on its own; `--resume` restores that checkpoint and goes on
+    from the step after it (stopped by a second Ctrl-C, which saves a later checkpoint).
 
-    The run is long enough (a few seconds of steps) that a loaded machine, which may leave this test process waiting
-    while the run goes on, cannot let it finish before the signal arrives."""
-    steps = 40
+    The run is far too long to finish (100000 steps), so however long a loaded machine keeps this test process
+    waiting, the signal lands inside the training loop. Finishing a resumed run is pinned by the kill -9 test."""
+    steps = 100_000
     out = tmp_path / "stopped.safetensors"
     cmd = [sys.executable, "-m", "stylora.cli", "train", "lora", "--data", str(style_folder), "--output", str(out),
            "--base-model", str(tiny_model["diffusers"]), "--steps", str(steps), "--resolution", "64",
            "--batch-size", "1", "--warmup-steps", "0", "--checkpoint-every", "0", "--log-every", "1",
-           "--min-images", "4", "--rank", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log = tmp_path / "stopped.train_log.csv"
-    deadline = time.time() + 240
-    while proc.poll() is None and time.time() < deadline and \
-            (not log.is_file() or len(log.read_text().splitlines()) < 2):  # the header and step 1
-        time.sleep(0.02)
-    assert proc.poll() is None, f"training ended before it could be stopped: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
-    assert "interrupted" in proc.stderr.read().decode()
+           "--min-images", "4", "--rank", "1"]
+    log, printed = tmp_path / "stopped.train_log.csv", tmp_path / "printed.txt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(printed, "w") as sink:
+        proc = subprocess.Popen([*cmd, "--no-progress"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+        _wait_for_log_step(proc, log, 1, printed)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    assert "interrupted" in printed.read_text()
     assert not out.exists()
     saved = [int(d.name.split("-")[1]) for d in checkpoint_root(out).glob("step-*") if (d / "COMPLETE").is_file()]
-    assert len(saved) == 1 and 1 <= saved[0] < steps
+    assert len(saved) == 1 and saved[0] >= 1
+    first_rows = log.read_text().splitlines()
 
-    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"Resumed from step {saved[0]}; finished at step {steps}." in resumed.stdout
-    assert read_lora(out)[1]["stylora.steps"] == str(steps)
+    # The resumed run says where it starts (its progress on) and logs the step after the checkpoint next.
+    with open(printed, "w") as sink:
+        proc = subprocess.Popen([*cmd, "--resume"], stdout=sink, stderr=subprocess.STDOUT, env=env)
+        _wait_for_log_step(proc, log, saved[0] + 1, printed)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    assert f"Resuming from step {saved[0]} of {steps}" in printed.read_text()
+    later = [int(d.name.split("-")[1]) for d in checkpoint_root(out).glob("step-*") if (d / "COMPLETE").is_file()]
+    assert max(later) > saved[0]
+    logged = [int(r.split(",")[0]) for r in log.read_text().splitlines()[1:]]
+    assert logged == list(range(1, logged[-1] + 1)) and logged[-1] > saved[0]
+    assert log.read_text().splitlines()[:len(first_rows)] == first_rows  # the first run's rows kept as they were
 
 
 def test_resume_refuses_changed_settings(tiny_model, style_folder, tmp_path):
