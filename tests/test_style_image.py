@@ -4,6 +4,7 @@ ModelPatcher stand-in, without ComfyUI."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import weakref
@@ -690,3 +691,83 @@ def test_a_folder_of_photos_encodes_the_painting_once_per_vae_and_size():
     PAINTING_FEATURES.put(("latent", tensor_digest(painting), id(third)),
                           {"vae": weakref.ref(_CountingVAE()), "latent": torch.zeros(1, 4, 2, 2)})
     assert torch.allclose(encoded_painting(third, painting), expected, atol=1e-6) and len(seen) == 5
+
+
+def test_adain_worked_by_hand():
+    # content channel values 1, 3 (mean 2, population std 1); style 10, 14 (mean 12, std 2): 1 -> 10, 3 -> 14.
+    content = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    style = torch.tensor([10.0, 14.0]).view(1, 1, 2, 1)
+    assert torch.allclose(adain(content, style, eps=0.0), torch.tensor([10.0, 14.0]).view(1, 1, 1, 2))
+    with pytest.raises(ValueError, match="equal C"):
+        adain(content, torch.zeros(1, 2, 1, 2))
+
+
+def test_attention_refuses_heads_that_do_not_divide_the_width():
+    q, k, v = _qkv(1, width=12)
+    with pytest.raises(ValueError, match="heads=5 does not divide the feature width 12"):
+        attention(q, k, v, heads=5)
+
+
+def test_feature_cache_keeps_an_entry_of_exactly_its_bound_and_drops_a_larger_one():
+    from stylora.nodes.style_image import FeatureCache
+
+    cache = FeatureCache(max_bytes=64)
+    cache.put("exact", {"t": torch.zeros(16)})  # 16 float32 = 64 bytes
+    cache.put("over", {"t": torch.zeros(17)})
+    assert cache.get("exact") is not None and cache.get("over") is None and cache.nbytes == 64
+
+
+def test_row_tensors_take_the_row_of_batch_tensors_only():
+    from stylora.nodes.style_image import _row_tensors
+
+    batch, other = torch.arange(6.0).view(3, 2), torch.arange(8.0).view(4, 2)
+    got = _row_tensors({"b": [batch, other], "a": torch.tensor(5.0), "c": "text"}, 3, 1)
+    assert len(got) == 1 and got[0].tolist() == [2.0, 3.0]
+
+
+def test_injection_defaults_are_the_papers_and_strength_0_samples_as_given():
+    from stylora.nodes.style_image import StyleInjection
+
+    injection = StyleInjection(style=torch.zeros(1, 4, 2, 2), content=torch.zeros(1, 4, 2, 2))
+    assert (injection.mode, injection.blocks, injection.gamma, injection.temperature, injection.adain,
+            injection.strength) == ("paper", (6, 7, 8, 9, 10, 11), 0.75, 1.5, 1.0, 1.0)
+    calls = []
+
+    def executor(*args):
+        calls.append(args)
+        return "sampled"
+
+    off = dataclasses.replace(injection, strength=0.0)
+    sigmas = torch.tensor([2.0, 1.0, 0.0])
+    assert off.sample(executor, "guider", sigmas, {}, None, "noise", "latent", None, True) == "sampled"
+    assert calls == [("guider", sigmas, {}, None, "noise", "latent", None, True)]
+
+
+def test_adain_eps_is_added_to_the_contents_std():
+    # float64 content 1, 1.00002 (std 1e-5): (x - mean) / (1e-5 + eps 1e-5) * 2 + 12 = 11, 13 (worked by hand).
+    content = torch.tensor([1.0, 1.00002], dtype=torch.float64).view(1, 1, 1, 2)
+    style = torch.tensor([10.0, 14.0], dtype=torch.float64).view(1, 1, 1, 2)
+    assert torch.allclose(adain(content, style), torch.tensor([11.0, 13.0], dtype=torch.float64).view(1, 1, 1, 2),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("photos, batch, chunks", [(1, 2, [0]), (2, 1, [0, 1])])
+def test_fast_mode_takes_each_rows_photo_by_its_index_in_the_chunk(photos, batch, chunks):
+    """Fast mode's reference rows follow the photos (n rows being denoised, then one per photo): row i of each
+    cond/uncond chunk takes photo i mod photos. One photo sampled as a batch of 2 (two seeds): both rows take it;
+    two photos but one sampled at CFG (a chunk of one row each): each chunk's row takes photo 0."""
+    from stylora.nodes.style_image import ROWS_KEY, StyleInjection
+
+    injection = StyleInjection(style=torch.rand(1, 4, 2, 2), content=torch.rand(photos, 4, 2, 2), mode="fast")
+    n = batch * len(chunks)
+    seen = {}
+
+    def apply_model(x, t, **c):
+        seen.update(c["transformer_options"][ROWS_KEY])
+        return torch.zeros_like(x)
+
+    args = {"input": torch.rand(n, 4, 2, 2), "timestep": torch.full((n,), 1.0), "cond_or_uncond": chunks,
+            "c": {"c_crossattn": torch.rand(n, 3, 8), "transformer_options": {}}}
+    assert injection(apply_model, args).shape == (n, 4, 2, 2)
+    assert seen["ref_index"].tolist() == [n] * n  # photo 0's reference row, right after the n rows
+    assert seen["style_pick"].tolist() == [0] * n
