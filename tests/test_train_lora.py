@@ -227,6 +227,13 @@ def test_resume_after_kill_gives_full_step_count_and_same_weights(tiny_model, st
     assert rows[-1].startswith(f"{steps},")
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """In the child before exec: Ctrl-C's default action. A shell that starts a job in the background (`cmd &`,
+    nohup) makes it ignore SIGINT, and children inherit that, so under such a test runner the run would not see
+    the signal this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_log_step(proc: subprocess.Popen, log, step: int, output) -> None:
     """Wait (at most 240 s) until training `proc` has logged optimizer step `step` in its CSV `log`."""
     deadline = time.time() + 240
@@ -255,10 +262,14 @@ def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tiny_model, style
     log, printed = tmp_path / "stopped.train_log.csv", tmp_path / "printed.txt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(printed, "w") as sink:
-        proc = subprocess.Popen([*cmd, "--no-progress"], stdout=sink, stderr=subprocess.STDOUT, env=env)
-        _wait_for_log_step(proc, log, 1, printed)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        proc = subprocess.Popen([*cmd, "--no-progress"], stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_sigint_as_at_a_terminal)
+        try:
+            _wait_for_log_step(proc, log, 1, printed)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            proc.kill()
     assert "interrupted" in printed.read_text()
     assert not out.exists()
     saved = [int(d.name.split("-")[1]) for d in checkpoint_root(out).glob("step-*") if (d / "COMPLETE").is_file()]
@@ -267,10 +278,14 @@ def test_ctrl_c_writes_a_checkpoint_that_resume_continues_from(tiny_model, style
 
     # The resumed run says where it starts (its progress on) and logs the step after the checkpoint next.
     with open(printed, "w") as sink:
-        proc = subprocess.Popen([*cmd, "--resume"], stdout=sink, stderr=subprocess.STDOUT, env=env)
-        _wait_for_log_step(proc, log, saved[0] + 1, printed)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
+        proc = subprocess.Popen([*cmd, "--resume"], stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_sigint_as_at_a_terminal)
+        try:
+            _wait_for_log_step(proc, log, saved[0] + 1, printed)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        finally:
+            proc.kill()
     assert f"Resuming from step {saved[0]} of {steps}" in printed.read_text()
     later = [int(d.name.split("-")[1]) for d in checkpoint_root(out).glob("step-*") if (d / "COMPLETE").is_file()]
     assert max(later) > saved[0]
