@@ -214,8 +214,7 @@ def _content_photo(row: dict[str, Any], width: int, height: int, resize_content:
 def _write_csv(path: Path, methods: list[MethodResult], metrics: list[str]) -> None:
     fields = ["method", "image", *metrics, "content_file", "styled_file", "error"]
 
-    rows = [{"method": m.name, **{k: r.get(k, "") for k in fields if k != "method"}} for m in methods for r in m.rows]
-    atomic_write_csv(path, fields, rows)
+    atomic_write_csv(path, fields, [{**r, "method": m.name} for m in methods for r in m.rows])
 
 
 def _markdown(report: dict, methods: list[MethodResult], style_files: list[Path]) -> str:

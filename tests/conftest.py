@@ -267,3 +267,18 @@ def count_calls(monkeypatch, module, names: tuple[str, ...]) -> dict[str, int]:
             return _real(*args, **kwargs)
         monkeypatch.setattr(module, name, counted)
     return counts
+
+
+@pytest.fixture
+def one_thread_and_an_empty_feature_cache():
+    """Style From Image's tests: its painting-feature cache empty before and after, and torch on one thread (the
+    tiny UNet is far slower on two threads of a shared, loaded CPU)."""
+    import torch
+    from stylora.nodes.style_image import PAINTING_FEATURES
+
+    PAINTING_FEATURES.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    PAINTING_FEATURES.clear()

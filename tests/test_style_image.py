@@ -26,6 +26,8 @@ from stylora.nodes.style_image import (
     styled_attention,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread_and_an_empty_feature_cache")
+
 
 def _qkv(seed: int, b: int = 2, t: int = 12, width: int = 16):
     gen = torch.Generator().manual_seed(seed)
@@ -506,16 +508,6 @@ def _distance(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.fixture(autouse=True)
-def _empty_feature_cache():
-    from stylora.nodes.style_image import PAINTING_FEATURES
-
-    PAINTING_FEATURES.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet is far slower on two threads of a shared, loaded CPU
-    yield
-    torch.set_num_threads(threads)
-    PAINTING_FEATURES.clear()
 
 
 def test_paper_mode_agrees_with_the_styleid_oracle_and_fast_mode_distance_is_reported():

@@ -34,14 +34,9 @@ from test_style_image import (
 SIGMAS = [_sigma(t) for t in ORACLE_TIMESTEPS] + [0.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_an_empty_cache():
-    PAINTING_FEATURES.clear()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet is far slower on two threads of a shared, loaded CPU
-    yield
-    torch.set_num_threads(threads)
-    PAINTING_FEATURES.clear()
+pytestmark = pytest.mark.usefixtures("one_thread_and_an_empty_feature_cache")
+
+
 
 
 @pytest.fixture
